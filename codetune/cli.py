@@ -1,0 +1,74 @@
+"""`codetune`: run the pipeline, list config keys. Heavy libraries load only inside the command that needs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from codetune.errors import CodetuneError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (default: the embedded offline default)")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. training.num_train_epochs=3")
+    parser.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="more overrides, without --overrides")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codetune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_config_args(commands.add_parser("run", help="the Prefect flow: data, training, evaluation, MLflow tracking"))
+    _add_config_args(
+        commands.add_parser("train", help="data, training and evaluation only: no Prefect, no MLflow (for bare GPU boxes)")
+    )
+    _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
+    commands.add_parser("keys", help="list every config key with its type")
+    return parser
+
+
+def _run(args) -> dict:
+    from flows.finetune import finetune
+
+    return finetune(config=args.config, overrides=args.overrides + args.assignments)
+
+
+def _train(args) -> dict:
+    from codetune.config import load_config
+    from codetune.data import prepare_data
+    from codetune.evaluation import evaluate_model
+    from codetune.training import train_model
+
+    cfg = load_config(args.config, args.overrides + args.assignments)
+    data = prepare_data(cfg.data)
+    trained = train_model(cfg, data)
+    report = evaluate_model(trained.run_dir, data.load("test"), cfg.generation, cfg.evaluation, cfg.training.max_source_length)
+    return {"run_dir": trained.run_dir, "global_step": trained.global_step, "metrics": report.metrics, "baseline": report.baseline}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "keys":
+            from codetune.config import SCHEMA_KEYS, _type_name
+
+            for key, annotation in SCHEMA_KEYS.items():
+                print(f"{key}: {_type_name(annotation)}")
+            return 0
+        if args.command == "config":
+            from codetune.config import load_config, to_yaml
+
+            print(to_yaml(load_config(args.config, args.overrides + args.assignments)), end="")
+            return 0
+        result = _run(args) if args.command == "run" else _train(args)
+    except CodetuneError as exc:
+        print(f"codetune: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The one typed configuration schema: YAML files, dot-list overrides and the flow's parameters.
+
+Defaults here are the embedded, offline default run (a small CodeT5-architecture model trained
+from scratch on the interpreter's stdlib); configs/*.yaml hold only what differs from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from codetune.errors import ConfigError
+
+
+class ModelInit(str, Enum):
+    pretrained = "pretrained"
+    scratch = "scratch"
+
+
+class DataSource(str, Enum):
+    code_tree = "code_tree"
+    files = "files"
+    hub = "hub"
+
+
+@dataclass
+class ScratchArchitecture:
+    """Shape of the CodeT5-architecture (T5) model built when model.init=scratch."""
+
+    d_model: int = 256
+    """Hidden size."""
+    d_ff: int = 1024
+    """Feed-forward inner size."""
+    num_layers: int = 3
+    """Encoder layers."""
+    num_decoder_layers: int = 3
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    vocab_size: int = 8000
+    """Byte-level BPE vocabulary trained on the train split."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "codet5-scratch"
+    """Hub id or local directory (init=pretrained); with init=scratch, the name the model is saved under."""
+    init: ModelInit = ModelInit.scratch
+    """pretrained: from_pretrained(name). scratch: build from model.scratch and train a tokenizer."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) to pin a pretrained model to."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model; off unless you trust its author."""
+    scratch: ScratchArchitecture = field(default_factory=ScratchArchitecture)
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.code_tree
+    """code_tree: a directory of Python source; files: jsonl/csv/parquet; hub: a Hugging Face dataset."""
+    path: Optional[str] = None
+    """code_tree: directory (null = this interpreter's stdlib); files: a file, directory or glob; hub: dataset id."""
+    hub_subset: Optional[str] = None
+    """Hub dataset configuration name, e.g. 'python' for code_x_glue_ct_code_to_text."""
+    input_field: str = "code"
+    """Field holding the code (files/hub). A list of tokens is joined with spaces."""
+    target_field: str = "docstring"
+    """Field holding the summary (files/hub). A list of tokens is joined with spaces."""
+    validation_fraction: float = 0.05
+    """Share of examples, by content hash, in the validation split."""
+    test_fraction: float = 0.05
+    """Share of examples, by content hash, in the test split."""
+    min_summary_words: int = 3
+    """Drop summaries shorter than this (CodeSearchNet drops < 3 tokens)."""
+    max_summary_words: int = 48
+    """Drop summaries longer than this: long docstrings are reference text, not summaries."""
+    max_code_lines: int = 60
+    """Drop functions longer than this; they are truncated to max_source_length tokens anyway."""
+    max_examples: Optional[int] = None
+    """Keep at most this many examples (a stable hash-ordered subset); null keeps all."""
+    skip_invalid: bool = False
+    """Skip and count malformed rows instead of failing on the first one."""
+    cache_dir: str = ".codetune/data"
+    """Where prepared splits are stored, keyed by a hash of the source content and this section."""
+
+
+@dataclass
+class PeftConfig:
+    use_peft: bool = False
+    """Train LoRA adapters (true) or all weights (false). A from-scratch model has nothing to adapt."""
+    r: int = 16
+    """LoRA rank: higher adapts more and costs memory."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA path."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt; null picks the architecture's attention projections."""
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs"
+    """Runs are written to output_dir/<run name>."""
+    run_name: Optional[str] = None
+    """Directory name of this run; null derives it from the model, data and training settings, so a retried run finds its checkpoints."""
+    num_train_epochs: float = 2.0
+    """Passes over the train split (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains num_train_epochs."""
+    learning_rate: float = 1e-3
+    """Peak learning rate; 5e-5 suits full fine-tuning of a pretrained CodeT5, 1e-3 suits LoRA or a tiny model."""
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    """Batch size for validation loss."""
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    """Share of steps spent warming the learning rate up."""
+    lr_scheduler_type: str = "linear"
+    max_source_length: int = 256
+    """Code is truncated to this many tokens (CodeT5 recipe: 256)."""
+    max_target_length: int = 64
+    """Summaries are truncated to this many tokens (CodeT5 recipe: 128; stdlib summaries average ~12)."""
+    bf16: bool = False
+    """bfloat16 mixed precision; needs an Ampere or newer GPU."""
+    fp16: bool = False
+    """float16 mixed precision; needs a CUDA GPU. Prefer bf16 where supported."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% slower."""
+    group_by_length: bool = True
+    """Batch examples of similar length together so little of each batch is padding."""
+    save_steps: int = 100
+    """Write a resumable checkpoint every this many steps."""
+    save_total_limit: int = 2
+    """Keep only the newest checkpoints."""
+    eval_steps: Optional[int] = None
+    """Compute validation loss every this many steps; null computes it once, after training."""
+    logging_steps: int = 20
+    seed: int = 42
+    """Seeds weight init, LoRA init, data order and dropout: the same seed gives the same model."""
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class GenerationConfig:
+    num_beams: int = 1
+    """Beam size; CodeT5 reports numbers with 10. Greedy (1) is ~num_beams times faster."""
+    max_new_tokens: int = 32
+    """Longest summary generated."""
+    batch_size: int = 64
+    """Examples generated together; halved automatically on GPU out-of-memory."""
+
+
+@dataclass
+class EvaluationConfig:
+    max_examples: Optional[int] = None
+    """Evaluate on at most this many test examples; null uses the whole test split."""
+    num_saved_examples: int = 20
+    """How many (input, reference, prediction) triples go to examples.json and the report."""
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    """Log params, loss curve, metrics and artifacts to MLflow."""
+    tracking_uri: Optional[str] = None
+    """null uses $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    experiment_name: str = "codetune"
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "codetune-code-summarizer"
+    """Registered model name in the MLflow model registry."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+
+def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key of the schema, with its annotation."""
+    hints = typing.get_type_hints(cls)
+    leaves: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            leaves.update(_leaf_types(hints[f.name], f"{key}."))
+        else:
+            leaves[key] = hints[f.name]
+    return leaves
+
+
+SCHEMA_KEYS: dict[str, Any] = _leaf_types(Config)
+
+
+def _type_name(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        return f"{_type_name(args[0])} or null"
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return "one of " + ", ".join(m.value for m in annotation)
+    if typing.get_origin(annotation) is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _unknown_key_message(key: str, where: str) -> str:
+    close = difflib.get_close_matches(key, list(SCHEMA_KEYS), n=1, cutoff=0.6)
+    hint = f" — did you mean '{close[0]}'?" if close else " — run `codetune keys` to list valid keys"
+    return f"unknown key '{key}' ({where}){hint}"
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {dotted key: leaf value}."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    from omegaconf import OmegaConf
+
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override '{item}' is not key=value (e.g. training.learning_rate=3e-4)")
+            continue
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        values.update(_flatten(parsed))
+    return values, problems
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults, then the YAML file, then overrides; every problem reported at once."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    problems: list[str] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            shipped = ", ".join(sorted(str(p) for p in Path("configs").glob("*.yaml"))) or "none found here"
+            raise ConfigError(f"config file '{path}' not found (shipped configs: {shipped})")
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        except Exception as exc:  # yaml.YAMLError and OmegaConf's own
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...), not {type(loaded).__name__}")
+        layers.append((str(path), _flatten(loaded)))
+    override_values, override_problems = _parse_overrides(overrides)
+    problems += override_problems
+    layers.append(("override", override_values))
+
+    merged = OmegaConf.structured(Config)
+    for where, values in layers:
+        for key, value in values.items():
+            if key not in SCHEMA_KEYS:
+                problems.append(_unknown_key_message(key, where))
+                continue
+            try:
+                OmegaConf.update(merged, key, value, merge=False)
+            except OmegaConfBaseException:
+                problems.append(
+                    f"'{key}' ({where}) expects {_type_name(SCHEMA_KEYS[key])}, got {value!r}"
+                )
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span fields; raises one ConfigError listing every problem."""
+    problems = []
+    d, t, g = cfg.data, cfg.training, cfg.generation
+    if not 0 < d.validation_fraction + d.test_fraction < 1:
+        problems.append("data.validation_fraction + data.test_fraction must be between 0 and 1")
+    if min(d.validation_fraction, d.test_fraction) <= 0:
+        problems.append("data.validation_fraction and data.test_fraction must be > 0")
+    if d.min_summary_words > d.max_summary_words:
+        problems.append("data.min_summary_words is larger than data.max_summary_words")
+    if d.source is not DataSource.code_tree and not d.path:
+        problems.append(f"data.path is required for data.source={d.source.value}")
+    if t.bf16 and t.fp16:
+        problems.append("choose one of training.bf16 and training.fp16")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        problems.append("set training.max_steps > 0 or training.num_train_epochs > 0")
+    for key in ("learning_rate", "per_device_train_batch_size", "max_source_length", "max_target_length", "save_steps"):
+        if getattr(t, key) <= 0:
+            problems.append(f"training.{key} must be > 0")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append("training.warmup_ratio must be in [0, 1)")
+    if g.num_beams < 1 or g.max_new_tokens < 1 or g.batch_size < 1:
+        problems.append("generation.num_beams, max_new_tokens and batch_size must be >= 1")
+    if cfg.peft.use_peft and cfg.model.init is ModelInit.scratch:
+        problems.append(
+            "peft.use_peft=true with model.init=scratch adapts random weights; "
+            "set peft.use_peft=false or use a pretrained model"
+        )
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain JSON-able dict (enums as their values)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=lambda e: e.value))
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted key -> value, as MLflow params."""
+    return _flatten(to_dict(cfg))
+
+
+def content_hash(obj: Any) -> str:
+    """Stable SHA-256 of a JSON-able value or config section."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=lambda e: e.value).encode()).hexdigest()

@@ -1,0 +1,84 @@
+"""(code without its docstring, docstring summary) pairs from a tree of Python source: the CodeSearchNet recipe."""
+
+from __future__ import annotations
+
+import ast
+import sysconfig
+import textwrap
+import tokenize
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+SKIPPED_DIRS = {"test", "tests", "idle_test", "testing", "site-packages", "dist-packages", "__pycache__"}
+
+
+def default_tree() -> Path:
+    """The running interpreter's stdlib: real, varied code that every machine has."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def source_files(root: Path) -> list[Path]:
+    """Python files under root, tests and installed third-party packages excluded, in a stable order."""
+    files = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if any(p in SKIPPED_DIRS or p.startswith(".") for p in parts[:-1]):
+            continue
+        name = path.name
+        if name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py":
+            continue
+        files.append(path)
+    return sorted(files)
+
+
+def first_paragraph(docstring: str) -> str:
+    """The summary line(s) of a docstring, whitespace collapsed."""
+    paragraph = docstring.strip().split("\n\n", 1)[0]
+    return " ".join(paragraph.split())
+
+
+def strip_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str | None:
+    """The function's source without its docstring, dedented; None if that cannot be done cleanly."""
+    doc = node.body[0]
+    if len(node.body) < 2 or doc.lineno == node.lineno:
+        return None  # a function that is only a docstring, or a one-line def: nothing to learn from
+    before = lines[doc.lineno - 1][: doc.col_offset]
+    after = lines[doc.end_lineno - 1][doc.end_col_offset :]
+    if before.strip() or after.strip():
+        return None  # the docstring shares its line with other code
+    kept = lines[node.lineno - 1 : doc.lineno - 1] + lines[doc.end_lineno : node.end_lineno]
+    return textwrap.dedent("".join(kept)).rstrip() + "\n"
+
+
+def functions_in_source(source: str) -> Iterator[tuple[int, str, str]]:
+    """(line, code without docstring, docstring summary) for each documented function in source.
+
+    Raises SyntaxError for source that does not parse.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        docstring = ast.get_docstring(node, clean=True)
+        if not docstring:
+            continue
+        code = strip_docstring(node, lines)
+        if code is not None:
+            yield node.lineno, code, first_paragraph(docstring)
+
+
+def read_code_tree(root: Path, dropped: Counter) -> Iterator[dict]:
+    """Examples {code, summary, origin} from every documented function under root."""
+    for path in source_files(root):
+        try:
+            with tokenize.open(path) as f:  # honours PEP 263 encoding declarations
+                source = f.read()
+            found = list(functions_in_source(source))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            dropped["unparsable_file"] += 1
+            continue
+        rel = path.relative_to(root)
+        for line, code, summary in found:
+            yield {"code": code, "summary": summary, "origin": f"{rel}:{line}"}

@@ -1,0 +1,170 @@
+"""The data stage: read a source, filter, deduplicate, split by content hash, and cache the splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from codetune.config import DataConfig, DataSource, content_hash
+from codetune.data.code_tree import default_tree, read_code_tree, source_files
+from codetune.data.records import data_files, file_rows, hub_rows, read_examples
+from codetune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class PreparedData:
+    """Where the splits are, and what went into them."""
+
+    directory: str
+    fingerprint: str
+    """Hash of the source content and the data settings; names the cache directory."""
+    counts: dict
+
+    def split_path(self, split: str) -> Path:
+        return Path(self.directory) / f"{split}.jsonl"
+
+    def load(self, split: str) -> list[dict]:
+        with open(self.split_path(split), encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+
+def _source_files(cfg: DataConfig) -> list[Path]:
+    if cfg.source is DataSource.code_tree:
+        root = Path(cfg.path) if cfg.path else default_tree()
+        if not root.is_dir():
+            raise DataError(f"data.path='{root}' is not a directory of Python source (data.source=code_tree)")
+        return source_files(root)
+    if cfg.source is DataSource.files:
+        return data_files(cfg.path)
+    return []
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """Hash of the data settings and of every source file's content: unchanged data, same hash."""
+    digest = hashlib.sha256(content_hash(cfg).encode())
+    for path in _source_files(cfg):
+        digest.update(str(path).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _read(cfg: DataConfig, dropped: Counter):
+    if cfg.source is DataSource.code_tree:
+        return read_code_tree(Path(cfg.path) if cfg.path else default_tree(), dropped)
+    rows = file_rows(data_files(cfg.path)) if cfg.source is DataSource.files else hub_rows(cfg.path, cfg.hub_subset)
+    return read_examples(rows, cfg.input_field, cfg.target_field, cfg.skip_invalid, dropped)
+
+
+def _drop_reason(example: dict, cfg: DataConfig) -> str | None:
+    words = len(example["summary"].split())
+    if words < cfg.min_summary_words:
+        return "summary_too_short"
+    if words > cfg.max_summary_words:
+        return "summary_too_long"
+    if not example["code"].strip():
+        return "empty_code"
+    if example["code"].count("\n") > cfg.max_code_lines:
+        return "code_too_long"
+    return None
+
+
+def normalized_code(code: str) -> str:
+    return " ".join(code.split())
+
+
+def split_examples(examples: list[dict], cfg: DataConfig, dropped: Counter) -> dict[str, list[dict]]:
+    """Deterministic split by a hash of each example's content, independent of the input order.
+
+    Exact duplicates are dropped, and so are validation/test examples whose whitespace-normalised
+    code also appears in train: a model that saw the code in training would be scored on recall.
+    """
+    keyed: dict[str, dict] = {}
+    for ex in examples:
+        key = hashlib.sha256(f"{ex['code']}\0{ex['summary']}".encode()).hexdigest()
+        if key in keyed:
+            dropped["duplicate"] += 1
+        else:
+            keyed[key] = ex
+    keys = sorted(keyed)
+    if cfg.max_examples is not None and len(keys) > cfg.max_examples:
+        # The subset is chosen by a second slice of the hash, so it is not biased towards one split.
+        keys = sorted(sorted(keys, key=lambda k: k[16:32])[: cfg.max_examples])
+        dropped["over_max_examples"] += len(keyed) - len(keys)
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for key in keys:
+        bucket = int(key[:8], 16) / 16**8
+        split = "test" if bucket < cfg.test_fraction else (
+            "validation" if bucket < cfg.test_fraction + cfg.validation_fraction else "train"
+        )
+        splits[split].append({"id": key[:16], **keyed[key]})
+    train_code = {normalized_code(ex["code"]) for ex in splits["train"]}
+    for split in ("validation", "test"):
+        kept = [ex for ex in splits[split] if normalized_code(ex["code"]) not in train_code]
+        dropped[f"{split}_code_in_train"] += len(splits[split]) - len(kept)
+        splits[split] = kept
+    return splits
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    path.write_bytes(payload)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def prepare_data(cfg: DataConfig) -> PreparedData:
+    """Read, filter, deduplicate and split cfg's source into cache_dir/<fingerprint>/; reuse it if already there."""
+    fingerprint = source_fingerprint(cfg) if cfg.source is not DataSource.hub else content_hash(cfg)
+    directory = Path(cfg.cache_dir) / fingerprint[:16]
+    manifest_path = directory / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        log.info("data unchanged (fingerprint %s): reusing %s", fingerprint[:16], directory)
+        return PreparedData(str(directory), fingerprint, manifest["counts"])
+
+    dropped: Counter = Counter()
+    kept, read = [], 0
+    for example in _read(cfg, dropped):
+        read += 1
+        reason = _drop_reason(example, cfg)
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept.append(example)
+    splits = split_examples(kept, cfg, dropped)
+    for split in SPLITS:
+        if not splits[split]:
+            raise DataError(
+                f"the {split} split is empty ({read} examples read, {len(kept)} kept after filters: "
+                f"{dict(dropped)}); point data.path at more data or relax the data.* filters"
+            )
+
+    # Written beside the final directory and renamed into place, so a crash never leaves a
+    # directory that looks like a complete cache entry.
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    counts = {"read": read, "kept": {s: len(splits[s]) for s in SPLITS}, "dropped": dict(sorted(dropped.items()))}
+    manifest = {
+        "fingerprint": fingerprint,
+        "source": cfg.source.value,
+        "path": cfg.path or str(default_tree()),
+        "counts": counts,
+        "sha256": {s: _write_jsonl(staging / f"{s}.jsonl", splits[s]) for s in SPLITS},
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    try:
+        os.rename(staging, directory)
+    except OSError:  # another process prepared the same data first
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("data: read %d, kept %s, dropped %s", read, counts["kept"], counts["dropped"])
+    return PreparedData(str(directory), fingerprint, counts)

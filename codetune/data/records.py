@@ -1,0 +1,143 @@
+"""Examples from local jsonl/csv/parquet files and from Hugging Face datasets.
+
+Reads CodeSearchNet / CodeXGLUE code-to-text rows as they are: `code`/`docstring`
+or the pre-tokenised `code_tokens`/`docstring_tokens`.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import glob
+import gzip
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from codetune.data.code_tree import first_paragraph, strip_docstring
+from codetune.errors import DataError
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
+
+
+def data_files(path: str) -> list[Path]:
+    """A file, every supported file in a directory, or a glob's matches; sorted."""
+    p = Path(path)
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)]
+    elif any(c in path for c in "*?["):
+        files = [Path(f) for f in glob.glob(path, recursive=True)]
+    else:
+        files = [p] if p.exists() else []
+    if not files:
+        raise DataError(f"no data files at data.path='{path}' (expected {', '.join(SUFFIXES)}, a directory or a glob)")
+    unsupported = [f for f in files if not f.name.endswith(SUFFIXES)]
+    if unsupported:
+        raise DataError(f"{unsupported[0]}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    return sorted(files)
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number, raw row) pairs; a row that does not parse is yielded as an exception."""
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield lineno, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield lineno, ValueError(f"not valid JSON ({exc.msg})")
+    elif name.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            # line 1 is the header
+            yield from enumerate(csv.DictReader(f), 2)
+    else:
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield i, row
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return " ".join(value)  # *_tokens fields
+    return None
+
+
+def code_without_docstring(code: str, docstring: str) -> str:
+    """CodeSearchNet's `code` still contains the docstring; strip it or the model learns to copy."""
+    try:
+        tree = ast.parse(code)
+        fn = tree.body[0] if len(tree.body) == 1 else None
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(fn):
+            stripped = strip_docstring(fn, code.splitlines(keepends=True))
+            if stripped is not None:
+                return stripped
+    except SyntaxError:
+        pass  # another language, or a fragment
+    if docstring.strip() and docstring in code:
+        # Drop the docstring and the quote or comment marks around it.
+        pattern = r"(\"\"\"|'''|/\*\*?)?\s*" + re.escape(docstring) + r"\s*(\"\"\"|'''|\*/)?"
+        return re.sub(pattern, "", code, count=1)
+    return code
+
+
+def to_example(row: Any, input_field: str, target_field: str) -> dict:
+    """A raw row as {code, summary}; raises ValueError naming what is wrong with the row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object with fields, got {type(row).__name__}")
+    missing = [f for f in (input_field, target_field) if f not in row]
+    if missing:
+        raise ValueError(
+            f"missing field {', '.join(repr(m) for m in missing)} (row has {', '.join(map(repr, row)) or 'no fields'}); "
+            "set data.input_field / data.target_field"
+        )
+    code, target = _text(row[input_field]), _text(row[target_field])
+    if code is None or target is None:
+        bad = input_field if code is None else target_field
+        raise ValueError(f"field '{bad}' must be text or a list of tokens, got {type(row[bad]).__name__}")
+    return {"code": code_without_docstring(code, target), "summary": first_paragraph(target)}
+
+
+def read_examples(
+    rows: Iterable[tuple[str, Any]], input_field: str, target_field: str, skip_invalid: bool, dropped: Counter
+) -> Iterator[dict]:
+    """Examples from (origin, raw row) pairs; a bad row fails the run or, with skip_invalid, is counted."""
+    for origin, row in rows:
+        try:
+            if isinstance(row, Exception):
+                raise row
+            example = to_example(row, input_field, target_field)
+        except ValueError as exc:
+            if not skip_invalid:
+                raise DataError(
+                    f"{origin}: {exc}. Fix the row, or set data.skip_invalid=true to skip and count such rows"
+                ) from None
+            dropped["invalid_row"] += 1
+            continue
+        example["origin"] = origin
+        yield example
+
+
+def file_rows(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    for path in files:
+        for lineno, row in _rows(path):
+            yield f"{path}:{lineno}", row
+
+
+def hub_rows(name: str, subset: str | None) -> Iterator[tuple[str, Any]]:
+    """Every split of a Hugging Face dataset (online use; codetune re-splits by content hash)."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError("data.source=hub needs the `datasets` package: pip install 'codetune[data]'") from None
+    splits = load_dataset(name, subset)
+    for split_name, split in splits.items():
+        for i, row in enumerate(split):
+            yield f"{name}[{split_name}]:{i}", row

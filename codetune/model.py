@@ -1,0 +1,140 @@
+"""Model and tokenizer: load from the Hub or a directory, or build a CodeT5-architecture model from scratch; LoRA wrap and merge."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from codetune.config import ModelConfig, ModelInit, PeftConfig
+from codetune.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# CodeT5's RoBERTa-style vocabulary begins with these, in this order.
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+
+# Attention projections per architecture: the LoRA placement the CodeT5 and LoRA papers use.
+LORA_TARGETS = {
+    "t5": ["q", "k", "v", "o"],
+}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (CodeT5's kind) trained on texts; no byte is ever unknown."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+
+
+def build_scratch_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> T5ForConditionalGeneration:
+    arch = cfg.scratch
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=arch.d_model,
+        d_kv=arch.d_model // arch.num_heads,
+        d_ff=arch.d_ff,
+        num_layers=arch.num_layers,
+        num_decoder_layers=arch.num_decoder_layers,
+        num_heads=arch.num_heads,
+        feed_forward_proj="relu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,  # as CodeT5
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config)
+
+
+def load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """from_pretrained(cfg.name): a Hub id (downloaded once, then cached) or a local directory."""
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForSeq2SeqLM.from_pretrained(cfg.name, **kwargs)
+    except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
+        local = Path(cfg.name).exists()
+        hint = (
+            "the directory must hold config.json, the weights and the tokenizer files"
+            if local
+            else "check the id, or the network/HF_TOKEN; offline, point model.name at a local directory"
+        )
+        raise ModelError(f"cannot load model.name='{cfg.name}': {hint} ({exc})") from exc
+    return model, tokenizer
+
+
+def load_model(cfg: ModelConfig, train_texts: Iterable[str], seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    if cfg.init is ModelInit.scratch:
+        tokenizer = train_tokenizer(train_texts, cfg.scratch.vocab_size)
+        return build_scratch_model(cfg, tokenizer, seed), tokenizer
+    return load_pretrained(cfg)
+
+
+def lora_targets(model: PreTrainedModel, cfg: PeftConfig) -> list[str]:
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    model_type = model.config.model_type
+    if model_type not in LORA_TARGETS:
+        raise ModelError(
+            f"no default LoRA targets for model type '{model_type}'; set peft.target_modules "
+            f"(known: {', '.join(LORA_TARGETS)})"
+        )
+    return LORA_TARGETS[model_type]
+
+
+def add_lora(model: PreTrainedModel, cfg: PeftConfig):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=lora_targets(model, cfg),
+    )
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+@torch.no_grad()
+def merge_adapter(peft_model, probe: dict[str, torch.Tensor], atol: float = 1e-4) -> PreTrainedModel:
+    """Fold the LoRA weights into the base model, and check the merged model computes what base+adapter did."""
+    peft_model.eval()
+    expected = peft_model(**probe).logits
+    merged = peft_model.merge_and_unload()
+    got = merged(**probe).logits
+    diff = (got - expected).abs().max().item()
+    if diff > atol:
+        raise RuntimeError(f"merged model differs from base+adapter by {diff:.2e} (> {atol:.0e})")
+    log.info("merged adapter into base model (max logit difference %.1e)", diff)
+    return merged

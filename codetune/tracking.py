@@ -1,0 +1,78 @@
+"""The tracking stage: one MLflow run per training run, with params, the loss curve, metrics and artifacts.
+
+mlflow is imported inside the functions: the training core runs where mlflow is not installed,
+and the curve is logged afterwards from trainer_state.json, so a resumed training still makes one run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from codetune.config import Config, flatten
+from codetune.errors import CodetuneError
+
+ARTIFACTS = ("metrics.json", "examples.json", "config.yaml", "data_manifest.json", "trainer_state.json")
+
+# trainer_state log_history key -> MLflow metric name
+CURVES = {"loss": "train_loss", "eval_loss": "validation_loss", "learning_rate": "learning_rate", "tokens_per_second": "tokens_per_second"}
+
+
+class TrackingError(CodetuneError):
+    pass
+
+
+def _curve_metrics(trainer_state: dict, timestamp_ms: int):
+    from mlflow.entities import Metric
+
+    for entry in trainer_state.get("log_history", []):
+        for key, name in CURVES.items():
+            if key in entry:
+                yield Metric(name, float(entry[key]), timestamp_ms, int(entry["step"]))
+
+
+def log_run(cfg: Config, run_dir: str | Path, summary: dict[str, float], tags: dict[str, str]) -> str:
+    """Log a finished run directory to MLflow; returns the MLflow run id.
+
+    A retried call reuses the unfinished MLflow run of the same run directory instead of making another.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    run_dir = Path(run_dir)
+    if cfg.mlflow.tracking_uri:
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    try:
+        experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
+        unfinished = mlflow.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`codetune.run` = '{run_dir.name}' and attributes.status != 'FINISHED'",
+            output_format="list",
+            max_results=1,
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(
+            f"cannot use MLflow at {uri}: {exc}. Fix mlflow.tracking_uri (or $MLFLOW_TRACKING_URI), "
+            f"or set mlflow.enabled=false; the trained model is safe in {run_dir}"
+        ) from exc
+
+    metrics_file = json.loads((run_dir / "metrics.json").read_text())
+    trainer_state = json.loads((run_dir / "trainer_state.json").read_text())
+    with mlflow.start_run(run_id=unfinished[0].info.run_id if unfinished else None, run_name=run_dir.name) as run:
+        mlflow.set_tags({"codetune.run": run_dir.name, "codetune.run_dir": str(run_dir.resolve()), **tags})
+        params = {k: ("null" if v is None else v) for k, v in flatten(cfg).items()}
+        mlflow.log_params(params)
+        now = int(time.time() * 1000)
+        final = [Metric(f"test_{k}", float(v), now, 0) for k, v in metrics_file["model"].items()]
+        final += [Metric(f"baseline_{k}", float(v), now, 0) for k, v in metrics_file["baseline_function_name"].items()]
+        final += [Metric(k, float(v), now, 0) for k, v in summary.items()]
+        client = mlflow.tracking.MlflowClient()
+        metrics = list(_curve_metrics(trainer_state, now)) + final
+        for start in range(0, len(metrics), 1000):  # MLflow's per-batch limit
+            client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
+        for name in ARTIFACTS:
+            if (run_dir / name).exists():
+                mlflow.log_artifact(str(run_dir / name))
+        return run.info.run_id

@@ -1,0 +1,231 @@
+"""The training stage: Seq2SeqTrainer with LoRA or full fine-tuning, resumable checkpoints, and a merged export.
+
+A run's directory is named from what determines its weights (model, PEFT and training settings,
+data fingerprint), so a retried or re-run training finds its own checkpoints and finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codetune.config import Config, content_hash, to_yaml
+from codetune.data import PreparedData
+
+log = logging.getLogger(__name__)
+
+TRAINING_RECORD = "training.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainedModel:
+    """What the training stage hands on: where the model is and how training went."""
+
+    run_dir: str
+    global_step: int
+    train_loss: float
+    validation_loss: float
+    resumed_from_step: int
+    """0 when training started fresh."""
+    used_peft: bool
+    trainable_parameters: int
+    total_parameters: int
+    train_seconds: float
+
+
+def run_name(cfg: Config, data: PreparedData) -> str:
+    if cfg.training.run_name:
+        return cfg.training.run_name
+    training = dataclasses.asdict(cfg.training)
+    for key in ("output_dir", "run_name", "logging_steps", "dataloader_num_workers", "save_total_limit"):
+        training.pop(key)
+    key = content_hash(
+        {"model": dataclasses.asdict(cfg.model), "peft": dataclasses.asdict(cfg.peft), "training": training, "data": data.fingerprint}
+    )
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name.rsplit("/", 1)[-1]).strip("-").lower()
+    return f"{slug}-{key[:10]}"
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """Newest checkpoint whose trainer_state.json (the Trainer writes it last) is complete."""
+    if not checkpoints.is_dir():
+        return None
+    found = []
+    for path in checkpoints.glob("checkpoint-*"):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            found.append((int(path.name.split("-")[1]), path))
+        except (OSError, ValueError):
+            log.warning("ignoring incomplete checkpoint %s", path)
+    return max(found)[1] if found else None
+
+
+def resolve_precision(cfg: Config) -> tuple[bool, bool]:
+    """(bf16, fp16) the device supports; asking for mixed precision on a CPU warns and trains in fp32."""
+    t = cfg.training
+    if not (t.bf16 or t.fp16):
+        return False, False
+    if not torch.cuda.is_available():
+        log.warning("training.%s=true needs a CUDA GPU; none found, training in fp32", "bf16" if t.bf16 else "fp16")
+        return False, False
+    if t.bf16 and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16; training with fp16 instead (set training.fp16=true to silence this)")
+        return False, True
+    return t.bf16, t.fp16
+
+
+def tokenize(rows: list[dict], tokenizer, max_source: int, max_target: int) -> list[dict]:
+    sources = tokenizer([r["code"] for r in rows], max_length=max_source, truncation=True)
+    targets = tokenizer(text_target=[r["summary"] for r in rows], max_length=max_target, truncation=True)
+    return [
+        {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for ids, mask, labels in zip(sources["input_ids"], sources["attention_mask"], targets["input_ids"])
+    ]
+
+
+def _throughput_callback(n_params: int):
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        """Adds non-padding source tokens/s to each log line, as nanoGPT prints its MFU inputs."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
+            then, seen_before = self.last
+            if logs is not None and now > then and seen > seen_before:
+                tokens_per_s = (seen - seen_before) / (now - then)
+                logs["tokens_per_second"] = round(tokens_per_s, 1)
+                logs["train_flops_per_second"] = 6 * n_params * tokens_per_s
+            self.last = (now, seen)
+
+    return Throughput()
+
+
+def _move_into(src_dir: Path, dest_dir: Path) -> None:
+    for item in src_dir.iterdir():
+        target = dest_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    src_dir.rmdir()
+
+
+def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
+    """Train (or resume, or skip if done) and export the model to the run directory."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
+
+    from codetune.model import add_lora, count_parameters, load_model, merge_adapter
+
+    run_dir = Path(cfg.training.output_dir) / run_name(cfg, data)
+    record = run_dir / TRAINING_RECORD
+    if record.exists():
+        log.info("training already finished in %s; not redoing it", run_dir)
+        return TrainedModel(**json.loads(record.read_text()))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    shutil.copyfile(Path(data.directory) / "manifest.json", run_dir / "data_manifest.json")
+
+    t = cfg.training
+    set_seed(t.seed)
+    train_rows, validation_rows = data.load("train"), data.load("validation")
+    model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in train_rows), t.seed)
+    base_model = model
+    if cfg.peft.use_peft:
+        model = add_lora(model, cfg.peft)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+
+    bf16, fp16 = resolve_precision(cfg)
+    checkpoints = run_dir / CHECKPOINTS
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        lr_scheduler_type=t.lr_scheduler_type,
+        bf16=bf16,
+        fp16=fp16,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",  # the tracking stage logs the curve from trainer_state, once, even across resumes
+        disable_tqdm=True,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, model=base_model, label_pad_token_id=-100, pad_to_multiple_of=8)
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize(train_rows, tokenizer, t.max_source_length, t.max_target_length),
+        eval_dataset=tokenize(validation_rows, tokenizer, t.max_source_length, t.max_target_length),
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[_throughput_callback(trainable if cfg.peft.use_peft else total)],
+    )
+    checkpoint = last_complete_checkpoint(checkpoints)
+    resumed_from = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    if checkpoint:
+        log.info("resuming from %s (step %d)", checkpoint, resumed_from)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - started
+    validation_loss = trainer.evaluate()["eval_loss"]
+
+    # Everything goes to a staging directory first; training.json, written last, marks the export complete.
+    export = run_dir / ".export"
+    shutil.rmtree(export, ignore_errors=True)
+    export.mkdir()
+    if cfg.peft.use_peft:
+        model.save_pretrained(export / "adapter")
+        tokenizer.save_pretrained(export / "adapter")
+        probe = collator([trainer.eval_dataset[i] for i in range(min(4, len(trainer.eval_dataset)))])
+        probe = {k: v.to(model.device) for k, v in probe.items()}
+        model = merge_adapter(model, probe)
+    model.save_pretrained(export)  # safetensors
+    tokenizer.save_pretrained(export)
+    trainer.state.save_to_json(str(export / "trainer_state.json"))
+    _move_into(export, run_dir)
+    trained = TrainedModel(
+        run_dir=str(run_dir),
+        global_step=trainer.state.global_step,
+        train_loss=[h["loss"] for h in trainer.state.log_history if "loss" in h][-1],
+        validation_loss=validation_loss,
+        resumed_from_step=resumed_from,
+        used_peft=cfg.peft.use_peft,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        train_seconds=round(train_seconds, 2),
+    )
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(trained), indent=2))
+    os.replace(tmp, record)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return trained

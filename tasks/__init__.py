@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that add retries, artifacts and run logging to the codetune core stages."""

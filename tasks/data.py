@@ -1,0 +1,17 @@
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from codetune.config import DataConfig
+from codetune.data import PreparedData, prepare_data
+from tasks.retry import retry_unless_user_error
+
+
+@task(name="load-data", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error)
+def load_data(cfg: DataConfig) -> PreparedData:
+    """Prepared splits; the core caches them by source content, so an unchanged source is not read again."""
+    data = prepare_data(cfg)
+    counts = data.counts
+    rows = [{"split": s, "examples": n} for s, n in counts["kept"].items()]
+    rows += [{"split": f"dropped: {reason}", "examples": n} for reason, n in counts["dropped"].items()]
+    create_table_artifact(rows, key="data-counts", description=f"{counts['read']} examples read")
+    return data

@@ -1,0 +1,79 @@
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from codetune.config import load_config
+
+# A model small enough to train for a few steps in seconds on 2 CPU cores.
+TINY = [
+    "model.scratch.d_model=32",
+    "model.scratch.d_ff=64",
+    "model.scratch.num_layers=1",
+    "model.scratch.num_decoder_layers=1",
+    "model.scratch.num_heads=2",
+    "model.scratch.vocab_size=400",
+    "data.max_examples=240",
+    "training.max_steps=12",
+    "training.per_device_train_batch_size=8",
+    "training.max_source_length=64",
+    "training.max_target_length=16",
+    "training.save_steps=6",
+    "training.logging_steps=2",
+    "generation.max_new_tokens=8",
+    "evaluation.max_examples=16",
+]
+
+
+@pytest.fixture(scope="session")
+def stdlib_cache(tmp_path_factory) -> Path:
+    """One data cache per test session: the stdlib is parsed once."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, stdlib_cache) -> list[str]:
+    return TINY + [f"data.cache_dir={stdlib_cache}", f"training.output_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides):
+    return load_config(None, tiny_overrides)
+
+
+@pytest.fixture
+def code_tree(tmp_path) -> Path:
+    """A small source tree with documented functions, a test file and a broken file."""
+    root = tmp_path / "src"
+    (root / "pkg").mkdir(parents=True)
+    (root / "tests").mkdir()
+    (root / "pkg" / "geometry.py").write_text(textwrap.dedent('''
+        def area(width, height):
+            """Return the area of a rectangle.
+
+            Both sides must be positive.
+            """
+            return width * height
+
+
+        class Circle:
+            def circumference(self):
+                """Compute the circumference of the circle."""
+                return 2 * 3.14159 * self.radius
+
+            def undocumented(self):
+                return self.radius
+
+
+        def only_doc():
+            """A function that is nothing but its docstring."""
+        '''))
+    (root / "pkg" / "broken.py").write_text("def f(:\n    pass\n")
+    (root / "tests" / "test_geometry.py").write_text('def test_area():\n    """Area works for squares."""\n    assert 1\n')
+    return root
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

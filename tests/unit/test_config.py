@@ -1,0 +1,79 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codetune.config import Config, ModelInit, load_config, to_dict
+from codetune.errors import ConfigError
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+
+
+def test_default_yaml_is_the_embedded_default():
+    assert to_dict(load_config("configs/default.yaml")) == to_dict(Config())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.model.name
+
+
+def test_gpu_configs_use_lora_on_pretrained_codet5():
+    for name in ("codet5-small", "codet5-base"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.model.init is ModelInit.pretrained and cfg.model.name == f"Salesforce/{name}"
+        assert (cfg.peft.use_peft, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout) == (True, 16, 32, 0.1)
+        assert cfg.training.bf16 and cfg.training.gradient_checkpointing
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["training.num_train_epochs=3", "peft.target_modules=[q,v]", "evaluation.max_examples=5"])
+    assert cfg.training.num_train_epochs == 3.0
+    assert cfg.peft.target_modules == ["q", "v"]
+    assert cfg.evaluation.max_examples == 5
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown key 'training.lerning_rate'.*did you mean 'training.learning_rate'"):
+        load_config(None, ["training.lerning_rate=1e-4"])
+
+
+def test_wrong_type_names_key_expected_type_and_value():
+    with pytest.raises(ConfigError, match=r"'training.max_steps' \(override\) expects int, got 'ten'"):
+        load_config(None, ["training.max_steps=ten"])
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  init: sideways\ntrainig:\n  seed: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["generation.num_beams=x", "novalue"])
+    message = str(err.value)
+    for expected in ["model.init", "one of pretrained, scratch", "did you mean 'training.seed'", "generation.num_beams", "'novalue' is not key=value"]:
+        assert expected in message
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="choose one of training.bf16 and training.fp16"):
+        load_config(None, ["training.bf16=true", "training.fp16=true"])
+    with pytest.raises(ConfigError, match="adapts random weights"):
+        load_config(None, ["peft.use_peft=true"])
+
+
+def test_missing_file_lists_shipped_configs():
+    with pytest.raises(ConfigError, match=r"'configs/nope.yaml' not found.*configs/default.yaml"):
+        load_config("configs/nope.yaml")
+
+
+def test_cli_takes_overrides_both_ways_and_exits_2_on_user_error():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "codetune.cli", *a], capture_output=True, text=True)
+    ok = run("config", "--overrides", "training.seed=7", "peft.r=4", "training.max_steps=9")
+    assert ok.returncode == 0, ok.stderr
+    assert "seed: 7" in ok.stdout and "r: 4" in ok.stdout and "max_steps: 9" in ok.stdout
+    bare = run("config", "training.seed=8")
+    assert "seed: 8" in bare.stdout
+    bad = run("config", "training.sed=1")
+    assert bad.returncode == 2
+    assert "did you mean 'training.seed'" in bad.stderr and "Traceback" not in bad.stderr

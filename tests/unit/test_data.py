@@ -1,0 +1,127 @@
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from codetune.config import DataConfig, DataSource
+from codetune.data import prepare_data
+from codetune.data.code_tree import functions_in_source, read_code_tree
+from codetune.data.prepare import split_examples
+from codetune.data.records import code_without_docstring
+from codetune.errors import DataError
+from tests.conftest import write_jsonl
+
+
+def test_code_tree_pairs_code_without_docstring_with_first_paragraph(code_tree):
+    dropped = Counter()
+    examples = {e["summary"]: e for e in read_code_tree(code_tree, dropped)}
+    assert set(examples) == {"Return the area of a rectangle.", "Compute the circumference of the circle."}
+    area = examples["Return the area of a rectangle."]["code"]
+    assert area.startswith("def area(width, height):") and "positive" not in area and '"""' not in area
+    assert "return width * height" in area
+    method = examples["Compute the circumference of the circle."]["code"]
+    assert method.startswith("def circumference(self):")  # dedented out of the class
+    assert dropped["unparsable_file"] == 1  # broken.py; tests/ is never read
+
+
+def test_one_line_functions_are_skipped():
+    assert list(functions_in_source('def f(): "Doc string here."\n')) == []
+
+
+def test_codesearchnet_code_has_its_docstring_stripped():
+    code = 'def add(a, b):\n    """Add two numbers.\n\n    More."""\n    return a + b\n'
+    assert code_without_docstring(code, "Add two numbers.\n\n    More.") == "def add(a, b):\n    return a + b\n"
+
+
+def _cfg(tmp_path, **kw) -> DataConfig:
+    base = dict(source=DataSource.files, cache_dir=str(tmp_path / "cache"), min_summary_words=1,
+                validation_fraction=0.2, test_fraction=0.2)
+    return DataConfig(**(base | kw))
+
+
+def _rows(n):
+    return [{"code": f"def f{i}(x):\n    return x + {i}\n", "docstring": f"Add {i} to the value x."} for i in range(n)]
+
+
+def test_reads_codesearchnet_token_fields(tmp_path):
+    rows = [{"code_tokens": ["def", "f", "(", ")", ":", "return", str(i)], "docstring_tokens": ["Return", "the", "number", str(i)]} for i in range(40)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = prepare_data(_cfg(tmp_path, path=str(path), input_field="code_tokens", target_field="docstring_tokens"))
+    example = data.load("train")[0]
+    assert example["code"].startswith("def f ( ) :") and example["summary"].startswith("Return the number")
+
+
+def test_csv_and_parquet_read_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _rows(40)
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        import csv
+        w = csv.DictWriter(f, fieldnames=["code", "docstring"])
+        w.writeheader()
+        w.writerows(rows[:20])
+    pq.write_table(pa.Table.from_pylist(rows[20:]), tmp_path / "b.parquet")
+    data = prepare_data(_cfg(tmp_path, path=str(tmp_path)))
+    assert sum(data.counts["kept"].values()) == 40
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(3) + ["{not json", {"code": "x = 1"}])
+    with pytest.raises(DataError, match=r"d.jsonl:4: not valid JSON.*data.skip_invalid=true"):
+        prepare_data(_cfg(tmp_path, path=str(path)))
+
+
+def test_missing_field_names_the_field_and_the_setting(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"source": "def f(): pass", "docstring": "Do it."}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: missing field 'code'.*data.input_field"):
+        prepare_data(_cfg(tmp_path, path=str(path)))
+
+
+def test_skip_invalid_counts_bad_rows(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(40) + ["{not json", {"code": 3, "docstring": "x y z"}])
+    data = prepare_data(_cfg(tmp_path, path=str(path), skip_invalid=True))
+    assert data.counts["dropped"]["invalid_row"] == 2
+    assert data.counts["read"] == 40
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no data files at data.path"):
+        prepare_data(_cfg(tmp_path, path=str(tmp_path / "nothing.jsonl")))
+
+
+def test_split_is_independent_of_order_and_drops_duplicates_and_leaks():
+    cfg = DataConfig(validation_fraction=0.2, test_fraction=0.2)
+    examples = [{"code": f"def f{i}():\n    return {i}\n", "summary": f"Return {i}."} for i in range(200)]
+    shuffled = examples[:]
+    random.Random(1).shuffle(shuffled)
+    first, second = split_examples(examples + examples[:5], cfg, c1 := Counter()), split_examples(shuffled, cfg, Counter())
+    assert first == second
+    assert c1["duplicate"] == 5
+    assert all(len(first[s]) > 20 for s in first)
+    # Same code, reworded summary: a different example, but its code would leak into evaluation.
+    leak = {"code": first["test"][0]["code"].replace("\n", "\n\n"), "summary": "Another wording of it."}
+    counts = Counter()
+    again = split_examples(examples + [leak] * 1, cfg, counts)
+    in_train = [e for e in again["train"] if e["summary"] == "Another wording of it."]
+    if in_train:  # the leak landed in train, so its twin must have been removed from test
+        assert counts["test_code_in_train"] == 1
+
+
+def test_prepared_splits_are_cached_by_content(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(60))
+    cfg = _cfg(tmp_path, path=str(path))
+    first = prepare_data(cfg)
+    manifest = json.loads((tmp_path / "cache" / first.fingerprint[:16] / "manifest.json").read_text())
+    assert manifest["counts"]["kept"] == first.counts["kept"]
+    assert prepare_data(cfg).directory == first.directory
+    write_jsonl(path, _rows(61))
+    assert prepare_data(cfg).fingerprint != first.fingerprint
+
+
+def test_stdlib_default_yields_thousands_of_pairs(stdlib_cache):
+    data = prepare_data(DataConfig(cache_dir=str(stdlib_cache)))
+    assert data.counts["read"] > 5000
+    assert data.counts["kept"]["test"] > 200
+    assert not any("/test" in e["origin"] or e["origin"].startswith("test") for e in data.load("train"))

@@ -1,0 +1,43 @@
+import math
+
+import pytest
+
+from codetune.metrics import corpus_bleu, exact_match, function_name_words, rouge_l, sentence_bleu, smoothed_bleu4
+
+
+def test_sentence_bleu_matches_a_hand_computation():
+    # ref 7 tokens (return the size of the file .), hyp 3: p1=2/3, p2=1/3, p3=1/2, p4=1/1 (add-one), BP=exp(1-8/4)
+    expected = math.exp((math.log(2 / 3) + math.log(1 / 3) + math.log(1 / 2) + 0) / 4 + (1 - 8 / 4))
+    assert sentence_bleu("Return the size of the file.", "get file size") == pytest.approx(expected)
+
+
+def test_identical_summaries_score_100_even_when_short():
+    assert smoothed_bleu4(["Return x."], ["Return x."]) == pytest.approx(100)
+
+
+def test_bleu_is_case_and_punctuation_insensitive_like_codexglue():
+    assert sentence_bleu("Returns the URL.", "returns the url .") == pytest.approx(1.0)
+
+
+def test_no_unigram_overlap_scores_zero():
+    assert smoothed_bleu4(["Open the file."], ["compute sums"]) < 1e-6
+
+
+def test_corpus_bleu_and_rouge_are_not_zero_for_partial_overlap():
+    refs, hyps = ["Return the size of the file in bytes."], ["Return the size of the file."]
+    assert 0 < corpus_bleu(refs, hyps) < 100
+    assert 0 < rouge_l(refs, hyps) < 100
+    assert exact_match(refs + ["A b."], hyps + ["a  B."]) == 50
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        ("def get_file_size(path):\n    pass", "get file size"),
+        ("async def fetchURL(self):", "fetch url"),
+        ("public int getFileSize(String p) {", "get file size"),
+        ("x = 1", ""),
+    ],
+)
+def test_function_name_baseline(code, words):
+    assert function_name_words(code) == words

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from codetune.config import ModelConfig, PeftConfig, ScratchArchitecture
+from codetune.errors import ModelError
+from codetune.model import add_lora, build_scratch_model, count_parameters, load_pretrained, merge_adapter, train_tokenizer
+
+TEXTS = [f"def add_{i}(a, b):\n    return a + b * {i}\nReturn the sum of a and b." for i in range(50)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, vocab_size=300)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    arch = ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2)
+    return build_scratch_model(ModelConfig(scratch=arch), tokenizer, seed=0)
+
+
+def test_tokenizer_keeps_codet5_special_tokens_and_round_trips(tokenizer):
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "<s>", "</s>"]
+    ids = tokenizer("def f(x):\n    return x  # ünïcode")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "def f(x):\n    return x  # ünïcode"
+
+
+def test_lora_trains_only_adapter_weights(tiny_model):
+    model = add_lora(tiny_model, PeftConfig(use_peft=True, r=4, alpha=8))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert count_parameters(model)[0] < 0.2 * count_parameters(model)[1]
+
+
+def test_merged_model_equals_base_plus_adapter_and_saves_tokenizer(tiny_model, tokenizer, tmp_path):
+    model = add_lora(tiny_model, PeftConfig(use_peft=True, r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # a trained adapter is non-zero; a fresh one is the identity
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    model.eval()
+    batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    probe = {**batch, "decoder_input_ids": torch.zeros((2, 3), dtype=torch.long)}
+    expected = model(**probe).logits
+    merged = merge_adapter(model, probe)
+    merged.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tok = load_pretrained(ModelConfig(name=str(tmp_path), init="pretrained"))
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    torch.testing.assert_close(reloaded(**probe).logits, expected, atol=1e-5, rtol=1e-5)
+    assert reloaded_tok.all_special_tokens == tokenizer.all_special_tokens
+
+
+def test_unknown_architecture_needs_explicit_lora_targets(tiny_model):
+    tiny_model.config.model_type = "mystery"
+    with pytest.raises(ModelError, match="set peft.target_modules"):
+        add_lora(tiny_model, PeftConfig(use_peft=True))
+
+
+def test_missing_local_model_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="cannot load model.name=.*config.json"):
+        load_pretrained(ModelConfig(name=str(tmp_path / "empty"), init="pretrained"))

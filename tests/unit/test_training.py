@@ -1,0 +1,75 @@
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from codetune.config import load_config
+from codetune.data import prepare_data
+from codetune.training import last_complete_checkpoint, resolve_precision, train_model
+
+
+@pytest.fixture
+def trained(tiny_cfg):
+    data = prepare_data(tiny_cfg.data)
+    return tiny_cfg, data, train_model(tiny_cfg, data)
+
+
+def test_training_exports_a_complete_run_directory(trained):
+    cfg, data, result = trained
+    run_dir = Path(result.run_dir)
+    for name in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "config.yaml", "data_manifest.json", "training.json"]:
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / ".export").exists()
+    assert result.global_step == 12 and result.resumed_from_step == 0
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0]
+
+
+def test_finished_training_is_not_redone(trained, caplog):
+    cfg, data, first = trained
+    mtime = (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        again = train_model(cfg, data)
+    assert again == first
+    assert (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns == mtime
+    assert "not redoing it" in caplog.text
+
+
+def test_same_seed_gives_identical_weights(trained, tiny_overrides, tmp_path):
+    cfg, data, first = trained
+    twin = load_config(None, tiny_overrides + [f"training.output_dir={tmp_path / 'twin'}"])
+    second = train_model(twin, data)
+    a = load_file(Path(first.run_dir) / "model.safetensors")
+    b = load_file(Path(second.run_dir) / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_lora_on_a_local_pretrained_model_saves_adapter_and_merged_model(trained, tiny_overrides, tmp_path):
+    _, data, base = trained
+    cfg = load_config(None, tiny_overrides + [
+        "model.init=pretrained", f"model.name={base.run_dir}", "peft.use_peft=true", "peft.r=4",
+        f"training.output_dir={tmp_path / 'lora'}",
+    ])
+    result = train_model(cfg, data)
+    run_dir = Path(result.run_dir)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert result.trainable_parameters < 0.2 * result.total_parameters
+    assert not any("lora" in k for k in load_file(run_dir / "model.safetensors"))
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    for step, state in [(5, '{"global_step": 5}'), (10, '{"global_st')]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-15").mkdir()  # killed before trainer_state.json was written
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-5"
+
+
+def test_mixed_precision_on_cpu_warns_and_trains_in_fp32(caplog):
+    cfg = load_config(None, ["training.bf16=true"])
+    with caplog.at_level(logging.WARNING):
+        assert resolve_precision(cfg) == (False, False)
+    assert "needs a CUDA GPU" in caplog.text
