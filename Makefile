@@ -1,0 +1,20 @@
+# Fresh machine: `make run` (set up .venv, run the default job) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test
+run: $(VENV)/.installed
+	$(VENV)/bin/codetune run
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+# constraints.txt pins the whole resolved stack: an unconstrained resolve takes ~9 minutes here
+# and picks a fastapi that crashes prefect's server at start.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, on its own, so pip takes the CPU wheel instead of resolving GBs of CUDA builds
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
