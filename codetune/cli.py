@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(
         commands.add_parser("train", help="data, training and evaluation only: no Prefect, no MLflow (for bare GPU boxes)")
     )
+    deploy = commands.add_parser("deploy", help="register and publish an already trained run directory")
+    deploy.add_argument("--model-path", required=True, help="run directory, e.g. runs/<run name>")
+    _add_config_args(deploy)
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     commands.add_parser("keys", help="list every config key with its type")
     return parser
@@ -32,6 +35,12 @@ def _run(args) -> dict:
     from flows.finetune import finetune
 
     return finetune(config=args.config, overrides=args.overrides + args.assignments)
+
+
+def _deploy(args) -> dict:
+    from flows.deploy import deploy
+
+    return deploy(model_path=args.model_path, config=args.config, overrides=args.overrides + args.assignments)
 
 
 def _train(args) -> dict:
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(load_config(args.config, args.overrides + args.assignments)), end="")
             return 0
-        result = _run(args) if args.command == "run" else _train(args)
+        result = {"run": _run, "train": _train, "deploy": _deploy}[args.command](args)
     except CodetuneError as exc:
         print(f"codetune: error: {exc}", file=sys.stderr)
         return 2

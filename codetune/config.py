@@ -24,6 +24,12 @@ class ModelInit(str, Enum):
     scratch = "scratch"
 
 
+class HubWeights(str, Enum):
+    merged = "merged"
+    adapter = "adapter"
+    both = "both"
+
+
 class DataSource(str, Enum):
     code_tree = "code_tree"
     files = "files"
@@ -34,17 +40,17 @@ class DataSource(str, Enum):
 class ScratchArchitecture:
     """Shape of the CodeT5-architecture (T5) model built when model.init=scratch."""
 
-    d_model: int = 256
+    d_model: int = 128
     """Hidden size."""
-    d_ff: int = 1024
+    d_ff: int = 512
     """Feed-forward inner size."""
-    num_layers: int = 3
+    num_layers: int = 2
     """Encoder layers."""
-    num_decoder_layers: int = 3
+    num_decoder_layers: int = 2
     """Decoder layers."""
     num_heads: int = 4
     """Attention heads."""
-    vocab_size: int = 8000
+    vocab_size: int = 4000
     """Byte-level BPE vocabulary trained on the train split."""
 
 
@@ -111,13 +117,13 @@ class TrainingConfig:
     """Runs are written to output_dir/<run name>."""
     run_name: Optional[str] = None
     """Directory name of this run; null derives it from the model, data and training settings, so a retried run finds its checkpoints."""
-    num_train_epochs: float = 2.0
+    num_train_epochs: float = 6.0
     """Passes over the train split (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Stop after this many optimizer steps; -1 trains num_train_epochs."""
-    learning_rate: float = 1e-3
-    """Peak learning rate; 5e-5 suits full fine-tuning of a pretrained CodeT5, 1e-3 suits LoRA or a tiny model."""
-    per_device_train_batch_size: int = 32
+    learning_rate: float = 3e-3
+    """Peak learning rate; 5e-5 suits full fine-tuning of a pretrained CodeT5, 1e-3 LoRA, 3e-3 a tiny model from scratch."""
+    per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 64
     """Batch size for validation loss."""
     gradient_accumulation_steps: int = 1
@@ -125,8 +131,8 @@ class TrainingConfig:
     warmup_ratio: float = 0.05
     """Share of steps spent warming the learning rate up."""
     lr_scheduler_type: str = "linear"
-    max_source_length: int = 256
-    """Code is truncated to this many tokens (CodeT5 recipe: 256)."""
+    max_source_length: int = 128
+    """Code is truncated to this many tokens (CodeT5 recipe: 256; the signature and first lines carry most of the signal)."""
     max_target_length: int = 64
     """Summaries are truncated to this many tokens (CodeT5 recipe: 128; stdlib summaries average ~12)."""
     bf16: bool = False
@@ -137,13 +143,13 @@ class TrainingConfig:
     """Recompute activations in the backward pass: less memory, ~30% slower."""
     group_by_length: bool = True
     """Batch examples of similar length together so little of each batch is padding."""
-    save_steps: int = 100
+    save_steps: int = 200
     """Write a resumable checkpoint every this many steps."""
     save_total_limit: int = 2
     """Keep only the newest checkpoints."""
     eval_steps: Optional[int] = None
     """Compute validation loss every this many steps; null computes it once, after training."""
-    logging_steps: int = 20
+    logging_steps: int = 50
     seed: int = 42
     """Seeds weight init, LoRA init, data order and dropout: the same seed gives the same model."""
     dataloader_num_workers: int = 0
@@ -177,9 +183,42 @@ class MlflowConfig:
 
 
 @dataclass
+class S3Config:
+    bucket: Optional[str] = None
+    """Bucket to publish to; null publishes nothing to S3."""
+    prefix: str = "models"
+    """Objects go to s3://bucket/prefix/<model name>/<version>/."""
+    block: Optional[str] = None
+    """Name of a Prefect S3Bucket block to take credentials and endpoint from; null uses the AWS environment."""
+    endpoint_url: Optional[str] = None
+    """S3-compatible endpoint (MinIO, LocalStack, ...); null uses AWS (or $AWS_ENDPOINT_URL_S3)."""
+    archive: bool = False
+    """Also upload model.tar.gz and its .sha256."""
+
+
+@dataclass
+class HubConfig:
+    repo_id: Optional[str] = None
+    """Hugging Face Hub repo, e.g. org/codet5-summarizer; null publishes nothing to the Hub."""
+    private: bool = True
+    """Create the repo private."""
+    weights: HubWeights = HubWeights.merged
+    """merged: the model that loads without peft; adapter: the LoRA adapter alone; both."""
+    token_block: Optional[str] = None
+    """Name of a Prefect Secret block holding the token; null reads $HF_TOKEN."""
+    license: str = "apache-2.0"
+
+
+@dataclass
 class RegistryConfig:
     model_name: str = "codetune-code-summarizer"
     """Registered model name in the MLflow model registry."""
+    min_bleu: float = 0.0
+    """A version becomes champion only at or above this smoothed BLEU-4, and only if it beats the champion."""
+    dry_run: bool = False
+    """Print what would be registered and uploaded, and do none of it."""
+    s3: S3Config = field(default_factory=S3Config)
+    huggingface: HubConfig = field(default_factory=HubConfig)
 
 
 @dataclass
@@ -322,6 +361,8 @@ def validate(cfg: Config) -> None:
             "peft.use_peft=true with model.init=scratch adapts random weights; "
             "set peft.use_peft=false or use a pretrained model"
         )
+    if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:
+        problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

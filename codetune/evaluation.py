@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from codetune.config import EvaluationConfig, GenerationConfig
+from codetune.errors import ModelError
 from codetune.metrics import function_name_words, summary_metrics
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,20 @@ class EvalReport:
     examples_per_second: float
     examples: list[dict]
     """A few (input, reference, prediction) triples."""
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "EvalReport":
+        run_dir = Path(run_dir)
+        if not (run_dir / METRICS_FILE).exists():
+            raise ModelError(f"{run_dir} has no {METRICS_FILE}: evaluate it first (`codetune run` does)")
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
+        return cls(
+            metrics=metrics["model"],
+            baseline=metrics["baseline_function_name"],
+            num_examples=metrics["num_examples"],
+            examples_per_second=metrics["examples_per_second"],
+            examples=json.loads((run_dir / "examples.json").read_text()),
+        )
 
     def to_markdown(self) -> str:
         rows = "\n".join(

@@ -20,11 +20,16 @@ import torch
 
 from codetune.config import Config, content_hash, to_yaml
 from codetune.data import PreparedData
+from codetune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training.json"
 CHECKPOINTS = "checkpoints"
+# What a run directory holds besides the model: records of how it was made and scored.
+RUN_RECORDS = frozenset(
+    {TRAINING_RECORD, "trainer_state.json", "config.yaml", "data_manifest.json", "metrics.json", "examples.json", "predictions.jsonl"}
+)
 
 
 @dataclass
@@ -41,6 +46,13 @@ class TrainedModel:
     trainable_parameters: int
     total_parameters: int
     train_seconds: float
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "TrainedModel":
+        record = Path(run_dir) / TRAINING_RECORD
+        if not record.exists():
+            raise ModelError(f"{run_dir} holds no finished codetune training ({TRAINING_RECORD} missing): train it with `codetune run` first")
+        return cls(**json.loads(record.read_text()))
 
 
 def run_name(cfg: Config, data: PreparedData) -> str:
@@ -114,6 +126,13 @@ def _throughput_callback(n_params: int):
     return Throughput()
 
 
+def model_files(run_dir: str | Path) -> list[Path]:
+    """The files from_pretrained needs (weights, config, tokenizer): not the run's records, not the adapter."""
+    return sorted(
+        p for p in Path(run_dir).iterdir() if p.is_file() and p.name not in RUN_RECORDS and not p.name.endswith(".tmp")
+    )
+
+
 def _move_into(src_dir: Path, dest_dir: Path) -> None:
     for item in src_dir.iterdir():
         target = dest_dir / item.name
@@ -133,7 +152,7 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     record = run_dir / TRAINING_RECORD
     if record.exists():
         log.info("training already finished in %s; not redoing it", run_dir)
-        return TrainedModel(**json.loads(record.read_text()))
+        return TrainedModel.load(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     shutil.copyfile(Path(data.directory) / "manifest.json", run_dir / "data_manifest.json")

@@ -1,4 +1,7 @@
-"""The `finetune` flow: data -> train -> evaluate -> track. Run it with `codetune run` or `python -m flows.finetune`."""
+"""The `finetune` flow: data -> train -> evaluate -> track -> register -> publish.
+
+Run it with `codetune run` or `python -m flows.finetune`.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +9,22 @@ import sys
 from typing import Optional
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
 from codetune.config import load_config
 from tasks.data import load_data
 from tasks.evaluate import evaluate
-from tasks.track import track
+from tasks.publish import publish, publication_plan
+from tasks.register import register
+from tasks.track import lineage, track
 from tasks.train import train
 
 
 # A flow retry re-enters every stage; each one finds its finished work on disk (cached splits,
 # exported model, checkpoints) instead of redoing it.
-@flow(name="finetune", retries=1, retry_delay_seconds=30)
+@flow(name="finetune", retries=1, retry_delay_seconds=30, log_prints=True)
 def finetune(config: Optional[str] = None, overrides: Optional[list[str]] = None) -> dict:
-    """Fine-tune, evaluate and track a code summarisation model.
+    """Fine-tune, evaluate, track, register and publish a code summarisation model.
 
     Args:
         config: YAML file in configs/; empty runs the embedded offline default.
@@ -28,14 +34,32 @@ def finetune(config: Optional[str] = None, overrides: Optional[list[str]] = None
     data = load_data(cfg.data)
     trained = train(cfg, data)
     report = evaluate(cfg, trained, data)
-    mlflow_run_id = track(cfg, data, trained, report) if cfg.mlflow.enabled else None
-    return {
-        "run_dir": trained.run_dir,
-        "global_step": trained.global_step,
-        "metrics": report.metrics,
-        "baseline": report.baseline,
-        "mlflow_run_id": mlflow_run_id,
-    }
+    return release(cfg, data, trained, report)
+
+
+def release(cfg, data, trained, report) -> dict:
+    """Track, register and publish a trained, evaluated run (shared with `codetune deploy`)."""
+    origin = lineage(cfg, data)
+    summary = {"run_dir": trained.run_dir, "metrics": report.metrics, "baseline": report.baseline}
+    if cfg.registry.dry_run:
+        summary["plan"] = publication_plan(cfg, trained)
+        print(summary["plan"])
+        create_markdown_artifact(f"Dry run; nothing registered or uploaded.\n\n{summary['plan']}", key="finetune-summary")
+        return summary
+    if not cfg.mlflow.enabled:
+        return summary
+    summary["mlflow_run_id"] = track(cfg, trained, report, origin)
+    registration = register(cfg, data, trained, report, summary["mlflow_run_id"], origin)
+    summary["registration"] = {"model": registration.model_name, "version": registration.version, "alias": registration.alias, "reason": registration.reason}
+    summary["published"] = publish(cfg, trained, report, registration, origin)
+    links = "\n".join(f"- {k}: {v}" for k, v in summary["published"].items()) or "- not published (no registry.s3.bucket or registry.huggingface.repo_id)"
+    create_markdown_artifact(
+        f"- MLflow run: `{summary['mlflow_run_id']}`\n"
+        f"- model version: `{registration.model_uri}` → **{registration.alias}** ({registration.reason})\n{links}\n\n"
+        f"{report.to_markdown()}",
+        key="finetune-summary",
+    )
+    return summary
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import subprocess
 from prefect import task
 from prefect.runtime import flow_run
 
-from codetune.config import Config
+from codetune.config import Config, ModelInit, content_hash
 from codetune.data import PreparedData
 from codetune.evaluation import EvalReport
 from codetune.training import TrainedModel
@@ -18,8 +18,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def lineage(cfg: Config, data: PreparedData) -> dict[str, str]:
+    """Where a model came from: tagged on its MLflow run and model version, and written to its metadata."""
+    return {
+        "prefect_flow_run_id": str(flow_run.get_id() or ""),
+        "git_commit": git_commit(),
+        "data_fingerprint": data.fingerprint,
+        "config_hash": content_hash(cfg),
+        "base_model": cfg.model.name if cfg.model.init is ModelInit.pretrained else f"scratch:{cfg.model.name}",
+    }
+
+
 @task(name="track", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_unless_user_error)
-def track(cfg: Config, data: PreparedData, trained: TrainedModel, report: EvalReport) -> str:
+def track(cfg: Config, trained: TrainedModel, report: EvalReport, lineage: dict[str, str]) -> str:
     """Log the run to MLflow; returns the MLflow run id."""
     summary = {
         "global_step": trained.global_step,
@@ -29,10 +40,4 @@ def track(cfg: Config, data: PreparedData, trained: TrainedModel, report: EvalRe
         "trainable_parameters": trained.trainable_parameters,
         "eval_examples_per_second": report.examples_per_second,
     }
-    tags = {
-        "prefect.flow_run_id": str(flow_run.get_id() or ""),
-        "git_commit": git_commit(),
-        "data_fingerprint": data.fingerprint,
-        "base_model": cfg.model.name,
-    }
-    return log_run(cfg, trained.run_dir, summary, tags)
+    return log_run(cfg, trained.run_dir, summary, lineage)

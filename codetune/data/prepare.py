@@ -30,6 +30,8 @@ class PreparedData:
     fingerprint: str
     """Hash of the source content and the data settings; names the cache directory."""
     counts: dict
+    sha256: dict[str, str]
+    """Content hash of each split file: identifies the test split that metrics were computed on."""
 
     def split_path(self, split: str) -> Path:
         return Path(self.directory) / f"{split}.jsonl"
@@ -130,7 +132,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         log.info("data unchanged (fingerprint %s): reusing %s", fingerprint[:16], directory)
-        return PreparedData(str(directory), fingerprint, manifest["counts"])
+        return PreparedData(str(directory), fingerprint, manifest["counts"], manifest["sha256"])
 
     dropped: Counter = Counter()
     kept, read = [], 0
@@ -167,4 +169,4 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     except OSError:  # another process prepared the same data first
         shutil.rmtree(staging, ignore_errors=True)
     log.info("data: read %d, kept %s, dropped %s", read, counts["kept"], counts["dropped"])
-    return PreparedData(str(directory), fingerprint, counts)
+    return PreparedData(str(directory), fingerprint, counts, manifest["sha256"])

@@ -1,0 +1,221 @@
+"""The publishing stage: upload a registered model to S3 (any S3-compatible store) and to the Hugging Face Hub.
+
+Uploads are idempotent and verified: an object already there with the same size and SHA-256 is
+not sent again, and each upload is checked after it lands. Credentials are passed in by the
+caller and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from codetune.config import Config, HubWeights, ModelInit, to_dict
+from codetune.errors import CodetuneError
+from codetune.training import model_files
+
+log = logging.getLogger(__name__)
+
+MULTIPART_BYTES = 8 * 1024 * 1024
+AUTH_ERROR_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
+
+
+class PublishError(CodetuneError):
+    pass
+
+
+@dataclass
+class UploadedObject:
+    key: str
+    size: int
+    sha256: str
+    transferred: bool
+    """False when an identical object was already there."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish_files(run_dir: Path, weights: HubWeights) -> list[tuple[Path, str]]:
+    """(local path, name in the destination) for the chosen weights."""
+    files = []
+    if weights in (HubWeights.merged, HubWeights.both):
+        files += [(p, p.name) for p in model_files(run_dir)]
+    if weights in (HubWeights.adapter, HubWeights.both):
+        files += [(p, f"adapter/{p.name}") for p in sorted((run_dir / "adapter").iterdir())]
+    return files
+
+
+def model_metadata(cfg: Config, metrics: dict, lineage: dict, version: str | None) -> dict:
+    return {"model_name": cfg.registry.model_name, "version": version, "metrics": metrics, "lineage": lineage, "config": to_dict(cfg)}
+
+
+def write_archive(files: list[tuple[Path, str]], path: Path) -> None:
+    """A reproducible tar.gz (fixed order, times and owners), so the same model gives the same bytes and is not re-uploaded."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for local, name in sorted(files, key=lambda f: f[1]):
+            info = tarfile.TarInfo(name)
+            info.size = local.stat().st_size
+            info.mode = 0o644
+            with open(local, "rb") as f:
+                tar.addfile(info, f)
+
+
+def _s3_error(exc, bucket: str) -> PublishError | None:
+    """A PublishError naming the fix for a credentials or bucket mistake; None for anything else (transient)."""
+    code = str(exc.response.get("Error", {}).get("Code", "")) if hasattr(exc, "response") else str(exc)
+    if any(c in code for c in AUTH_ERROR_CODES):
+        return PublishError(
+            f"S3 refused the credentials for bucket '{bucket}' ({code}): fix AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "or the AwsCredentials of the S3Bucket block named in registry.s3.block"
+        )
+    if "NoSuchBucket" in code:
+        return PublishError(f"S3 bucket '{bucket}' does not exist: create it or fix registry.s3.bucket")
+    return None
+
+
+def upload_to_s3(
+    client, bucket: str, prefix: str, files: list[tuple[Path, str]], multipart_bytes: int = MULTIPART_BYTES
+) -> list[UploadedObject]:
+    """Upload files under s3://bucket/prefix/, skipping identical objects; each upload is verified by size and SHA-256."""
+    from boto3.exceptions import S3UploadFailedError
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    transfer = TransferConfig(multipart_threshold=multipart_bytes, multipart_chunksize=multipart_bytes)
+    uploaded = []
+    try:
+        for local, name in files:
+            key = f"{prefix.strip('/')}/{name}"
+            size, digest = local.stat().st_size, sha256_file(local)
+            try:
+                head = client.head_object(Bucket=bucket, Key=key)
+                same = head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == digest
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+                same = False
+            if not same:
+                client.upload_file(str(local), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}}, Config=transfer)
+                head = client.head_object(Bucket=bucket, Key=key)
+                if head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != digest:
+                    raise PublishError(f"s3://{bucket}/{key} does not match {local} after upload (size or SHA-256)")
+            uploaded.append(UploadedObject(key, size, digest, transferred=not same))
+    except NoCredentialsError:
+        raise PublishError(
+            "no AWS credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or name an S3Bucket block in registry.s3.block"
+        ) from None
+    except (ClientError, S3UploadFailedError) as exc:
+        error = _s3_error(exc, bucket)
+        if error is None:
+            raise
+        raise error from None
+    sent = sum(u.transferred for u in uploaded)
+    log.info("s3://%s/%s: %d files uploaded, %d already there", bucket, prefix, sent, len(uploaded) - sent)
+    return uploaded
+
+
+def s3_prefix(cfg: Config, version: str) -> str:
+    return f"{cfg.registry.s3.prefix.strip('/')}/{cfg.registry.model_name}/{version}"
+
+
+def publish_to_s3(client, cfg: Config, run_dir: Path, metadata: dict, version: str, workdir: Path) -> list[UploadedObject]:
+    """Model files, metadata.json and (registry.s3.archive) model.tar.gz + .sha256 under s3://bucket/prefix/<model>/<version>/."""
+    files = publish_files(run_dir, HubWeights.merged)
+    metadata_file = workdir / "metadata.json"
+    metadata_file.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    files.append((metadata_file, "metadata.json"))
+    if cfg.registry.s3.archive:
+        archive = workdir / "model.tar.gz"
+        write_archive(publish_files(run_dir, HubWeights.merged), archive)
+        checksum = workdir / "model.tar.gz.sha256"
+        checksum.write_text(f"{sha256_file(archive)}  model.tar.gz\n")
+        files += [(archive, archive.name), (checksum, checksum.name)]
+    return upload_to_s3(client, cfg.registry.s3.bucket, s3_prefix(cfg, version), files)
+
+
+def model_card(cfg: Config, metrics: dict, baseline: dict, num_examples: int, data_source: str) -> str:
+    """README.md with Hub metadata (model-index), so the Hub renders the evaluation table."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    base = cfg.model.name if cfg.model.init is ModelInit.pretrained else None
+    dataset = f"code-summaries ({data_source})"
+    data = ModelCardData(
+        model_name=cfg.registry.model_name,
+        base_model=base,
+        license=cfg.registry.huggingface.license,
+        library_name="peft" if cfg.registry.huggingface.weights is HubWeights.adapter else "transformers",
+        pipeline_tag="summarization",
+        tags=["code", "code-summarization", "codetune"] + (["lora"] if cfg.peft.use_peft else []),
+        eval_results=[
+            EvalResult(task_type="summarization", dataset_type="code-summaries", dataset_name=dataset,
+                       metric_type=name, metric_name=name, metric_value=value)
+            for name, value in metrics.items()
+        ],
+    )
+    rows = "\n".join(f"| {k} | {v:.2f} | {baseline[k]:.2f} |" for k, v in metrics.items())
+    training = cfg.training
+    lora = f"LoRA r={cfg.peft.r}, alpha={cfg.peft.alpha}, dropout={cfg.peft.dropout}" if cfg.peft.use_peft else "full fine-tuning"
+    return f"""---
+{data.to_yaml()}
+---
+
+# {cfg.registry.model_name}
+
+Summarises a function's source code in one sentence (a docstring summary). Fine-tuned with
+codetune from {f"`{base}`" if base else "a CodeT5-architecture model trained from scratch"}.
+
+## Evaluation
+
+{num_examples} held-out test examples; smoothed BLEU-4 as CodeXGLUE computes it. The baseline is
+the function name split into words.
+
+| metric | model | baseline |
+|---|---|---|
+{rows}
+
+## Training
+
+- Data: {data_source}, split by content hash; test code never appears in train.
+- Method: {lora}; {training.num_train_epochs:g} epochs (max_steps {training.max_steps}), learning rate {training.learning_rate:g}, batch {training.per_device_train_batch_size}, seed {training.seed}.
+
+## Intended use and limitations
+
+For drafting docstring summaries of Python functions in code review or documentation tools. It
+sees at most {training.max_source_length} tokens of code, writes short English summaries, can
+state plausible but wrong behaviour, and was not evaluated on other languages. Review its output.
+"""
+
+
+def push_to_hub(repo_id: str, token: str | None, private: bool, files: list[tuple[Path, str]], card: str, message: str) -> str:
+    """Create the repo if needed and push the files and model card in one commit; returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=io.BytesIO(card.encode())))
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.create_commit(repo_id, operations, commit_message=message)
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise PublishError(
+                f"the Hugging Face Hub refused the token for '{repo_id}' (HTTP {status}): set HF_TOKEN to a token with "
+                "write access, or name a Secret block in registry.huggingface.token_block"
+            ) from None
+        raise
+    log.info("pushed %d files to %s", len(operations), commit.commit_url)
+    return commit.commit_url

@@ -1,0 +1,127 @@
+"""The registration stage: log the model as an MLflow pyfunc, register a version with its lineage, and gate promotion.
+
+The alias `champion` moves to a new version only if it clears the configured thresholds and
+beats the current champion on the same test split; otherwise the version becomes `challenger`
+and the reason is recorded. mlflow is imported inside the functions (the core runs without it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ContextManager
+
+import codetune
+from codetune.config import Config
+from codetune.metrics import smoothed_bleu4
+from codetune.training import model_files
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PRIMARY_METRIC = "bleu4_smoothed"
+SERVING_CODE = Path(__file__).with_name("serving.py")
+
+
+@dataclass
+class Registration:
+    model_name: str
+    version: str
+    alias: str
+    """champion or challenger."""
+    reason: str
+    model_uri: str
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    # Explicit: the default inference imports torchvision, which the model does not need.
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors", "omegaconf", "sacrebleu", "rouge-score", "mlflow")]
+
+
+def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
+    """Log the run's model (merged weights and tokenizer) into the active MLflow run; returns its model URI."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        model_dir.mkdir()
+        for path in model_files(run_dir):
+            shutil.copy2(path, model_dir / path.name)
+        generation = Path(tmp) / "generation.json"
+        settings = dict(vars(cfg.generation), max_source_length=cfg.training.max_source_length)
+        generation.write_text(json.dumps(settings))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_CODE),
+            artifacts={"model": str(model_dir), "generation": str(generation)},
+            code_paths=[str(Path(codetune.__file__).parent)],
+            pip_requirements=_pip_requirements(),
+        )
+    return info.model_uri
+
+
+def _champion_score(client, name: str, champion, test_split: str, test_rows: list[dict]) -> float:
+    """The champion's primary metric on this test split: its recorded one if it was scored on the same split, else re-scored now."""
+    import mlflow
+
+    if champion.tags.get("test_split") == test_split:
+        return float(champion.tags[f"metric.{PRIMARY_METRIC}"])
+    log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
+    predictor = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    predictions = predictor.predict([r["code"] for r in test_rows])
+    return smoothed_bleu4([r["summary"] for r in test_rows], predictions)
+
+
+def decide_alias(score: float, min_bleu: float, champion_score: float | None) -> tuple[str, str]:
+    """(alias, reason) for a new version scoring `score`."""
+    if score < min_bleu:
+        return CHALLENGER, f"{PRIMARY_METRIC} {score:.2f} is below registry.min_bleu {min_bleu:.2f}"
+    if champion_score is None:
+        return CHAMPION, f"first version to pass the thresholds ({PRIMARY_METRIC} {score:.2f})"
+    if score > champion_score:
+        return CHAMPION, f"{PRIMARY_METRIC} {score:.2f} beats the champion's {champion_score:.2f} on the same test split"
+    return CHALLENGER, f"{PRIMARY_METRIC} {score:.2f} does not beat the champion's {champion_score:.2f} on the same test split"
+
+
+def register_model(
+    cfg: Config,
+    run_dir: str | Path,
+    mlflow_run_id: str,
+    metrics: dict[str, float],
+    test_rows: list[dict],
+    test_split: str,
+    lineage: dict[str, str],
+    promotion_lock: ContextManager = contextlib.nullcontext(),
+) -> Registration:
+    """Register the run's model as a new version and decide its alias.
+
+    `promotion_lock` serialises the read-compare-move of the champion alias across concurrent
+    runs (the flow passes a Prefect global concurrency slot), so two runs cannot both win.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = cfg.registry.model_name
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(run_id=mlflow_run_id):
+        model_uri = log_pyfunc_model(cfg, Path(run_dir))
+    tags = {**lineage, "test_split": test_split, **{f"metric.{k}": str(v) for k, v in metrics.items()}}
+    version = mlflow.register_model(model_uri, name, tags=tags).version
+    with promotion_lock:
+        try:
+            champion = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            champion = None
+        champion_score = _champion_score(client, name, champion, test_split, test_rows) if champion else None
+        alias, reason = decide_alias(metrics[PRIMARY_METRIC], cfg.registry.min_bleu, champion_score)
+        client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "promotion", f"{alias}: {reason}")
+    log.info("%s v%s -> %s: %s", name, version, alias, reason)
+    return Registration(name, str(version), alias, reason, f"models:/{name}/{version}")

@@ -1,0 +1,41 @@
+"""The MLflow pyfunc model a consumer loads: `mlflow.pyfunc.load_model("models:/<name>@champion").predict([code, ...])`.
+
+A custom pyfunc rather than the transformers flavour: transformers 5 removed the
+text2text-generation pipeline that flavour needs for T5/CodeT5. It is logged as code (MLflow
+"models from code") with the codetune package beside it, so loading unpickles nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class CodeSummarizer(PythonModel):
+    def load_context(self, context):
+        import torch
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        from codetune.config import GenerationConfig
+
+        model_dir = context.artifacts["model"]
+        with open(context.artifacts["generation"]) as f:
+            settings = json.load(f)
+        self.max_source_length = settings.pop("max_source_length")
+        self.generation = GenerationConfig(**settings)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).eval()
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        from codetune.evaluation import generate_summaries
+
+        if hasattr(model_input, "iloc"):  # a DataFrame: the first column holds the code
+            model_input = model_input.iloc[:, 0].tolist()
+        codes = [model_input] if isinstance(model_input, str) else [str(c) for c in model_input]
+        return generate_summaries(self.model, self.tokenizer, codes, self.generation, self.max_source_length)
+
+
+mlflow.models.set_model(CodeSummarizer())

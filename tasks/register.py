@@ -1,0 +1,39 @@
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
+
+from codetune.config import Config
+from codetune.data import PreparedData
+from codetune.evaluation import EvalReport
+from codetune.registry import Registration, register_model
+from codetune.training import TrainedModel
+from tasks.retry import retry_unless_user_error
+
+
+def promotion_slot(model_name: str):
+    """A global concurrency slot (limit 1) per registered model: one run at a time moves its champion alias."""
+    name = f"codetune-promotion-{model_name}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    return concurrency(name, occupy=1, strict=True)
+
+
+@task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error)
+def register(cfg: Config, data: PreparedData, trained: TrainedModel, report: EvalReport, mlflow_run_id: str, lineage: dict) -> Registration:
+    test_rows = data.load("test")[: cfg.evaluation.max_examples]
+    test_split = f"{data.sha256['test']}:{len(test_rows)}"
+    registration = register_model(
+        cfg, trained.run_dir, mlflow_run_id, report.metrics, test_rows, test_split, lineage,
+        promotion_lock=promotion_slot(cfg.registry.model_name),
+    )
+    create_markdown_artifact(
+        f"**{registration.model_name} v{registration.version} → `{registration.alias}`**: {registration.reason}",
+        key="registration",
+    )
+    return registration
