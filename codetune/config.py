@@ -206,6 +206,8 @@ class HubConfig:
     """merged: the model that loads without peft; adapter: the LoRA adapter alone; both."""
     token_block: Optional[str] = None
     """Name of a Prefect Secret block holding the token; null reads $HF_TOKEN."""
+    endpoint: Optional[str] = None
+    """Hub API endpoint, for a private Hub; null uses $HF_ENDPOINT or huggingface.co."""
     license: str = "apache-2.0"
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,17 +199,45 @@ state plausible but wrong behaviour, and was not evaluated on other languages. R
 """
 
 
-def push_to_hub(repo_id: str, token: str | None, private: bool, files: list[tuple[Path, str]], card: str, message: str) -> str:
+def is_transient(exc: Exception) -> bool:
+    """5xx, 429, connection resets and timeouts: worth another try."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is not None:
+        return status >= 500 or status == 429
+    # huggingface_hub's HTTP client is a vendored httpx; its TransportError covers resets and timeouts.
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(c.__name__ == "TransportError" for c in type(exc).__mro__)
+
+
+def with_backoff(call, attempts: int = 4, first_delay: float = 1.0):
+    """call(), retried with exponential back-off while it fails transiently."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            delay = first_delay * 2**attempt
+            log.warning("transient error (%s); retrying in %.0fs", type(exc).__name__, delay)
+            time.sleep(delay)
+
+
+def push_to_hub(
+    repo_id: str, token: str | None, private: bool, files: list[tuple[Path, str]], card: str, message: str, endpoint: str | None = None
+) -> str:
     """Create the repo if needed and push the files and model card in one commit; returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi(token=token)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name in files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=io.BytesIO(card.encode())))
-    try:
+    api = HfApi(endpoint=endpoint, token=token)
+
+    def push():
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name in files]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=io.BytesIO(card.encode())))
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.create_commit(repo_id, operations, commit_message=message)
+        return api.create_commit(repo_id, operations, commit_message=message)
+
+    try:
+        commit = with_backoff(push)
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
@@ -217,5 +246,5 @@ def push_to_hub(repo_id: str, token: str | None, private: bool, files: list[tupl
                 "write access, or name a Secret block in registry.huggingface.token_block"
             ) from None
         raise
-    log.info("pushed %d files to %s", len(operations), commit.commit_url)
+    log.info("pushed %d files and the model card to %s", len(files), commit.commit_url)
     return commit.commit_url

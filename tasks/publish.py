@@ -75,7 +75,7 @@ def publish(cfg: Config, trained: TrainedModel, report: EvalReport, registration
         card = model_card(cfg, report.metrics, report.baseline, report.num_examples, data_description(cfg))
         message = f"{registration.model_name} v{registration.version} ({registration.alias})"
         locations["huggingface"] = push_to_hub(
-            hub.repo_id, hub_token(hub.token_block), hub.private, publish_files(run_dir, hub.weights), card, message
+            hub.repo_id, hub_token(hub.token_block), hub.private, publish_files(run_dir, hub.weights), card, message, hub.endpoint
         )
     if locations:
         create_markdown_artifact("\n".join(f"- {k}: {v}" for k, v in locations.items()), key="published")

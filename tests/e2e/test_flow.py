@@ -1,4 +1,5 @@
-"""The finetune flow end to end: a real Prefect server, a real MLflow SQLite store, a tiny model on real stdlib data."""
+"""The finetune flow end to end: a real Prefect server, MLflow (SQLite and `mlflow server`), moto's S3 server,
+a recording Hub endpoint, and a tiny model trained on real stdlib data."""
 
 import json
 from pathlib import Path
@@ -7,12 +8,14 @@ import mlflow
 import pytest
 
 from flows.finetune import finetune
+from tests.servers import RecordingHub
 
 
 @pytest.mark.timeout(600)
-def test_finetune_flow_trains_evaluates_and_tracks(prefect_server, tiny_overrides, tmp_path):
+def test_finetune_flow_trains_evaluates_tracks_and_registers(prefect_server, tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = tiny_overrides + [f"mlflow.tracking_uri={uri}"]
+    overrides = tiny_overrides + [f"mlflow.tracking_uri={uri}", "registry.model_name=flow-e2e"]
     result = finetune(config=None, overrides=overrides)
 
     run_dir = Path(result["run_dir"])
@@ -22,7 +25,7 @@ def test_finetune_flow_trains_evaluates_and_tracks(prefect_server, tiny_override
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == result["metrics"]
 
-    client = mlflow.tracking.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri)
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.params["training.max_steps"] == "12"
     assert run.data.metrics["test_bleu4_smoothed"] == metrics["model"]["bleu4_smoothed"]
@@ -30,16 +33,115 @@ def test_finetune_flow_trains_evaluates_and_tracks(prefect_server, tiny_override
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6  # logging_steps=2 over 12 steps
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "examples.json", "config.yaml"} <= artifacts
+    assert result["registration"]["alias"] == "champion" and result["published"] == {}
 
-    # A re-run on unchanged data and settings reuses the prepared splits and the trained model.
+    # Unchanged data and settings: the splits and the trained model are reused, and a model that
+    # only ties the champion stays challenger.
     again = finetune(config=None, overrides=overrides)
     assert again["run_dir"] == result["run_dir"] and again["metrics"] == result["metrics"]
+    assert again["registration"]["alias"] == "challenger" and "does not beat" in again["registration"]["reason"]
+    version = client.get_model_version("flow-e2e", again["registration"]["version"])
+    assert {"prefect_flow_run_id", "git_commit", "data_fingerprint", "config_hash", "base_model", "test_split"} <= set(version.tags)
+
+
+@pytest.mark.timeout(600)
+def test_flow_publishes_to_s3_and_the_hub_and_never_leaks_secrets(prefect_server, tiny_overrides, tmp_path, monkeypatch, moto_url, caplog):
+    import boto3
+
+    canary_hf, canary_aws = "hf_canary_7f3a9c2e41", "aws-canary-secret-55e1b0"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", canary_hf)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "canary-access-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary_aws)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="team-models")
+    with RecordingHub() as hub, caplog.at_level("DEBUG"):
+        hub.state.valid_token = canary_hf
+        result = finetune(config=None, overrides=tiny_overrides + [
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "registry.model_name=published",
+            "registry.s3.bucket=team-models", f"registry.s3.endpoint_url={moto_url}", "registry.s3.archive=true",
+            "registry.huggingface.repo_id=team/summarizer", f"registry.huggingface.endpoint={hub.url}",
+        ])
+        commit = hub.state.commits[-1]
+
+    version = result["registration"]["version"]
+    assert result["published"]["s3"] == f"s3://team-models/models/published/{version}/"
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=moto_url).list_objects_v2(Bucket="team-models")["Contents"]}
+    assert {f"models/published/{version}/{n}" for n in ["model.safetensors", "metadata.json", "model.tar.gz", "model.tar.gz.sha256"]} <= keys
+    assert "README.md" in {line["value"]["path"] for line in commit if line["key"] == "file"}
+
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in written)
+    for path in written:
+        content = path.read_bytes()
+        assert canary_hf.encode() not in content and canary_aws.encode() not in content, path
+    assert canary_hf not in caplog.text and canary_aws not in caplog.text
+    assert canary_hf not in json.dumps(result) and canary_aws not in json.dumps(result)
 
 
 def test_flow_reports_a_config_typo_without_training(prefect_server):
-    from prefect.flows import Flow
-
     from codetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'training.learning_rate'"):
-        Flow.with_options(finetune, retries=0)(config=None, overrides=["training.lerning_rate=1"])
+        finetune.with_options(retries=0)(config=None, overrides=["training.lerning_rate=1"])
+
+
+@pytest.mark.timeout(600)
+def test_dry_run_prints_the_plan_and_registers_nothing(prefect_server, tiny_overrides, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    result = finetune(config=None, overrides=tiny_overrides + [
+        "registry.dry_run=true", "registry.s3.bucket=somewhere", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"
+    ])
+    assert "upload to s3://somewhere/models/codetune-code-summarizer/<version>/" in result["plan"]
+    assert "registration" not in result and not (tmp_path / "m.db").exists()
+
+
+def test_promotion_slot_serialises_concurrent_runs(prefect_server):
+    import threading
+    import time
+
+    from tasks.register import promotion_slot
+
+    spans = []
+
+    def promote():
+        with promotion_slot("concurrency-test"):
+            start = time.monotonic()
+            time.sleep(0.5)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=promote) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a_start, a_end), (b_start, b_end) = sorted(spans)
+    assert b_start >= a_end  # the second run read the champion only after the first had moved it
+
+
+@pytest.mark.timeout(600)
+def test_deploy_publishes_an_existing_run_without_retraining(prefect_server, tiny_cfg, tiny_overrides, tmp_path, monkeypatch, moto_url):
+    import boto3
+
+    from codetune.data import prepare_data
+    from codetune.evaluation import evaluate_model
+    from codetune.training import train_model
+    from flows.deploy import deploy
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    data = prepare_data(tiny_cfg.data)
+    trained = train_model(tiny_cfg, data)
+    evaluate_model(trained.run_dir, data.load("test"), tiny_cfg.generation, tiny_cfg.evaluation, 64)
+    weights = (Path(trained.run_dir) / "model.safetensors").stat().st_mtime_ns
+    boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="deployed")
+
+    result = deploy(model_path=trained.run_dir, overrides=tiny_overrides + [
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "registry.model_name=deployed",
+        "registry.s3.bucket=deployed", f"registry.s3.endpoint_url={moto_url}",
+    ])
+    assert result["registration"]["alias"] == "champion"
+    assert result["published"]["s3"].startswith("s3://deployed/models/deployed/")
+    assert (Path(trained.run_dir) / "model.safetensors").stat().st_mtime_ns == weights

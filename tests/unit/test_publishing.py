@@ -1,0 +1,135 @@
+"""S3 uploads against moto's S3 server over real HTTP, and Hub pushes against a recording local endpoint."""
+
+import hashlib
+import io
+import json
+import tarfile
+
+import boto3
+import pytest
+from botocore.config import Config as BotoConfig
+
+from codetune.config import HubWeights, load_config
+from codetune.publishing import PublishError, model_card, publish_files, publish_to_s3, push_to_hub, upload_to_s3
+from tests.servers import FlakyProxy, RecordingHub
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_url, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with FlakyProxy(moto_url) as proxy:
+        client = boto3.client("s3", endpoint_url=proxy.url, config=BotoConfig(retries={"mode": "standard", "max_attempts": 6}))
+        client.create_bucket(Bucket="models")
+        yield client, proxy
+        for obj in client.list_objects_v2(Bucket="models").get("Contents", []):
+            client.delete_object(Bucket="models", Key=obj["Key"])
+        client.delete_bucket(Bucket="models")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory shaped like training's export (weights, config, tokenizer, records)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 12_000)  # 3 MB
+    (d / "config.json").write_text('{"model_type": "t5"}')
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    (d / "metrics.json").write_text("{}")
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(b"lora")
+    return d
+
+
+def test_s3_upload_layout_metadata_checksums_and_archive(s3, run_dir, tmp_path):
+    client, _ = s3
+    cfg = load_config(None, ["registry.s3.bucket=models", "registry.s3.archive=true", "registry.model_name=summ"])
+    uploaded = publish_to_s3(client, cfg, run_dir, {"metrics": {"bleu4_smoothed": 9.1}}, "3", tmp_path)
+    keys = {u.key for u in uploaded}
+    prefix = "models/summ/3/"
+    assert keys == {prefix + n for n in ["config.json", "model.safetensors", "tokenizer.json", "metadata.json", "model.tar.gz", "model.tar.gz.sha256"]}
+    body = client.get_object(Bucket="models", Key=prefix + "model.safetensors")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    metadata = json.loads(client.get_object(Bucket="models", Key=prefix + "metadata.json")["Body"].read())
+    assert metadata["metrics"]["bleu4_smoothed"] == 9.1
+    archive = client.get_object(Bucket="models", Key=prefix + "model.tar.gz")["Body"].read()
+    digest = client.get_object(Bucket="models", Key=prefix + "model.tar.gz.sha256")["Body"].read().decode().split()[0]
+    assert hashlib.sha256(archive).hexdigest() == digest
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert sorted(tar.getnames()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_s3_rerun_transfers_nothing(s3, run_dir, tmp_path):
+    client, proxy = s3
+    cfg = load_config(None, ["registry.s3.bucket=models", "registry.s3.archive=true"])
+    publish_to_s3(client, cfg, run_dir, {"v": 1}, "1", tmp_path)
+    puts_before = sum(r.method == "PUT" for r in proxy.state.requests)
+    again = publish_to_s3(client, cfg, run_dir, {"v": 1}, "1", tmp_path)
+    assert not any(u.transferred for u in again)
+    assert sum(r.method == "PUT" for r in proxy.state.requests) == puts_before
+
+
+def test_s3_large_files_go_multipart_and_server_errors_are_retried(s3, run_dir):
+    client, proxy = s3
+    proxy.state.fail_next = 3  # the next three PUTs get 503
+    uploaded = upload_to_s3(client, "models", "p", [(run_dir / "model.safetensors", "model.safetensors")], multipart_bytes=1024 * 1024)
+    assert uploaded[0].transferred and proxy.state.fail_next == 0
+    assert any("uploads" in r.path for r in proxy.state.requests if r.method == "POST")  # CreateMultipartUpload
+    head = client.head_object(Bucket="models", Key="p/model.safetensors")
+    assert head["ContentLength"] == (run_dir / "model.safetensors").stat().st_size
+
+
+def test_s3_missing_bucket_is_a_clear_error(s3, run_dir):
+    client, _ = s3
+    with pytest.raises(PublishError, match="bucket 'nobucket' does not exist.*registry.s3.bucket"):
+        upload_to_s3(client, "nobucket", "p", [(run_dir / "config.json", "config.json")])
+
+
+def test_hub_push_creates_private_repo_and_one_commit_with_card(run_dir):
+    cfg = load_config(None, ["registry.huggingface.repo_id=org/summ"])
+    card = model_card(cfg, {"bleu4_smoothed": 9.1}, {"bleu4_smoothed": 4.2}, 100, "code_tree (stdlib)")
+    with RecordingHub() as hub:
+        url = push_to_hub("org/summ", hub.state.valid_token, True, publish_files(run_dir, HubWeights.merged), card, "v1", hub.url)
+        create = next(r for r in hub.state.requests if r.path == "/api/repos/create")
+        assert json.loads(create.body)["visibility"] == "private"
+        [commit] = hub.state.commits
+    assert url.endswith("/org/summ/commit/0123456789abcdef")
+    files = {line["value"]["path"]: line["value"] for line in commit if line["key"] == "file"}
+    assert set(files) == {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+    import base64
+
+    readme = base64.b64decode(files["README.md"]["content"]).decode()
+    assert "model-index:" in readme and "value: 9.1" in readme and "license: apache-2.0" in readme
+    assert "| bleu4_smoothed | 9.10 | 4.20 |" in readme and "Intended use and limitations" in readme
+
+
+def test_hub_server_errors_are_retried(run_dir):
+    with RecordingHub() as hub:
+        hub.state.fail_next = 2
+        url = push_to_hub("org/summ", hub.state.valid_token, True, [(run_dir / "config.json", "config.json")], "card", "v1", hub.url)
+        assert url and len(hub.state.commits) == 1
+        assert [r.path for r in hub.state.requests[:3]] == ["/api/repos/create"] * 3
+
+
+def test_hub_adapter_weights_push_only_the_adapter(run_dir):
+    assert [n for _, n in publish_files(run_dir, HubWeights.adapter)] == ["adapter/adapter_model.safetensors"]
+    assert len(publish_files(run_dir, HubWeights.both)) == 4
+
+
+def test_hub_rejected_token_fails_at_once_naming_the_credential(run_dir):
+    with RecordingHub() as hub:
+        with pytest.raises(PublishError, match="refused the token.*HF_TOKEN"):
+            push_to_hub("org/summ", "hf_wrong", True, [], "card", "v1", hub.url)
+        assert len(hub.state.requests) == 1  # no retries on an auth error
