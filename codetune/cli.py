@@ -58,7 +58,8 @@ def _train(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("codetune").setLevel(logging.INFO)
     try:
         if args.command == "keys":
             from codetune.config import SCHEMA_KEYS, _type_name

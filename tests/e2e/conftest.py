@@ -1,4 +1,3 @@
-import os
 import socket
 import subprocess
 import sys
@@ -6,9 +5,6 @@ import time
 import urllib.request
 
 import pytest
-
-# Telemetry writes to the test server's SQLite database race with the flow's own writes.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def free_port() -> int:
