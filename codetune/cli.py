@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser("deploy", help="register and publish an already trained run directory")
     deploy.add_argument("--model-path", required=True, help="run directory, e.g. runs/<run name>")
     _add_config_args(deploy)
+    pools = commands.add_parser("deploy-flows", help="create the work pools and deploy everything in prefect.yaml (idempotent)")
+    pools.add_argument("--gpu-pool-type", choices=["docker", "kubernetes"], default="docker", help="kind of GPU work pool")
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     commands.add_parser("keys", help="list every config key with its type")
     return parser
@@ -41,6 +43,24 @@ def _deploy(args) -> dict:
     from flows.deploy import deploy
 
     return deploy(model_path=args.model_path, config=args.config, overrides=args.overrides + args.assignments)
+
+
+def _deploy_flows(args) -> dict:
+    """The pools prefect.yaml names, then `prefect deploy --all`; run from the repo root."""
+    import os
+    import subprocess
+
+    # Where the repo is inside the GPU worker image (prefect.yaml's main deployment pulls it from there).
+    env = {"CODETUNE_WORKDIR": "/opt/prefect", **os.environ}
+
+    def prefect(*command: str) -> None:
+        subprocess.run([sys.executable, "-m", "prefect", *command], check=True, env=env)
+
+    gpu_template = f"deployments/{args.gpu_pool_type}-gpu-pool.json"
+    prefect("work-pool", "create", "cpu-pool", "--type", "process", "--overwrite")
+    prefect("work-pool", "create", "gpu-pool", "--type", args.gpu_pool_type, "--base-job-template", gpu_template, "--overwrite")
+    prefect("--no-prompt", "deploy", "--all")
+    return {"work_pools": ["cpu-pool", f"gpu-pool ({args.gpu_pool_type})"], "deployments": ["finetune/main", "finetune/cpu"]}
 
 
 def _train(args) -> dict:
@@ -72,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(load_config(args.config, args.overrides + args.assignments)), end="")
             return 0
-        result = {"run": _run, "train": _train, "deploy": _deploy}[args.command](args)
+        commands = {"run": _run, "train": _train, "deploy": _deploy, "deploy-flows": _deploy_flows}
+        result = commands[args.command](args)
     except CodetuneError as exc:
         print(f"codetune: error: {exc}", file=sys.stderr)
         return 2

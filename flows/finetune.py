@@ -20,17 +20,43 @@ from tasks.track import lineage, track
 from tasks.train import train
 
 
+# The most changed settings get their own typed fields in the Prefect UI form; each maps to its
+# schema key, and tests/unit/test_deployments.py checks names and types against the schema.
+FORM_FIELDS = {
+    "model_name": "model.name",
+    "num_train_epochs": "training.num_train_epochs",
+    "learning_rate": "training.learning_rate",
+    "use_lora": "peft.use_peft",
+    "lora_r": "peft.r",
+}
+
+
 # A flow retry re-enters every stage; each one finds its finished work on disk (cached splits,
 # exported model, checkpoints) instead of redoing it.
 @flow(name="finetune", retries=1, retry_delay_seconds=30, log_prints=True)
-def finetune(config: Optional[str] = None, overrides: Optional[list[str]] = None) -> dict:
+def finetune(
+    config: Optional[str] = None,
+    overrides: Optional[list[str]] = None,
+    model_name: Optional[str] = None,
+    num_train_epochs: Optional[float] = None,
+    learning_rate: Optional[float] = None,
+    use_lora: Optional[bool] = None,
+    lora_r: Optional[int] = None,
+) -> dict:
     """Fine-tune, evaluate, track, register and publish a code summarisation model.
 
     Args:
         config: YAML file in configs/; empty runs the embedded offline default.
         overrides: dot-list settings, e.g. ["training.num_train_epochs=3", "peft.use_peft=true"].
+        model_name: Hub id or local directory of the model (model.name); empty keeps the config's.
+        num_train_epochs: passes over the train split (training.num_train_epochs).
+        learning_rate: peak learning rate (training.learning_rate).
+        use_lora: train LoRA adapters instead of all weights (peft.use_peft).
+        lora_r: LoRA rank (peft.r).
     """
-    cfg = load_config(config, overrides or [])
+    form = {"model_name": model_name, "num_train_epochs": num_train_epochs, "learning_rate": learning_rate, "use_lora": use_lora, "lora_r": lora_r}
+    form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None]
+    cfg = load_config(config, [*(overrides or []), *form_overrides])
     data = load_data(cfg.data)
     trained = train(cfg, data)
     report = evaluate(cfg, trained, data)

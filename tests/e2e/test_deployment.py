@@ -1,0 +1,88 @@
+"""prefect.yaml deployed to a real `prefect server`, run by a real process worker with `prefect deployment run`."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+
+from tests.conftest import TINY
+from tests.e2e.conftest import free_port
+from tests.servers import FlakyProxy
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("prefect server did not become healthy in 120 s")
+    yield {"PREFECT_HOME": str(home), "PREFECT_API_URL": url}
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _run(env, *command, timeout=300) -> str:
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{command}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.timeout(900)
+def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(prefect_api, tmp_path, moto_url, stdlib_cache):
+    env = {**os.environ, **prefect_api, "CODETUNE_WORKDIR": str(REPO),
+           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
+    prefect = [sys.executable, "-m", "prefect"]
+    _run(env, sys.executable, "-m", "codetune.cli", "deploy-flows")  # the team's command: pools + every deployment
+    _run(env, *prefect, "work-pool", "create", "test-pool", "--type", "process", "--overwrite")
+    _run(env, *prefect, "--no-prompt", "deploy", "-n", "main", "--pool", "test-pool")
+
+    with FlakyProxy(moto_url) as proxy:
+        boto3.client("s3", endpoint_url=moto_url, aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="deployed-models")
+        # More 503s than botocore's 6 attempts: only the publish task's own retry can get the model up.
+        proxy.state.fail_next = 7
+        db = tmp_path / "mlflow.db"
+        overrides = TINY + [f"data.cache_dir={stdlib_cache}", f"training.output_dir={tmp_path / 'runs'}",
+                            f"mlflow.tracking_uri=sqlite:///{db}", "registry.model_name=deployed",
+                            "registry.s3.bucket=deployed-models", f"registry.s3.endpoint_url={proxy.url}"]
+        out = _run(env, *prefect, "deployment", "run", "finetune/main", "--param", "config=configs/default.yaml",
+                   "--param", f"overrides={json.dumps(overrides)}", "--param", "learning_rate=0.002")
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+        _run(env, *prefect, "worker", "start", "--pool", "test-pool", "--run-once", timeout=600)
+        assert proxy.state.fail_next == 0
+
+    flow_run = json.loads(_run(env, *prefect, "flow-run", "inspect", flow_run_id, "--output", "json"))
+    assert flow_run["state_type"] == "COMPLETED", flow_run["state"]
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    champion = client.get_model_version_by_alias("deployed", "champion")
+    run = client.get_run(champion.run_id)
+    assert run.data.params["training.learning_rate"] == "0.002"  # the UI field reached the training config
+    assert champion.tags["prefect_flow_run_id"] == flow_run_id
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=moto_url, aws_access_key_id="k", aws_secret_access_key="s",
+                                            region_name="us-east-1").list_objects_v2(Bucket="deployed-models")["Contents"]]
+    assert f"models/deployed/{champion.version}/model.safetensors" in keys
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 1 and (run_dirs[0] / "metrics.json").exists()
