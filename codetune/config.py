@@ -153,6 +153,8 @@ class TrainingConfig:
     seed: int = 42
     """Seeds weight init, LoRA init, data order and dropout: the same seed gives the same model."""
     dataloader_num_workers: int = 0
+    timeout_minutes: Optional[int] = None
+    """Fail the training task after this long (it is retried, resuming from its last checkpoint); null never times out."""
 
 
 @dataclass

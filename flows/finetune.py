@@ -31,8 +31,8 @@ FORM_FIELDS = {
 }
 
 
-# A flow retry re-enters every stage; each one finds its finished work on disk (cached splits,
-# exported model, checkpoints) instead of redoing it.
+# A retried flow run (automatic, or from the UI) gets the persisted results of the tasks that
+# finished; the ones that did not find their partial work on disk (checkpoints) and go on from it.
 @flow(name="finetune", retries=1, retry_delay_seconds=30, log_prints=True)
 def finetune(
     config: Optional[str] = None,
@@ -58,7 +58,8 @@ def finetune(
     form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None]
     cfg = load_config(config, [*(overrides or []), *form_overrides])
     data = load_data(cfg.data)
-    trained = train(cfg, data)
+    timeout = cfg.training.timeout_minutes
+    trained = train.with_options(timeout_seconds=timeout * 60 if timeout else None)(cfg, data)
     report = evaluate(cfg, trained, data)
     return release(cfg, data, trained, report)
 

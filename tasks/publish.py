@@ -60,7 +60,7 @@ def publication_plan(cfg: Config, trained: TrainedModel) -> str:
     return "\n".join(lines)
 
 
-@task(name="publish", retries=3, retry_delay_seconds=[10, 30, 90], retry_condition_fn=retry_unless_user_error)
+@task(name="publish", retries=3, retry_delay_seconds=[10, 30, 90], retry_condition_fn=retry_unless_user_error, persist_result=True)
 def publish(cfg: Config, trained: TrainedModel, report: EvalReport, registration: Registration, lineage: dict) -> dict[str, str]:
     """Upload to S3 and/or the Hub as configured; returns {destination: location}. Re-running re-sends nothing unchanged."""
     run_dir = Path(trained.run_dir)

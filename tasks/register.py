@@ -3,7 +3,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from codetune.config import Config
 from codetune.data import PreparedData
@@ -18,13 +18,16 @@ def promotion_slot(model_name: str):
     name = f"codetune-promotion-{model_name}"
     with get_client(sync_client=True) as client:
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
     return concurrency(name, occupy=1, strict=True)
 
 
-@task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error)
+@task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, persist_result=True)
 def register(cfg: Config, data: PreparedData, trained: TrainedModel, report: EvalReport, mlflow_run_id: str, lineage: dict) -> Registration:
     test_rows = data.load("test")[: cfg.evaluation.max_examples]
     test_split = f"{data.sha256['test']}:{len(test_rows)}"

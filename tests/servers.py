@@ -29,7 +29,8 @@ class _State:
     """The NDJSON lines of each accepted commit."""
     valid_token: str = "hf_test_token"
     fail_next: int = 0
-    """Answer this many upcoming requests with 503 before behaving."""
+    """Answer this many upcoming requests (the proxy: PUTs) with fail_status before behaving."""
+    fail_status: int = 503
 
 
 class _Server(ThreadingHTTPServer):
@@ -106,7 +107,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         state.requests.append(Recorded(self.command, self.path, dict(self.headers), b""))
         if state.fail_next and self.command == "PUT":
             state.fail_next -= 1
-            self.send_response(503)
+            self.send_response(state.fail_status)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -136,7 +137,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 
 class FlakyProxy(_Server):
-    """Forwards to `target`, answering the next `state.fail_next` PUT requests with 503 first."""
+    """Forwards to `target`, answering the next `state.fail_next` PUT requests with `state.fail_status` first."""
 
     def __init__(self, target: str):
         self.target = target

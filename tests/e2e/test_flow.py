@@ -145,3 +145,29 @@ def test_deploy_publishes_an_existing_run_without_retraining(prefect_server, tin
     assert result["registration"]["alias"] == "champion"
     assert result["published"]["s3"].startswith("s3://deployed/models/deployed/")
     assert (Path(trained.run_dir) / "model.safetensors").stat().st_mtime_ns == weights
+
+
+@pytest.mark.timeout(600)
+def test_retried_flow_run_does_not_redo_finished_stages(prefect_server, tiny_overrides, tmp_path, monkeypatch, moto_url):
+    """Publishing is refused once (403) after registration; the flow's retry publishes without registering or tracking again."""
+    import boto3
+
+    from tests.servers import FlakyProxy
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="retried")
+    with FlakyProxy(moto_url) as proxy:
+        proxy.state.fail_next, proxy.state.fail_status = 1, 403  # a permission error: the task fails at once
+        result = finetune.with_options(retries=1, retry_delay_seconds=1)(config=None, overrides=tiny_overrides + [
+            f"mlflow.tracking_uri={uri}", "registry.model_name=retried",
+            "registry.s3.bucket=retried", f"registry.s3.endpoint_url={proxy.url}",
+        ])
+        assert proxy.state.fail_next == 0
+    client = mlflow.MlflowClient(uri)
+    assert result["published"]["s3"].startswith("s3://retried/")
+    assert len(client.search_model_versions("name='retried'")) == 1
+    assert len(client.search_runs([client.get_experiment_by_name("codetune").experiment_id])) == 1
