@@ -12,9 +12,9 @@ import json
 import logging
 import shutil
 import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
 
 import codetune
 from codetune.config import Config
@@ -98,7 +98,7 @@ def register_model(
     test_rows: list[dict],
     test_split: str,
     lineage: dict[str, str],
-    promotion_lock: ContextManager = contextlib.nullcontext(),
+    promotion_lock: AbstractContextManager | None = None,
 ) -> Registration:
     """Register the run's model as a new version and decide its alias.
 
@@ -114,7 +114,7 @@ def register_model(
         model_uri = log_pyfunc_model(cfg, Path(run_dir))
     tags = {**lineage, "test_split": test_split, **{f"metric.{k}": str(v) for k, v in metrics.items()}}
     version = mlflow.register_model(model_uri, name, tags=tags).version
-    with promotion_lock:
+    with promotion_lock or contextlib.nullcontext():
         try:
             champion = client.get_model_version_by_alias(name, CHAMPION)
         except MlflowException:

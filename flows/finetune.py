@@ -14,11 +14,10 @@ from prefect.artifacts import create_markdown_artifact
 from codetune.config import load_config
 from tasks.data import load_data
 from tasks.evaluate import evaluate
-from tasks.publish import publish, publication_plan
+from tasks.publish import publication_plan, publish
 from tasks.register import register
 from tasks.track import lineage, track
 from tasks.train import train
-
 
 # The most changed settings get their own typed fields in the Prefect UI form; each maps to its
 # schema key, and tests/unit/test_deployments.py checks names and types against the schema.

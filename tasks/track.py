@@ -6,8 +6,8 @@ from prefect.runtime import flow_run
 from codetune.config import Config, ModelInit, content_hash
 from codetune.data import PreparedData
 from codetune.evaluation import EvalReport
-from codetune.training import TrainedModel
 from codetune.tracking import log_run
+from codetune.training import TrainedModel
 from tasks.retry import retry_unless_user_error
 
 

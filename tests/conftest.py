@@ -42,6 +42,28 @@ def tiny_cfg(tiny_overrides):
     return load_config(None, tiny_overrides)
 
 
+@pytest.fixture(scope="session")
+def moto_url():
+    """moto's S3 server on a free loopback port: real HTTP, real boto3 signing."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def trained_run(tiny_cfg):
+    """(config, prepared data, TrainedModel) of a tiny model trained for a few steps."""
+    from codetune.data import prepare_data
+    from codetune.training import train_model
+
+    data = prepare_data(tiny_cfg.data)
+    return tiny_cfg, data, train_model(tiny_cfg, data)
+
+
 @pytest.fixture
 def code_tree(tmp_path) -> Path:
     """A small source tree with documented functions, a test file and a broken file."""

@@ -13,6 +13,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, process: subprocess.Popen, name: str, seconds: float = 120) -> None:
+    """Poll a service's health URL until it answers; fail the test (and kill the service) if it never does."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    pytest.fail(f"{name} did not become healthy in {seconds:.0f} s")
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real temporary Prefect server (SQLite) for the whole session."""
@@ -20,18 +33,6 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-@pytest.fixture(scope="session")
-def moto_url():
-    """moto's S3 server on a free loopback port: real HTTP, real boto3 signing."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -45,16 +46,7 @@ def mlflow_server(tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not become healthy in 120 s")
+    wait_until_healthy(f"{url}/health", proc, "mlflow server")
     yield url
     proc.terminate()
     proc.wait(timeout=30)

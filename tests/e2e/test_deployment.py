@@ -5,8 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import boto3
@@ -14,7 +12,7 @@ import mlflow
 import pytest
 
 from tests.conftest import TINY
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import free_port, wait_until_healthy
 from tests.servers import FlakyProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,16 +26,7 @@ def prefect_api(tmp_path_factory):
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("prefect server did not become healthy in 120 s")
+    wait_until_healthy(f"{url}/health", server, "prefect server")
     yield {"PREFECT_HOME": str(home), "PREFECT_API_URL": url}
     server.terminate()
     server.wait(timeout=30)

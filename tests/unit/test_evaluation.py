@@ -1,18 +1,8 @@
 import json
 from pathlib import Path
 
-import pytest
-
 from codetune.config import EvaluationConfig, GenerationConfig
-from codetune.data import prepare_data
 from codetune.evaluation import METRICS_FILE, evaluate_model, generate_summaries
-from codetune.training import train_model
-
-
-@pytest.fixture
-def trained_run(tiny_cfg):
-    data = prepare_data(tiny_cfg.data)
-    return tiny_cfg, data, train_model(tiny_cfg, data)
 
 
 def test_batched_generation_matches_one_at_a_time(trained_run):

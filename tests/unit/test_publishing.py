@@ -14,17 +14,6 @@ from codetune.publishing import PublishError, model_card, publish_files, publish
 from tests.servers import FlakyProxy, RecordingHub
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(moto_url, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")

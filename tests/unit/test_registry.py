@@ -1,4 +1,3 @@
-import threading
 
 import mlflow
 import pytest
@@ -31,7 +30,7 @@ def tracked(tiny_cfg, tmp_path):
     trained = train_model(tiny_cfg, data)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("registry-test")
-    cfg = load_config(None, [f"training.max_source_length=64", "registry.min_bleu=5", "registry.model_name=summarizer"])
+    cfg = load_config(None, ["training.max_source_length=64", "registry.min_bleu=5", "registry.model_name=summarizer"])
     rows = data.load("test")[:4]
 
     def register(bleu: float, split: str = "split-a"):

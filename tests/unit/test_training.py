@@ -2,22 +2,14 @@ import json
 import logging
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
 from codetune.config import load_config
-from codetune.data import prepare_data
 from codetune.training import last_complete_checkpoint, resolve_precision, train_model
 
 
-@pytest.fixture
-def trained(tiny_cfg):
-    data = prepare_data(tiny_cfg.data)
-    return tiny_cfg, data, train_model(tiny_cfg, data)
-
-
-def test_training_exports_a_complete_run_directory(trained):
-    cfg, data, result = trained
+def test_training_exports_a_complete_run_directory(trained_run):
+    cfg, data, result = trained_run
     run_dir = Path(result.run_dir)
     for name in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "config.yaml", "data_manifest.json", "training.json"]:
         assert (run_dir / name).exists(), name
@@ -28,8 +20,8 @@ def test_training_exports_a_complete_run_directory(trained):
     assert losses[-1] < losses[0]
 
 
-def test_finished_training_is_not_redone(trained, caplog):
-    cfg, data, first = trained
+def test_finished_training_is_not_redone(trained_run, caplog):
+    cfg, data, first = trained_run
     mtime = (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
         again = train_model(cfg, data)
@@ -38,8 +30,8 @@ def test_finished_training_is_not_redone(trained, caplog):
     assert "not redoing it" in caplog.text
 
 
-def test_same_seed_gives_identical_weights(trained, tiny_overrides, tmp_path):
-    cfg, data, first = trained
+def test_same_seed_gives_identical_weights(trained_run, tiny_overrides, tmp_path):
+    cfg, data, first = trained_run
     twin = load_config(None, tiny_overrides + [f"training.output_dir={tmp_path / 'twin'}"])
     second = train_model(twin, data)
     a = load_file(Path(first.run_dir) / "model.safetensors")
@@ -47,8 +39,8 @@ def test_same_seed_gives_identical_weights(trained, tiny_overrides, tmp_path):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_lora_on_a_local_pretrained_model_saves_adapter_and_merged_model(trained, tiny_overrides, tmp_path):
-    _, data, base = trained
+def test_lora_on_a_local_pretrained_model_saves_adapter_and_merged_model(trained_run, tiny_overrides, tmp_path):
+    _, data, base = trained_run
     cfg = load_config(None, tiny_overrides + [
         "model.init=pretrained", f"model.name={base.run_dir}", "peft.use_peft=true", "peft.r=4",
         f"training.output_dir={tmp_path / 'lora'}",
