@@ -72,7 +72,7 @@ def _train(args) -> dict:
     cfg = load_config(args.config, args.overrides + args.assignments)
     data = prepare_data(cfg.data)
     trained = train_model(cfg, data)
-    report = evaluate_model(trained.run_dir, data.load("test"), cfg.generation, cfg.evaluation, cfg.training.max_source_length)
+    report = evaluate_model(trained.run_dir, data.load("test"), cfg)
     return {"run_dir": trained.run_dir, "global_step": trained.global_step, "metrics": report.metrics, "baseline": report.baseline}
 
 

@@ -30,6 +30,11 @@ class HubWeights(str, Enum):
     both = "both"
 
 
+class ModelTask(str, Enum):
+    seq2seq = "seq2seq"
+    causal_lm = "causal_lm"
+
+
 class DataSource(str, Enum):
     code_tree = "code_tree"
     files = "files"
@@ -38,7 +43,7 @@ class DataSource(str, Enum):
 
 @dataclass
 class ScratchArchitecture:
-    """Shape of the CodeT5-architecture (T5) model built when model.init=scratch."""
+    """Shape of the model built when model.init=scratch: T5 (CodeT5's architecture) for seq2seq, Qwen2 for causal_lm."""
 
     d_model: int = 128
     """Hidden size."""
@@ -60,6 +65,10 @@ class ModelConfig:
     """Hub id or local directory (init=pretrained); with init=scratch, the name the model is saved under."""
     init: ModelInit = ModelInit.scratch
     """pretrained: from_pretrained(name). scratch: build from model.scratch and train a tokenizer."""
+    task: ModelTask = ModelTask.seq2seq
+    """seq2seq: an encoder-decoder (CodeT5, T5) reads the code and writes the summary; causal_lm: a decoder-only LM continues a prompt."""
+    prompt_template: str = "{code}\n# Summary:"
+    """causal_lm: the prompt the summary follows; {code} becomes the function, truncated so the prompt's end always fits."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) to pin a pretrained model to."""
     trust_remote_code: bool = False
@@ -365,6 +374,8 @@ def validate(cfg: Config) -> None:
             "peft.use_peft=true with model.init=scratch adapts random weights; "
             "set peft.use_peft=false or use a pretrained model"
         )
+    if cfg.model.task is ModelTask.causal_lm and cfg.model.prompt_template.count("{code}") != 1:
+        problems.append("model.prompt_template must contain {code} exactly once")
     if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:
         problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
     if problems:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from codetune.config import EvaluationConfig, GenerationConfig
+from codetune.config import Config, GenerationConfig
 from codetune.errors import ModelError
 from codetune.metrics import function_name_words, summary_metrics
+from codetune.model import encode_prompt, load_exported
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +65,31 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'")[:120]
 
 
-def generate_summaries(model, tokenizer, codes: list[str], gen: GenerationConfig, max_source_length: int) -> list[str]:
-    """Greedy or beam generation in length-sorted batches (little padding); on GPU out-of-memory the batch is halved."""
+def generate_summaries(
+    model, tokenizer, codes: list[str], gen: GenerationConfig, max_source_length: int, prompt_template: str = "{code}"
+) -> list[str]:
+    """Greedy or beam generation in length-sorted batches (little padding); on GPU out-of-memory the batch is halved.
+
+    A decoder-only model continues prompt_template with {code} filled in, padded on the left so
+    every row's prompt ends where generation starts.
+    """
     order = sorted(range(len(codes)), key=lambda i: len(codes[i]), reverse=True)
     predictions: list[str] = [""] * len(codes)
     batch_size, start = gen.batch_size, 0
+    decoder_only = not model.config.is_encoder_decoder
     while start < len(order):
         index = order[start : start + batch_size]
-        batch = tokenizer(
-            [codes[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt"
-        ).to(model.device)
+        if decoder_only:
+            prompts = [encode_prompt(tokenizer, prompt_template, codes[i], max_source_length) for i in index]
+            batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        else:
+            batch = tokenizer([codes[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt")
+        batch = batch.to(model.device)
         try:
             with torch.inference_mode():
-                out = model.generate(**batch, num_beams=gen.num_beams, max_new_tokens=gen.max_new_tokens)
+                out = model.generate(
+                    **batch, num_beams=gen.num_beams, max_new_tokens=gen.max_new_tokens, pad_token_id=tokenizer.pad_token_id
+                )
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -84,6 +97,8 @@ def generate_summaries(model, tokenizer, codes: list[str], gen: GenerationConfig
             torch.cuda.empty_cache()
             log.warning("out of memory in generation; retrying with generation batch size %d", batch_size)
             continue
+        if decoder_only:
+            out = out[:, batch["input_ids"].shape[1] :]
         for i, text in zip(index, tokenizer.batch_decode(out, skip_special_tokens=True)):
             predictions[i] = " ".join(text.split())
         start += len(index)
@@ -96,22 +111,20 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_model(
-    model_dir: str | Path, test_rows: list[dict], gen: GenerationConfig, cfg: EvaluationConfig, max_source_length: int
-) -> EvalReport:
+def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) -> EvalReport:
     """Generate a summary for every test example, score it, and write predictions.jsonl, examples.json, metrics.json."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
+    gen = cfg.generation
     model_dir = Path(model_dir)
     # A stale metrics.json would make an interrupted evaluation look finished.
     (model_dir / METRICS_FILE).unlink(missing_ok=True)
-    rows = test_rows[: cfg.max_examples] if cfg.max_examples else test_rows
+    rows = test_rows[: cfg.evaluation.max_examples] if cfg.evaluation.max_examples else test_rows
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).eval()
+    model, tokenizer = load_exported(model_dir)
+    model = model.to(device).eval()
 
     started = time.perf_counter()
-    predictions = generate_summaries(model, tokenizer, [r["code"] for r in rows], gen, max_source_length)
+    codes = [r["code"] for r in rows]
+    predictions = generate_summaries(model, tokenizer, codes, gen, cfg.training.max_source_length, cfg.model.prompt_template)
     seconds = time.perf_counter() - started
     references = [r["summary"] for r in rows]
     baseline_predictions = [function_name_words(r["code"]) for r in rows]
@@ -122,7 +135,7 @@ def evaluate_model(
         examples_per_second=round(len(rows) / seconds, 2),
         examples=[
             {"input": r["code"], "reference": ref, "prediction": pred}
-            for r, ref, pred in zip(rows[: cfg.num_saved_examples], references, predictions)
+            for r, ref, pred in zip(rows[: cfg.evaluation.num_saved_examples], references, predictions)
         ],
     )
     _write_atomic(

@@ -8,15 +8,19 @@ from typing import Iterable
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
 
-from codetune.config import ModelConfig, ModelInit, PeftConfig
+from codetune.config import ModelConfig, ModelInit, ModelTask, PeftConfig
 from codetune.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -27,7 +31,14 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
 # Attention projections per architecture: the LoRA placement the CodeT5 and LoRA papers use.
 LORA_TARGETS = {
     "t5": ["q", "k", "v", "o"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "gpt_bigcode": ["c_attn", "c_proj"],  # StarCoder
+    "codegen": ["qkv_proj", "out_proj"],
 }
+AUTO_CLASSES = {ModelTask.seq2seq: AutoModelForSeq2SeqLM, ModelTask.causal_lm: AutoModelForCausalLM}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -49,8 +60,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def build_scratch_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> T5ForConditionalGeneration:
+def build_scratch_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
     arch = cfg.scratch
+    torch.manual_seed(seed)
+    if cfg.task is ModelTask.causal_lm:
+        # Qwen2: the Llama-style decoder today's small code LMs (Qwen2.5-Coder, CodeLlama) use.
+        return Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=len(tokenizer),
+                hidden_size=arch.d_model,
+                intermediate_size=arch.d_ff,
+                num_hidden_layers=arch.num_layers + arch.num_decoder_layers,
+                num_attention_heads=arch.num_heads,
+                num_key_value_heads=arch.num_heads,
+                max_position_embeddings=1024,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                tie_word_embeddings=True,
+            )
+        )
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=arch.d_model,
@@ -66,7 +95,6 @@ def build_scratch_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, se
         decoder_start_token_id=tokenizer.pad_token_id,  # as CodeT5
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
     return T5ForConditionalGeneration(config)
 
 
@@ -75,7 +103,7 @@ def load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
-        model = AutoModelForSeq2SeqLM.from_pretrained(cfg.name, **kwargs)
+        model = AUTO_CLASSES[cfg.task].from_pretrained(cfg.name, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
         local = Path(cfg.name).exists()
         hint = (
@@ -84,7 +112,25 @@ def load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
             else "check the id, or the network/HF_TOKEN; offline, point model.name at a local directory"
         )
         raise ModelError(f"cannot load model.name='{cfg.name}': {hint} ({exc})") from exc
+    if tokenizer.pad_token is None:  # most decoder-only tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A model codetune exported (merged, no PEFT needed), with the head its config says it has."""
+    config = AutoConfig.from_pretrained(model_dir)
+    task = ModelTask.seq2seq if config.is_encoder_decoder else ModelTask.causal_lm
+    return AUTO_CLASSES[task].from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+def encode_prompt(tokenizer, template: str, code: str, max_length: int) -> list[int]:
+    """Token ids of template with {code} filled in; the code is cut, never the text after it, to fit max_length."""
+    prefix, suffix = template.split("{code}")
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    room = max(max_length - len(prefix_ids) - len(suffix_ids), 0)
+    return prefix_ids + tokenizer(code, add_special_tokens=False)["input_ids"][:room] + suffix_ids
 
 
 def load_model(cfg: ModelConfig, train_texts: Iterable[str], seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -109,8 +155,9 @@ def lora_targets(model: PreTrainedModel, cfg: PeftConfig) -> list[str]:
 def add_lora(model: PreTrainedModel, cfg: PeftConfig):
     from peft import LoraConfig, TaskType, get_peft_model
 
+    task_type = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
     lora = LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM,
+        task_type=task_type,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,

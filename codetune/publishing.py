@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from codetune.config import Config, HubWeights, ModelInit, to_dict
+from codetune.config import Config, HubWeights, ModelInit, ModelTask, to_dict
 from codetune.errors import CodetuneError
 from codetune.training import model_files
 
@@ -151,13 +151,14 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, num_examples: int, da
     from huggingface_hub import EvalResult, ModelCardData
 
     base = cfg.model.name if cfg.model.init is ModelInit.pretrained else None
+    architecture = "CodeT5" if cfg.model.task is ModelTask.seq2seq else "Qwen2"
     dataset = f"code-summaries ({data_source})"
     data = ModelCardData(
         model_name=cfg.registry.model_name,
         base_model=base,
         license=cfg.registry.huggingface.license,
         library_name="peft" if cfg.registry.huggingface.weights is HubWeights.adapter else "transformers",
-        pipeline_tag="summarization",
+        pipeline_tag="summarization" if cfg.model.task is ModelTask.seq2seq else "text-generation",
         tags=["code", "code-summarization", "codetune"] + (["lora"] if cfg.peft.use_peft else []),
         eval_results=[
             EvalResult(task_type="summarization", dataset_type="code-summaries", dataset_name=dataset,
@@ -175,7 +176,7 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, num_examples: int, da
 # {cfg.registry.model_name}
 
 Summarises a function's source code in one sentence (a docstring summary). Fine-tuned with
-codetune from {f"`{base}`" if base else "a CodeT5-architecture model trained from scratch"}.
+codetune from {f"`{base}`" if base else f"a {architecture}-architecture model trained from scratch"}.
 
 ## Evaluation
 

@@ -55,7 +55,7 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
         for path in model_files(run_dir):
             shutil.copy2(path, model_dir / path.name)
         generation = Path(tmp) / "generation.json"
-        settings = dict(vars(cfg.generation), max_source_length=cfg.training.max_source_length)
+        settings = dict(vars(cfg.generation), max_source_length=cfg.training.max_source_length, prompt_template=cfg.model.prompt_template)
         generation.write_text(json.dumps(settings))
         info = mlflow.pyfunc.log_model(
             name="model",

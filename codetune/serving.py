@@ -16,18 +16,18 @@ from mlflow.pyfunc import PythonModel
 class CodeSummarizer(PythonModel):
     def load_context(self, context):
         import torch
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         from codetune.config import GenerationConfig
+        from codetune.model import load_exported
 
         model_dir = context.artifacts["model"]
         with open(context.artifacts["generation"]) as f:
             settings = json.load(f)
         self.max_source_length = settings.pop("max_source_length")
+        self.prompt_template = settings.pop("prompt_template")
         self.generation = GenerationConfig(**settings)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).eval()
+        model, self.tokenizer = load_exported(model_dir)
+        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
     def predict(self, context, model_input, params=None) -> list[str]:
         from codetune.evaluation import generate_summaries
@@ -35,7 +35,7 @@ class CodeSummarizer(PythonModel):
         if hasattr(model_input, "iloc"):  # a DataFrame: the first column holds the code
             model_input = model_input.iloc[:, 0].tolist()
         codes = [model_input] if isinstance(model_input, str) else [str(c) for c in model_input]
-        return generate_summaries(self.model, self.tokenizer, codes, self.generation, self.max_source_length)
+        return generate_summaries(self.model, self.tokenizer, codes, self.generation, self.max_source_length, self.prompt_template)
 
 
 mlflow.models.set_model(CodeSummarizer())

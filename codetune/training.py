@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from codetune.config import Config, content_hash, to_yaml
+from codetune.config import Config, ModelTask, content_hash, to_yaml
 from codetune.data import PreparedData
 from codetune.errors import ModelError
+from codetune.model import add_lora, count_parameters, encode_prompt, load_model, merge_adapter
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,24 @@ def resolve_precision(cfg: Config) -> tuple[bool, bool]:
     return t.bf16, t.fp16
 
 
-def tokenize(rows: list[dict], tokenizer, max_source: int, max_target: int) -> list[dict]:
-    sources = tokenizer([r["code"] for r in rows], max_length=max_source, truncation=True)
-    targets = tokenizer(text_target=[r["summary"] for r in rows], max_length=max_target, truncation=True)
+def tokenize(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+    t = cfg.training
+    if cfg.model.task is ModelTask.causal_lm:
+        return [causal_example(tokenizer, cfg.model.prompt_template, r, t.max_source_length, t.max_target_length) for r in rows]
+    sources = tokenizer([r["code"] for r in rows], max_length=t.max_source_length, truncation=True)
+    targets = tokenizer(text_target=[r["summary"] for r in rows], max_length=t.max_target_length, truncation=True)
     return [
         {"input_ids": ids, "attention_mask": mask, "labels": labels}
         for ids, mask, labels in zip(sources["input_ids"], sources["attention_mask"], targets["input_ids"])
     ]
+
+
+def causal_example(tokenizer, template: str, row: dict, max_source: int, max_target: int) -> dict:
+    """Prompt, summary, EOS in one sequence; the loss sees only the summary and EOS, never the prompt."""
+    prompt = encode_prompt(tokenizer, template, row["code"], max_source)
+    summary = tokenizer(" " + row["summary"], add_special_tokens=False)["input_ids"][: max_target - 1]
+    summary.append(tokenizer.eos_token_id)
+    return {"input_ids": prompt + summary, "attention_mask": [1] * (len(prompt) + len(summary)), "labels": [-100] * len(prompt) + summary}
 
 
 def _throughput_callback(n_params: int):
@@ -146,7 +158,6 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     """Train (or resume, or skip if done) and export the model to the run directory."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
 
-    from codetune.model import add_lora, count_parameters, load_model, merge_adapter
 
     run_dir = Path(cfg.training.output_dir) / run_name(cfg, data)
     record = run_dir / TRAINING_RECORD
@@ -203,8 +214,8 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     trainer = Seq2SeqTrainer(
         model=model,
         args=args,
-        train_dataset=tokenize(train_rows, tokenizer, t.max_source_length, t.max_target_length),
-        eval_dataset=tokenize(validation_rows, tokenizer, t.max_source_length, t.max_target_length),
+        train_dataset=tokenize(train_rows, tokenizer, cfg),
+        eval_dataset=tokenize(validation_rows, tokenizer, cfg),
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[_throughput_callback(trainable if cfg.peft.use_peft else total)],

@@ -134,7 +134,7 @@ def test_deploy_publishes_an_existing_run_without_retraining(prefect_server, tin
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     data = prepare_data(tiny_cfg.data)
     trained = train_model(tiny_cfg, data)
-    evaluate_model(trained.run_dir, data.load("test"), tiny_cfg.generation, tiny_cfg.evaluation, 64)
+    evaluate_model(trained.run_dir, data.load("test"), tiny_cfg)
     weights = (Path(trained.run_dir) / "model.safetensors").stat().st_mtime_ns
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="deployed")
 
@@ -171,3 +171,23 @@ def test_retried_flow_run_does_not_redo_finished_stages(prefect_server, tiny_ove
     assert result["published"]["s3"].startswith("s3://retried/")
     assert len(client.search_model_versions("name='retried'")) == 1
     assert len(client.search_runs([client.get_experiment_by_name("codetune").experiment_id])) == 1
+
+
+@pytest.mark.timeout(600)
+def test_decoder_only_family_end_to_end(prefect_server, tiny_overrides, tmp_path, monkeypatch):
+    """model.task=causal_lm: trained, evaluated, registered and served like the seq2seq family."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = finetune(config=str(Path(__file__).parents[2] / "configs" / "tiny-causal-lm.yaml"),
+                      overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "registry.model_name=causal"])
+    assert AutoModelForCausalLM.from_pretrained(result["run_dir"]).config.model_type == "qwen2"
+    assert set(result["metrics"]) == {"bleu4_smoothed", "bleu_corpus", "rouge_l", "exact_match"}
+    assert result["registration"]["alias"] == "champion"
+    mlflow.set_tracking_uri(uri)
+    try:
+        summaries = mlflow.pyfunc.load_model("models:/causal@champion").predict(["def add(a, b): return a + b"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(summaries) == 1 and isinstance(summaries[0], str)

@@ -1,25 +1,38 @@
 import json
 from pathlib import Path
 
-from codetune.config import EvaluationConfig, GenerationConfig
+import pytest
+
+from codetune.config import EvaluationConfig, GenerationConfig, load_config
 from codetune.evaluation import METRICS_FILE, evaluate_model, generate_summaries
 
 
-def test_batched_generation_matches_one_at_a_time(trained_run):
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+@pytest.mark.parametrize("config", [None, "configs/tiny-causal-lm.yaml"], ids=["seq2seq", "causal_lm"])
+def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
+    """Padding (right for the encoder, left for a decoder-only prompt) must not change what is generated.
 
-    cfg, data, trained = trained_run
-    model = AutoModelForSeq2SeqLM.from_pretrained(trained.run_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(trained.run_dir)
-    codes = [r["code"] for r in data.load("test")[:12]]
-    one = generate_summaries(model, tokenizer, codes, GenerationConfig(batch_size=1, max_new_tokens=8), 64)
-    batched = generate_summaries(model, tokenizer, codes, GenerationConfig(batch_size=12, max_new_tokens=8), 64)
-    assert batched == one
+    Random weights, made to write real tokens (no padding token, no early end), so that any
+    padding leak shows as a different string.
+    """
+    from codetune.data import prepare_data
+    from codetune.model import load_model
+
+    cfg = load_config(config, tiny_overrides)
+    data = prepare_data(cfg.data)
+    model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in data.load("train")), seed=0)
+    model.generation_config.suppress_tokens = [tokenizer.pad_token_id, tokenizer.bos_token_id]
+    model.generation_config.min_new_tokens = 8
+    codes = sorted((r["code"] for r in data.load("test")), key=len)[:12]  # short and of different lengths: padded
+    template = cfg.model.prompt_template
+    one = generate_summaries(model.eval(), tokenizer, codes, GenerationConfig(batch_size=1, max_new_tokens=8), 512, template)
+    batched = generate_summaries(model, tokenizer, codes, GenerationConfig(batch_size=12, max_new_tokens=8), 512, template)
+    assert batched == one and any(batched)
 
 
 def test_evaluation_writes_predictions_examples_and_metrics(trained_run):
     cfg, data, trained = trained_run
-    report = evaluate_model(trained.run_dir, data.load("test"), cfg.generation, EvaluationConfig(max_examples=10, num_saved_examples=3), 64)
+    cfg.evaluation = EvaluationConfig(max_examples=10, num_saved_examples=3)
+    report = evaluate_model(trained.run_dir, data.load("test"), cfg)
     run_dir = Path(trained.run_dir)
     predictions = [json.loads(l) for l in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 10 == report.num_examples

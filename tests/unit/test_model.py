@@ -1,9 +1,18 @@
 import pytest
 import torch
 
-from codetune.config import ModelConfig, PeftConfig, ScratchArchitecture
+from codetune.config import ModelConfig, ModelTask, PeftConfig, ScratchArchitecture
 from codetune.errors import ModelError
-from codetune.model import add_lora, build_scratch_model, count_parameters, load_pretrained, merge_adapter, train_tokenizer
+from codetune.model import (
+    add_lora,
+    build_scratch_model,
+    count_parameters,
+    encode_prompt,
+    load_exported,
+    load_pretrained,
+    merge_adapter,
+    train_tokenizer,
+)
 
 TEXTS = [f"def add_{i}(a, b):\n    return a + b * {i}\nReturn the sum of a and b." for i in range(50)]
 
@@ -13,10 +22,10 @@ def tokenizer():
     return train_tokenizer(TEXTS, vocab_size=300)
 
 
-@pytest.fixture
-def tiny_model(tokenizer):
+@pytest.fixture(params=[ModelTask.seq2seq, ModelTask.causal_lm], ids=lambda t: t.value)
+def tiny_model(request, tokenizer):
     arch = ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2)
-    return build_scratch_model(ModelConfig(scratch=arch), tokenizer, seed=0)
+    return build_scratch_model(ModelConfig(scratch=arch, task=request.param), tokenizer, seed=0)
 
 
 def test_tokenizer_keeps_codet5_special_tokens_and_round_trips(tokenizer):
@@ -40,13 +49,14 @@ def test_merged_model_equals_base_plus_adapter_and_saves_tokenizer(tiny_model, t
             if "lora_B" in name:
                 p.normal_(std=0.5)
     model.eval()
-    batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
-    probe = {**batch, "decoder_input_ids": torch.zeros((2, 3), dtype=torch.long)}
+    probe = dict(tokenizer(TEXTS[:2], return_tensors="pt", padding=True))
+    if tiny_model.config.is_encoder_decoder:
+        probe["decoder_input_ids"] = torch.zeros((2, 3), dtype=torch.long)
     expected = model(**probe).logits
     merged = merge_adapter(model, probe)
     merged.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    reloaded, reloaded_tok = load_pretrained(ModelConfig(name=str(tmp_path), init="pretrained"))
+    reloaded, reloaded_tok = load_exported(tmp_path)
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
     torch.testing.assert_close(reloaded(**probe).logits, expected, atol=1e-5, rtol=1e-5)
     assert reloaded_tok.all_special_tokens == tokenizer.all_special_tokens
@@ -62,3 +72,9 @@ def test_missing_local_model_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="cannot load model.name=.*config.json"):
         load_pretrained(ModelConfig(name=str(tmp_path / "empty"), init="pretrained"))
+
+
+def test_prompt_keeps_its_ending_when_the_code_is_cut(tokenizer):
+    ids = encode_prompt(tokenizer, "{code}\n# Summary:", "def f(x):\n" + "    x += 1\n" * 200, max_length=40)
+    assert len(ids) <= 40
+    assert tokenizer.decode(ids).endswith("\n# Summary:")

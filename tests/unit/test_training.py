@@ -5,6 +5,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from codetune.config import load_config
+from codetune.data import prepare_data
 from codetune.training import last_complete_checkpoint, resolve_precision, train_model
 
 
@@ -65,3 +66,26 @@ def test_mixed_precision_on_cpu_warns_and_trains_in_fp32(caplog):
     with caplog.at_level(logging.WARNING):
         assert resolve_precision(cfg) == (False, False)
     assert "needs a CUDA GPU" in caplog.text
+
+
+def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
+    from codetune.model import train_tokenizer
+    from codetune.training import causal_example
+
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n# Summary: Add two numbers."] * 20, 300)
+    row = {"code": "def add(a, b):\n    return a + b", "summary": "Add two numbers."}
+    example = causal_example(tokenizer, "{code}\n# Summary:", row, max_source=64, max_target=16)
+    scored = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tokenizer.decode(scored, skip_special_tokens=True).strip() == "Add two numbers."
+    assert scored[-1] == tokenizer.eos_token_id
+    prompt = [t for t, label in zip(example["input_ids"], example["labels"]) if label == -100]
+    assert tokenizer.decode(prompt).endswith("# Summary:")
+
+
+def test_causal_lm_trains_and_exports_a_model_plain_transformers_loads(tiny_overrides, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config("configs/tiny-causal-lm.yaml", tiny_overrides)
+    result = train_model(cfg, prepare_data(cfg.data))
+    model = AutoModelForCausalLM.from_pretrained(result.run_dir)
+    assert model.config.model_type == "qwen2" and result.global_step == 12
