@@ -32,6 +32,7 @@ class HubWeights(str, Enum):
 
 class ModelTask(str, Enum):
     seq2seq = "seq2seq"
+    encoder_decoder = "encoder_decoder"
     causal_lm = "causal_lm"
 
 
@@ -43,7 +44,8 @@ class DataSource(str, Enum):
 
 @dataclass
 class ScratchArchitecture:
-    """Shape of the model built when model.init=scratch: T5 (CodeT5's architecture) for seq2seq, Qwen2 for causal_lm."""
+    """Shape of the model built when model.init=scratch: T5 (CodeT5's architecture) for seq2seq, RoBERTa
+    encoder and decoder for encoder_decoder, Qwen2 for causal_lm."""
 
     d_model: int = 128
     """Hidden size."""
@@ -66,7 +68,8 @@ class ModelConfig:
     init: ModelInit = ModelInit.scratch
     """pretrained: from_pretrained(name). scratch: build from model.scratch and train a tokenizer."""
     task: ModelTask = ModelTask.seq2seq
-    """seq2seq: an encoder-decoder (CodeT5, T5) reads the code and writes the summary; causal_lm: a decoder-only LM continues a prompt."""
+    """seq2seq: CodeT5/T5 reads the code and writes the summary; encoder_decoder: a CodeBERT/RoBERTa encoder warm-starts
+    an encoder-decoder (the CodeXGLUE code-to-text baseline); causal_lm: a decoder-only LM continues a prompt."""
     prompt_template: str = "{code}\n# Summary:"
     """causal_lm: the prompt the summary follows; {code} becomes the function, truncated so the prompt's end always fits."""
     revision: Optional[str] = None

@@ -12,10 +12,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    EncoderDecoderConfig,
+    EncoderDecoderModel,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    RobertaConfig,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -31,6 +34,8 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
 # Attention projections per architecture: the LoRA placement the CodeT5 and LoRA papers use.
 LORA_TARGETS = {
     "t5": ["q", "k", "v", "o"],
+    "roberta": ["query", "key", "value"],  # CodeBERT, GraphCodeBERT, UniXcoder
+    "bert": ["query", "key", "value"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -38,7 +43,13 @@ LORA_TARGETS = {
     "gpt_bigcode": ["c_attn", "c_proj"],  # StarCoder
     "codegen": ["qkv_proj", "out_proj"],
 }
-AUTO_CLASSES = {ModelTask.seq2seq: AutoModelForSeq2SeqLM, ModelTask.causal_lm: AutoModelForCausalLM}
+AUTO_CLASSES = {
+    ModelTask.seq2seq: AutoModelForSeq2SeqLM,
+    ModelTask.encoder_decoder: AutoModelForSeq2SeqLM,
+    ModelTask.causal_lm: AutoModelForCausalLM,
+}
+# A warm-started encoder-decoder's cross-attention starts random: it is trained whole, beside the LoRA adapters.
+CROSS_ATTENTION = "crossattention"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -80,6 +91,20 @@ def build_scratch_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, se
                 tie_word_embeddings=True,
             )
         )
+    if cfg.task is ModelTask.encoder_decoder:
+        shape = dict(
+            vocab_size=len(tokenizer),
+            hidden_size=arch.d_model,
+            intermediate_size=arch.d_ff,
+            num_attention_heads=arch.num_heads,
+            max_position_embeddings=1026,  # RoBERTa positions start after the padding index
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        encoder = RobertaConfig(num_hidden_layers=arch.num_layers, **shape)
+        decoder = RobertaConfig(num_hidden_layers=arch.num_decoder_layers, is_decoder=True, add_cross_attention=True, **shape)
+        return _with_special_ids(EncoderDecoderModel(config=EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)), tokenizer)
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=arch.d_model,
@@ -103,7 +128,11 @@ def load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
-        model = AUTO_CLASSES[cfg.task].from_pretrained(cfg.name, **kwargs)
+        if cfg.task is ModelTask.encoder_decoder:
+            # The CodeXGLUE baseline: the pretrained encoder twice, the copy used as decoder gaining cross-attention.
+            model = _with_special_ids(EncoderDecoderModel.from_encoder_decoder_pretrained(cfg.name, cfg.name, **kwargs), tokenizer)
+        else:
+            model = AUTO_CLASSES[cfg.task].from_pretrained(cfg.name, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
         local = Path(cfg.name).exists()
         hint = (
@@ -115,6 +144,17 @@ def load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     if tokenizer.pad_token is None:  # most decoder-only tokenizers ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _with_special_ids(model: EncoderDecoderModel, tokenizer) -> EncoderDecoderModel:
+    """An EncoderDecoderModel knows no start, end or padding token until told; RoBERTa's are <s>, </s>, <pad>."""
+    model.config.decoder_start_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.decoder_start_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -140,15 +180,18 @@ def load_model(cfg: ModelConfig, train_texts: Iterable[str], seed: int) -> tuple
     return load_pretrained(cfg)
 
 
-def lora_targets(model: PreTrainedModel, cfg: PeftConfig) -> list[str]:
+def lora_targets(model: PreTrainedModel, cfg: PeftConfig) -> list[str] | str:
     if cfg.target_modules:
         return list(cfg.target_modules)
-    model_type = model.config.model_type
+    warm_started = isinstance(model, EncoderDecoderModel)
+    model_type = model.config.encoder.model_type if warm_started else model.config.model_type
     if model_type not in LORA_TARGETS:
         raise ModelError(
             f"no default LoRA targets for model type '{model_type}'; set peft.target_modules "
             f"(known: {', '.join(LORA_TARGETS)})"
         )
+    if warm_started:  # adapt self-attention; cross-attention is trained whole (modules_to_save)
+        return rf"^(?!.*{CROSS_ATTENTION}).*\.({'|'.join(LORA_TARGETS[model_type])})$"
     return LORA_TARGETS[model_type]
 
 
@@ -162,6 +205,7 @@ def add_lora(model: PreTrainedModel, cfg: PeftConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=lora_targets(model, cfg),
+        modules_to_save=[CROSS_ATTENTION] if isinstance(model, EncoderDecoderModel) else None,
     )
     return get_peft_model(model, lora)
 

@@ -151,14 +151,16 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, num_examples: int, da
     from huggingface_hub import EvalResult, ModelCardData
 
     base = cfg.model.name if cfg.model.init is ModelInit.pretrained else None
-    architecture = "CodeT5" if cfg.model.task is ModelTask.seq2seq else "Qwen2"
+    architecture = {ModelTask.seq2seq: "CodeT5", ModelTask.encoder_decoder: "RoBERTa encoder-decoder", ModelTask.causal_lm: "Qwen2"}[
+        cfg.model.task
+    ]
     dataset = f"code-summaries ({data_source})"
     data = ModelCardData(
         model_name=cfg.registry.model_name,
         base_model=base,
         license=cfg.registry.huggingface.license,
         library_name="peft" if cfg.registry.huggingface.weights is HubWeights.adapter else "transformers",
-        pipeline_tag="summarization" if cfg.model.task is ModelTask.seq2seq else "text-generation",
+        pipeline_tag="text-generation" if cfg.model.task is ModelTask.causal_lm else "summarization",
         tags=["code", "code-summarization", "codetune"] + (["lora"] if cfg.peft.use_peft else []),
         eval_results=[
             EvalResult(task_type="summarization", dataset_type="code-summaries", dataset_name=dataset,

@@ -7,7 +7,9 @@ from codetune.config import EvaluationConfig, GenerationConfig, load_config
 from codetune.evaluation import METRICS_FILE, evaluate_model, generate_summaries
 
 
-@pytest.mark.parametrize("config", [None, "configs/tiny-causal-lm.yaml"], ids=["seq2seq", "causal_lm"])
+@pytest.mark.parametrize(
+    "config", [None, "configs/tiny-encoder-decoder.yaml", "configs/tiny-causal-lm.yaml"], ids=["seq2seq", "encoder_decoder", "causal_lm"]
+)
 def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
     """Padding (right for the encoder, left for a decoder-only prompt) must not change what is generated.
 

@@ -2,6 +2,7 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from codetune.config import load_config
@@ -82,10 +83,14 @@ def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
     assert tokenizer.decode(prompt).endswith("# Summary:")
 
 
-def test_causal_lm_trains_and_exports_a_model_plain_transformers_loads(tiny_overrides, tmp_path):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize(
+    "config, auto_class, model_type",
+    [("tiny-causal-lm", "AutoModelForCausalLM", "qwen2"), ("tiny-encoder-decoder", "AutoModelForSeq2SeqLM", "encoder-decoder")],
+)
+def test_every_family_exports_a_model_plain_transformers_loads(config, auto_class, model_type, tiny_overrides):
+    import transformers
 
-    cfg = load_config("configs/tiny-causal-lm.yaml", tiny_overrides)
+    cfg = load_config(f"configs/{config}.yaml", tiny_overrides)
     result = train_model(cfg, prepare_data(cfg.data))
-    model = AutoModelForCausalLM.from_pretrained(result.run_dir)
-    assert model.config.model_type == "qwen2" and result.global_step == 12
+    model = getattr(transformers, auto_class).from_pretrained(result.run_dir)
+    assert model.config.model_type == model_type and result.global_step == 12
