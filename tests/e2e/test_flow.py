@@ -189,3 +189,26 @@ def test_other_summarisation_families_end_to_end(family, prefect_server, tiny_ov
     finally:
         mlflow.set_tracking_uri(None)
     assert len(summaries) == 1 and isinstance(summaries[0], str)
+
+
+def test_publishing_credentials_come_from_prefect_blocks(prefect_server, moto_url, tmp_path):
+    """registry.s3.block names an S3Bucket block (AwsCredentials inside); registry.huggingface.token_block a Secret."""
+    from prefect.blocks.system import Secret
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from codetune.config import S3Config
+    from codetune.publishing import upload_to_s3
+    from tasks.publish import hub_token, s3_client
+
+    credentials = AwsCredentials(aws_access_key_id="block-key", aws_secret_access_key="block-secret", region_name="us-east-1",
+                                 aws_client_parameters=AwsClientParameters(endpoint_url=moto_url))
+    S3Bucket(bucket_name="from-block", credentials=credentials).save("team-models", overwrite=True)
+    Secret(value="hf_from_block").save("hf-token", overwrite=True)
+
+    client = s3_client(S3Config(bucket="from-block", block="team-models"))
+    client.create_bucket(Bucket="from-block")
+    (tmp_path / "config.json").write_text("{}")
+    [uploaded] = upload_to_s3(client, "from-block", "p", [(tmp_path / "config.json", "config.json")])
+    assert uploaded.transferred and client.head_object(Bucket="from-block", Key="p/config.json")["ContentLength"] == 2
+    assert hub_token("hf-token") == "hf_from_block"
