@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     pools = commands.add_parser("deploy-flows", help="create the work pools and deploy everything in prefect.yaml (idempotent)")
     pools.add_argument("--gpu-pool-type", choices=["docker", "kubernetes"], default="docker", help="kind of GPU work pool")
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
-    commands.add_parser("keys", help="list every config key with its type")
+    commands.add_parser("keys", help="list every config key with its type, default and meaning")
     return parser
 
 
@@ -82,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("codetune").setLevel(logging.INFO)
     try:
         if args.command == "keys":
-            from codetune.config import SCHEMA_KEYS, _type_name
+            from codetune.config import SCHEMA_KEYS, Config, _type_name, flatten, key_help
 
+            defaults, docs = flatten(Config()), key_help()
             for key, annotation in SCHEMA_KEYS.items():
-                print(f"{key}: {_type_name(annotation)}")
+                print(f"{key}: {_type_name(annotation)} = {defaults[key]!r}")
+                if docs[key]:
+                    print(f"    {docs[key]}")
             return 0
         if args.command == "config":
             from codetune.config import load_config, to_yaml

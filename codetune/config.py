@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -136,13 +137,17 @@ class TrainingConfig:
     learning_rate: float = 3e-3
     """Peak learning rate; 5e-5 suits full fine-tuning of a pretrained CodeT5, 1e-3 LoRA, 3e-3 a tiny model from scratch."""
     per_device_train_batch_size: int = 16
+    """Examples per optimizer step per device (times gradient_accumulation_steps)."""
     per_device_eval_batch_size: int = 64
     """Batch size for validation loss."""
     gradient_accumulation_steps: int = 1
+    """Accumulate this many batches per optimizer step: a larger effective batch in the same memory."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_ratio: float = 0.05
     """Share of steps spent warming the learning rate up."""
     lr_scheduler_type: str = "linear"
+    """Learning-rate schedule after warm-up (Trainer names: linear, cosine, constant, ...)."""
     max_source_length: int = 128
     """Code is truncated to this many tokens (CodeT5 recipe: 256; the signature and first lines carry most of the signal)."""
     max_target_length: int = 64
@@ -162,9 +167,11 @@ class TrainingConfig:
     eval_steps: Optional[int] = None
     """Compute validation loss every this many steps; null computes it once, after training."""
     logging_steps: int = 50
+    """Log loss, learning rate and tokens/s every this many steps."""
     seed: int = 42
     """Seeds weight init, LoRA init, data order and dropout: the same seed gives the same model."""
     dataloader_num_workers: int = 0
+    """Worker processes feeding batches; 0 tokenises in the training process (enough: data is pre-tokenised)."""
     timeout_minutes: Optional[int] = None
     """Fail the training task after this long (it is retried, resuming from its last checkpoint); null never times out."""
 
@@ -194,6 +201,7 @@ class MlflowConfig:
     tracking_uri: Optional[str] = None
     """null uses $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
     experiment_name: str = "codetune"
+    """MLflow experiment the runs go to."""
 
 
 @dataclass
@@ -223,6 +231,7 @@ class HubConfig:
     endpoint: Optional[str] = None
     """Hub API endpoint, for a private Hub; null uses $HF_ENDPOINT or huggingface.co."""
     license: str = "apache-2.0"
+    """License in the model card; it must allow what the base model's license allows."""
 
 
 @dataclass
@@ -263,6 +272,31 @@ def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
 
 
 SCHEMA_KEYS: dict[str, Any] = _leaf_types(Config)
+
+
+def key_help() -> dict[str, str]:
+    """Dotted key -> the one-line docstring under its field in this file (litgpt style)."""
+    import ast
+    import inspect
+
+    docs: dict[type, dict[str, str]] = {}
+    for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
+        if isinstance(node, ast.ClassDef):
+            fields = docs.setdefault(globals()[node.name], {})
+            for stmt, after in zip(node.body, node.body[1:]):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                    fields[stmt.target.id] = " ".join(str(after.value.value).split())
+
+    def walk(cls: type, prefix: str) -> dict[str, str]:
+        hints, found = typing.get_type_hints(cls), {}
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                found.update(walk(hints[f.name], f"{prefix}{f.name}."))
+            else:
+                found[f"{prefix}{f.name}"] = docs.get(cls, {}).get(f.name, "")
+        return found
+
+    return walk(Config, "")
 
 
 def _type_name(annotation: Any) -> str:

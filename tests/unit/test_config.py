@@ -77,3 +77,11 @@ def test_cli_takes_overrides_both_ways_and_exits_2_on_user_error():
     bad = run("config", "training.sed=1")
     assert bad.returncode == 2
     assert "did you mean 'training.seed'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_key_is_documented_where_users_see_it():
+    from codetune.config import SCHEMA_KEYS, key_help
+
+    docs = key_help()
+    assert set(docs) == set(SCHEMA_KEYS)
+    assert [k for k, doc in docs.items() if not doc] == []
