@@ -35,6 +35,11 @@ class ModelTask(str, Enum):
     seq2seq = "seq2seq"
     encoder_decoder = "encoder_decoder"
     causal_lm = "causal_lm"
+    classification = "classification"
+
+    @property
+    def summarises(self) -> bool:
+        return self is not ModelTask.classification
 
 
 class DataSource(str, Enum):
@@ -46,7 +51,7 @@ class DataSource(str, Enum):
 @dataclass
 class ScratchArchitecture:
     """Shape of the model built when model.init=scratch: T5 (CodeT5's architecture) for seq2seq, RoBERTa
-    encoder and decoder for encoder_decoder, Qwen2 for causal_lm."""
+    encoder and decoder for encoder_decoder, Qwen2 for causal_lm, a RoBERTa encoder for classification."""
 
     d_model: int = 128
     """Hidden size."""
@@ -70,7 +75,8 @@ class ModelConfig:
     """pretrained: from_pretrained(name). scratch: build from model.scratch and train a tokenizer."""
     task: ModelTask = ModelTask.seq2seq
     """seq2seq: CodeT5/T5 reads the code and writes the summary; encoder_decoder: a CodeBERT/RoBERTa encoder warm-starts
-    an encoder-decoder (the CodeXGLUE code-to-text baseline); causal_lm: a decoder-only LM continues a prompt."""
+    an encoder-decoder (the CodeXGLUE code-to-text baseline); causal_lm: a decoder-only LM continues a prompt;
+    classification: an encoder with a classification head labels the code (e.g. CodeXGLUE defect detection)."""
     prompt_template: str = "{code}\n# Summary:"
     """causal_lm: the prompt the summary follows; {code} becomes the function, truncated so the prompt's end always fits."""
     revision: Optional[str] = None
@@ -92,6 +98,8 @@ class DataConfig:
     """Field holding the code (files/hub). A list of tokens is joined with spaces."""
     target_field: str = "docstring"
     """Field holding the summary (files/hub). A list of tokens is joined with spaces."""
+    label_field: str = "label"
+    """model.task=classification: field holding each example's label (CodeXGLUE defect detection: target)."""
     validation_fraction: float = 0.05
     """Share of examples, by content hash, in the validation split."""
     test_fraction: float = 0.05
@@ -238,8 +246,9 @@ class HubConfig:
 class RegistryConfig:
     model_name: str = "codetune-code-summarizer"
     """Registered model name in the MLflow model registry."""
-    min_bleu: float = 0.0
-    """A version becomes champion only at or above this smoothed BLEU-4, and only if it beats the champion."""
+    min_score: float = 0.0
+    """A version becomes champion only at or above this primary metric (smoothed BLEU-4, or accuracy x100 for
+    classification), and only if it beats the champion."""
     dry_run: bool = False
     """Print what would be registered and uploaded, and do none of it."""
     s3: S3Config = field(default_factory=S3Config)
@@ -393,6 +402,8 @@ def validate(cfg: Config) -> None:
         problems.append("data.validation_fraction and data.test_fraction must be > 0")
     if d.min_summary_words > d.max_summary_words:
         problems.append("data.min_summary_words is larger than data.max_summary_words")
+    if cfg.model.task is ModelTask.classification and d.source is DataSource.code_tree:
+        problems.append("model.task=classification needs labelled data: data.source=files (or hub) with data.label_field")
     if d.source is not DataSource.code_tree and not d.path:
         problems.append(f"data.path is required for data.source={d.source.value}")
     if t.bf16 and t.fp16:

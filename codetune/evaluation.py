@@ -6,14 +6,15 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from codetune.config import Config, GenerationConfig
+from codetune.config import Config, GenerationConfig, ModelTask
 from codetune.errors import ModelError
-from codetune.metrics import function_name_words, summary_metrics
+from codetune.metrics import classification_metrics, function_name_words, summary_metrics
 from codetune.model import encode_prompt, load_exported
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ METRICS_FILE = "metrics.json"
 class EvalReport:
     metrics: dict[str, float]
     baseline: dict[str, float]
-    """The same metrics for the function name split into words: what the model must beat."""
+    """The same metrics for a trivial baseline (baseline_name): what the model must beat."""
+    baseline_name: str
     num_examples: int
     examples_per_second: float
     examples: list[dict]
@@ -39,7 +41,8 @@ class EvalReport:
         metrics = json.loads((run_dir / METRICS_FILE).read_text())
         return cls(
             metrics=metrics["model"],
-            baseline=metrics["baseline_function_name"],
+            baseline=metrics["baseline"],
+            baseline_name=metrics["baseline_name"],
             num_examples=metrics["num_examples"],
             examples_per_second=metrics["examples_per_second"],
             examples=json.loads((run_dir / "examples.json").read_text()),
@@ -56,7 +59,7 @@ class EvalReport:
         )
         return (
             f"## Evaluation on {self.num_examples} test examples\n\n"
-            "| metric | model | function-name baseline | lift |\n|---|---|---|---|\n"
+            f"| metric | model | baseline: {self.baseline_name} | lift |\n|---|---|---|---|\n"
             f"{rows}\n\n### Examples\n\n| code | reference | prediction |\n|---|---|---|\n{shown}\n"
         )
 
@@ -111,9 +114,54 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def is_classifier(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+@torch.inference_mode()
+def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_length: int) -> list[str]:
+    """The label name the classifier gives each code, in length-sorted batches."""
+    order = sorted(range(len(codes)), key=lambda i: len(codes[i]), reverse=True)
+    predictions: list[str] = [""] * len(codes)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer([codes[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt")
+        for i, label_id in zip(index, model(**batch.to(model.device)).logits.argmax(-1).tolist()):
+            predictions[i] = model.config.id2label[label_id]
+    return predictions
+
+
+def predict(model, tokenizer, codes: list[str], gen: GenerationConfig, max_source_length: int, prompt_template: str) -> list[str]:
+    """What the model says of each code: a summary, or a label for a classifier."""
+    if is_classifier(model):
+        return classify(model, tokenizer, codes, gen.batch_size, max_source_length)
+    return generate_summaries(model, tokenizer, codes, gen, max_source_length, prompt_template)
+
+
+def primary_metric(task: ModelTask) -> str:
+    """The metric the registry compares versions on."""
+    return "bleu4_smoothed" if task.summarises else "accuracy"
+
+
+def score(task: ModelTask, references: list[str], predictions: list[str]) -> dict[str, float]:
+    return summary_metrics(references, predictions) if task.summarises else classification_metrics(references, predictions)
+
+
+def reference(row: dict) -> str:
+    return row["summary"] if "summary" in row else row["label"]
+
+
+def baseline(task: ModelTask, rows: list[dict]) -> tuple[str, list[str]]:
+    """(name, predictions) of the trivial baseline the model must beat."""
+    if task.summarises:
+        return "function name split into words", [function_name_words(r["code"]) for r in rows]
+    majority = Counter(r["label"] for r in rows).most_common(1)[0][0]
+    return "majority class", [majority] * len(rows)
+
+
 def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) -> EvalReport:
-    """Generate a summary for every test example, score it, and write predictions.jsonl, examples.json, metrics.json."""
-    gen = cfg.generation
+    """Predict every test example, score it beside a baseline, and write predictions.jsonl, examples.json, metrics.json."""
+    gen, task = cfg.generation, cfg.model.task
     model_dir = Path(model_dir)
     # A stale metrics.json would make an interrupted evaluation look finished.
     (model_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -124,13 +172,14 @@ def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) ->
 
     started = time.perf_counter()
     codes = [r["code"] for r in rows]
-    predictions = generate_summaries(model, tokenizer, codes, gen, cfg.training.max_source_length, cfg.model.prompt_template)
+    predictions = predict(model, tokenizer, codes, gen, cfg.training.max_source_length, cfg.model.prompt_template)
     seconds = time.perf_counter() - started
-    references = [r["summary"] for r in rows]
-    baseline_predictions = [function_name_words(r["code"]) for r in rows]
+    references = [reference(r) for r in rows]
+    baseline_name, baseline_predictions = baseline(task, rows)
     report = EvalReport(
-        metrics=summary_metrics(references, predictions),
-        baseline=summary_metrics(references, baseline_predictions),
+        metrics=score(task, references, predictions),
+        baseline=score(task, references, baseline_predictions),
+        baseline_name=baseline_name,
         num_examples=len(rows),
         examples_per_second=round(len(rows) / seconds, 2),
         examples=[
@@ -148,11 +197,13 @@ def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) ->
     _write_atomic(model_dir / "examples.json", json.dumps(report.examples, indent=2))
     metrics = {
         "model": report.metrics,
-        "baseline_function_name": report.baseline,
+        "baseline": report.baseline,
+        "baseline_name": report.baseline_name,
         "num_examples": report.num_examples,
         "examples_per_second": report.examples_per_second,
         "generation": {"num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens},
     }
     _write_atomic(model_dir / METRICS_FILE, json.dumps(metrics, indent=2))  # last: marks the run complete
-    log.info("smoothed BLEU-4 %.2f (baseline %.2f) on %d examples", report.metrics["bleu4_smoothed"], report.baseline["bleu4_smoothed"], len(rows))
+    name = primary_metric(task)
+    log.info("%s %.2f (baseline %.2f) on %d examples", name, report.metrics[name], report.baseline[name], len(rows))
     return report

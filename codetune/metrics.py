@@ -105,3 +105,23 @@ def function_name_words(code: str) -> str:
     name = match.group(1) or match.group(2)
     words = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).replace("_", " ")
     return " ".join(words.lower().split())
+
+
+def classification_metrics(references: list[str], predictions: list[str]) -> dict[str, float]:
+    """Accuracy, macro F1 and Matthews correlation (multi-class, Gorodkin's form), each x100."""
+    n = len(references)
+    labels = sorted(set(references) | set(predictions))
+    correct = sum(r == p for r, p in zip(references, predictions, strict=True))
+    true_counts, predicted_counts = Counter(references), Counter(predictions)
+    f1s = []
+    for label in labels:
+        tp = sum(r == p == label for r, p in zip(references, predictions))
+        denominator = true_counts[label] + predicted_counts[label]
+        f1s.append(2 * tp / denominator if denominator else 0.0)
+    covariance = correct * n - sum(true_counts[l] * predicted_counts[l] for l in labels)
+    spread = math.sqrt((n * n - sum(c * c for c in predicted_counts.values())) * (n * n - sum(c * c for c in true_counts.values())))
+    return {
+        "accuracy": round(100 * correct / max(n, 1), 2),
+        "f1_macro": round(100 * sum(f1s) / max(len(f1s), 1), 2),
+        "mcc": round(100 * covariance / spread, 2) if spread else 0.0,
+    }

@@ -11,6 +11,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     EncoderDecoderConfig,
     EncoderDecoderModel,
@@ -19,6 +20,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     RobertaConfig,
+    RobertaForSequenceClassification,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -47,6 +49,7 @@ AUTO_CLASSES = {
     ModelTask.seq2seq: AutoModelForSeq2SeqLM,
     ModelTask.encoder_decoder: AutoModelForSeq2SeqLM,
     ModelTask.causal_lm: AutoModelForCausalLM,
+    ModelTask.classification: AutoModelForSequenceClassification,
 }
 # A warm-started encoder-decoder's cross-attention starts random: it is trained whole, beside the LoRA adapters.
 CROSS_ATTENTION = "crossattention"
@@ -71,9 +74,32 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def build_scratch_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
+def label_maps(labels: list[str]) -> dict:
+    """id2label/label2id for a classification head; labels sorted so the ids do not depend on data order."""
+    labels = sorted(labels)
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
+
+
+def build_scratch_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int, labels: list[str] | None = None
+) -> PreTrainedModel:
     arch = cfg.scratch
     torch.manual_seed(seed)
+    if cfg.task is ModelTask.classification:
+        return RobertaForSequenceClassification(
+            RobertaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=arch.d_model,
+                intermediate_size=arch.d_ff,
+                num_hidden_layers=arch.num_layers,
+                num_attention_heads=arch.num_heads,
+                max_position_embeddings=1026,  # RoBERTa positions start after the padding index
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **label_maps(labels),
+            )
+        )
     if cfg.task is ModelTask.causal_lm:
         # Qwen2: the Llama-style decoder today's small code LMs (Qwen2.5-Coder, CodeLlama) use.
         return Qwen2ForCausalLM(
@@ -123,7 +149,7 @@ def build_scratch_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, se
     return T5ForConditionalGeneration(config)
 
 
-def load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def load_pretrained(cfg: ModelConfig, labels: list[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """from_pretrained(cfg.name): a Hub id (downloaded once, then cached) or a local directory."""
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
@@ -131,6 +157,8 @@ def load_pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
         if cfg.task is ModelTask.encoder_decoder:
             # The CodeXGLUE baseline: the pretrained encoder twice, the copy used as decoder gaining cross-attention.
             model = _with_special_ids(EncoderDecoderModel.from_encoder_decoder_pretrained(cfg.name, cfg.name, **kwargs), tokenizer)
+        elif cfg.task is ModelTask.classification:  # a new head, sized to the labels in the data
+            model = AutoModelForSequenceClassification.from_pretrained(cfg.name, **label_maps(labels), **kwargs)
         else:
             model = AUTO_CLASSES[cfg.task].from_pretrained(cfg.name, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
@@ -160,7 +188,12 @@ def _with_special_ids(model: EncoderDecoderModel, tokenizer) -> EncoderDecoderMo
 def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A model codetune exported (merged, no PEFT needed), with the head its config says it has."""
     config = AutoConfig.from_pretrained(model_dir)
-    task = ModelTask.seq2seq if config.is_encoder_decoder else ModelTask.causal_lm
+    if config.is_encoder_decoder:
+        task = ModelTask.seq2seq
+    elif any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        task = ModelTask.classification
+    else:
+        task = ModelTask.causal_lm
     return AUTO_CLASSES[task].from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -173,11 +206,13 @@ def encode_prompt(tokenizer, template: str, code: str, max_length: int) -> list[
     return prefix_ids + tokenizer(code, add_special_tokens=False)["input_ids"][:room] + suffix_ids
 
 
-def load_model(cfg: ModelConfig, train_texts: Iterable[str], seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def load_model(
+    cfg: ModelConfig, train_texts: Iterable[str], seed: int, labels: list[str] | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if cfg.init is ModelInit.scratch:
         tokenizer = train_tokenizer(train_texts, cfg.scratch.vocab_size)
-        return build_scratch_model(cfg, tokenizer, seed), tokenizer
-    return load_pretrained(cfg)
+        return build_scratch_model(cfg, tokenizer, seed, labels), tokenizer
+    return load_pretrained(cfg, labels)
 
 
 def lora_targets(model: PreTrainedModel, cfg: PeftConfig) -> list[str] | str:
@@ -198,7 +233,12 @@ def lora_targets(model: PreTrainedModel, cfg: PeftConfig) -> list[str] | str:
 def add_lora(model: PreTrainedModel, cfg: PeftConfig):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    task_type = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+    if model.config.is_encoder_decoder:
+        task_type = TaskType.SEQ_2_SEQ_LM
+    elif type(model).__name__.endswith("ForSequenceClassification"):
+        task_type = TaskType.SEQ_CLS  # peft keeps the new classification head trainable
+    else:
+        task_type = TaskType.CAUSAL_LM
     lora = LoraConfig(
         task_type=task_type,
         r=cfg.r,

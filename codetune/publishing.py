@@ -146,24 +146,32 @@ def publish_to_s3(client, cfg: Config, run_dir: Path, metadata: dict, version: s
     return upload_to_s3(client, cfg.registry.s3.bucket, s3_prefix(cfg, version), files)
 
 
-def model_card(cfg: Config, metrics: dict, baseline: dict, num_examples: int, data_source: str) -> str:
+TASK_CARDS = {
+    # model.task -> (Hub pipeline tag, what the model does)
+    ModelTask.seq2seq: ("summarization", "Summarises a function's source code in one sentence (a docstring summary)."),
+    ModelTask.encoder_decoder: ("summarization", "Summarises a function's source code in one sentence (a docstring summary)."),
+    ModelTask.causal_lm: ("text-generation", "Writes a one-sentence summary (a docstring summary) after a function's source code."),
+    ModelTask.classification: ("text-classification", "Labels a function's source code with one of the classes it was trained on."),
+}
+
+
+def model_card(cfg: Config, metrics: dict, baseline: dict, baseline_name: str, num_examples: int, data_source: str) -> str:
     """README.md with Hub metadata (model-index), so the Hub renders the evaluation table."""
     from huggingface_hub import EvalResult, ModelCardData
 
     base = cfg.model.name if cfg.model.init is ModelInit.pretrained else None
-    architecture = {ModelTask.seq2seq: "CodeT5", ModelTask.encoder_decoder: "RoBERTa encoder-decoder", ModelTask.causal_lm: "Qwen2"}[
-        cfg.model.task
-    ]
-    dataset = f"code-summaries ({data_source})"
+    pipeline_tag, purpose = TASK_CARDS[cfg.model.task]
+    architecture = {ModelTask.seq2seq: "CodeT5", ModelTask.causal_lm: "Qwen2"}.get(cfg.model.task, "RoBERTa")
+    dataset = f"code ({data_source})"
     data = ModelCardData(
         model_name=cfg.registry.model_name,
         base_model=base,
         license=cfg.registry.huggingface.license,
         library_name="peft" if cfg.registry.huggingface.weights is HubWeights.adapter else "transformers",
-        pipeline_tag="text-generation" if cfg.model.task is ModelTask.causal_lm else "summarization",
-        tags=["code", "code-summarization", "codetune"] + (["lora"] if cfg.peft.use_peft else []),
+        pipeline_tag=pipeline_tag,
+        tags=["code", "codetune", cfg.model.task.value] + (["lora"] if cfg.peft.use_peft else []),
         eval_results=[
-            EvalResult(task_type="summarization", dataset_type="code-summaries", dataset_name=dataset,
+            EvalResult(task_type=pipeline_tag, dataset_type="code", dataset_name=dataset,
                        metric_type=name, metric_name=name, metric_value=value)
             for name, value in metrics.items()
         ],
@@ -177,13 +185,13 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, num_examples: int, da
 
 # {cfg.registry.model_name}
 
-Summarises a function's source code in one sentence (a docstring summary). Fine-tuned with
-codetune from {f"`{base}`" if base else f"a {architecture}-architecture model trained from scratch"}.
+{purpose} Fine-tuned with codetune from
+{f"`{base}`" if base else f"a {architecture}-architecture model trained from scratch"}.
 
 ## Evaluation
 
-{num_examples} held-out test examples; smoothed BLEU-4 as CodeXGLUE computes it. The baseline is
-the function name split into words.
+{num_examples} held-out test examples (smoothed BLEU-4 as CodeXGLUE computes it for summaries).
+The baseline is the {baseline_name}.
 
 | metric | model | baseline |
 |---|---|---|
@@ -196,9 +204,9 @@ the function name split into words.
 
 ## Intended use and limitations
 
-For drafting docstring summaries of Python functions in code review or documentation tools. It
-sees at most {training.max_source_length} tokens of code, writes short English summaries, can
-state plausible but wrong behaviour, and was not evaluated on other languages. Review its output.
+For assisting code review and documentation tools, with a person checking the output. It sees
+at most {training.max_source_length} tokens of code, can be confidently wrong, and was evaluated
+only on data like its training data ({data_source}); measure it on yours before relying on it.
 """
 
 

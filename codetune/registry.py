@@ -18,13 +18,12 @@ from pathlib import Path
 
 import codetune
 from codetune.config import Config
-from codetune.metrics import smoothed_bleu4
+from codetune.evaluation import primary_metric, reference, score
 from codetune.training import model_files
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-PRIMARY_METRIC = "bleu4_smoothed"
 SERVING_CODE = Path(__file__).with_name("serving.py")
 
 
@@ -67,27 +66,28 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
     return info.model_uri
 
 
-def _champion_score(client, name: str, champion, test_split: str, test_rows: list[dict]) -> float:
+def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict]) -> float:
     """The champion's primary metric on this test split: its recorded one if it was scored on the same split, else re-scored now."""
     import mlflow
 
+    metric = primary_metric(cfg.model.task)
     if champion.tags.get("test_split") == test_split:
-        return float(champion.tags[f"metric.{PRIMARY_METRIC}"])
+        return float(champion.tags[f"metric.{metric}"])
     log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
-    predictor = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    predictor = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
     predictions = predictor.predict([r["code"] for r in test_rows])
-    return smoothed_bleu4([r["summary"] for r in test_rows], predictions)
+    return score(cfg.model.task, [reference(r) for r in test_rows], predictions)[metric]
 
 
-def decide_alias(score: float, min_bleu: float, champion_score: float | None) -> tuple[str, str]:
-    """(alias, reason) for a new version scoring `score`."""
-    if score < min_bleu:
-        return CHALLENGER, f"{PRIMARY_METRIC} {score:.2f} is below registry.min_bleu {min_bleu:.2f}"
-    if champion_score is None:
-        return CHAMPION, f"first version to pass the thresholds ({PRIMARY_METRIC} {score:.2f})"
-    if score > champion_score:
-        return CHAMPION, f"{PRIMARY_METRIC} {score:.2f} beats the champion's {champion_score:.2f} on the same test split"
-    return CHALLENGER, f"{PRIMARY_METRIC} {score:.2f} does not beat the champion's {champion_score:.2f} on the same test split"
+def decide_alias(metric: str, value: float, min_score: float, champion_value: float | None) -> tuple[str, str]:
+    """(alias, reason) for a new version whose primary metric is `value`."""
+    if value < min_score:
+        return CHALLENGER, f"{metric} {value:.2f} is below registry.min_score {min_score:.2f}"
+    if champion_value is None:
+        return CHAMPION, f"first version to pass the thresholds ({metric} {value:.2f})"
+    if value > champion_value:
+        return CHAMPION, f"{metric} {value:.2f} beats the champion's {champion_value:.2f} on the same test split"
+    return CHALLENGER, f"{metric} {value:.2f} does not beat the champion's {champion_value:.2f} on the same test split"
 
 
 def register_model(
@@ -119,8 +119,9 @@ def register_model(
             champion = client.get_model_version_by_alias(name, CHAMPION)
         except MlflowException:
             champion = None
-        champion_score = _champion_score(client, name, champion, test_split, test_rows) if champion else None
-        alias, reason = decide_alias(metrics[PRIMARY_METRIC], cfg.registry.min_bleu, champion_score)
+        champion_value = _champion_score(cfg, champion, test_split, test_rows) if champion else None
+        metric = primary_metric(cfg.model.task)
+        alias, reason = decide_alias(metric, metrics[metric], cfg.registry.min_score, champion_value)
         client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", f"{alias}: {reason}")
     log.info("%s v%s -> %s: %s", name, version, alias, reason)

@@ -1,4 +1,5 @@
-"""The MLflow pyfunc model a consumer loads: `mlflow.pyfunc.load_model("models:/<name>@champion").predict([code, ...])`.
+"""The MLflow pyfunc model a consumer loads: `mlflow.pyfunc.load_model("models:/<name>@champion").predict([code, ...])`
+returns a summary per code (or a label, for a classifier).
 
 A custom pyfunc rather than the transformers flavour: transformers 5 removed the
 text2text-generation pipeline that flavour needs for T5/CodeT5. It is logged as code (MLflow
@@ -13,7 +14,7 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 
-class CodeSummarizer(PythonModel):
+class CodeModel(PythonModel):
     def load_context(self, context):
         import torch
 
@@ -30,12 +31,12 @@ class CodeSummarizer(PythonModel):
         self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
     def predict(self, context, model_input, params=None) -> list[str]:
-        from codetune.evaluation import generate_summaries
+        from codetune.evaluation import predict
 
         if hasattr(model_input, "iloc"):  # a DataFrame: the first column holds the code
             model_input = model_input.iloc[:, 0].tolist()
         codes = [model_input] if isinstance(model_input, str) else [str(c) for c in model_input]
-        return generate_summaries(self.model, self.tokenizer, codes, self.generation, self.max_source_length, self.prompt_template)
+        return predict(self.model, self.tokenizer, codes, self.generation, self.max_source_length, self.prompt_template)
 
 
-mlflow.models.set_model(CodeSummarizer())
+mlflow.models.set_model(CodeModel())

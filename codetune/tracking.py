@@ -66,7 +66,7 @@ def log_run(cfg: Config, run_dir: str | Path, summary: dict[str, float], tags: d
         mlflow.log_params(params)
         now = int(time.time() * 1000)
         final = [Metric(f"test_{k}", float(v), now, 0) for k, v in metrics_file["model"].items()]
-        final += [Metric(f"baseline_{k}", float(v), now, 0) for k, v in metrics_file["baseline_function_name"].items()]
+        final += [Metric(f"baseline_{k}", float(v), now, 0) for k, v in metrics_file["baseline"].items()]
         final += [Metric(k, float(v), now, 0) for k, v in summary.items()]
         client = mlflow.tracking.MlflowClient()
         metrics = list(_curve_metrics(trainer_state, now)) + final

@@ -20,7 +20,7 @@ import torch
 
 from codetune.config import Config, ModelTask, content_hash, to_yaml
 from codetune.data import PreparedData
-from codetune.errors import ModelError
+from codetune.errors import DataError, ModelError
 from codetune.model import add_lora, count_parameters, encode_prompt, load_model, merge_adapter
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,17 @@ def resolve_precision(cfg: Config) -> tuple[bool, bool]:
     return t.bf16, t.fp16
 
 
-def tokenize(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+def tokenize(rows: list[dict], tokenizer, cfg: Config, label2id: dict[str, int] | None = None) -> list[dict]:
     t = cfg.training
+    if cfg.model.task is ModelTask.classification:
+        unknown = sorted({r["label"] for r in rows} - set(label2id))
+        if unknown:
+            raise DataError(f"labels {unknown} are not in the train split ({sorted(label2id)}): add training examples for them")
+        encoded = tokenizer([r["code"] for r in rows], max_length=t.max_source_length, truncation=True)
+        return [
+            {"input_ids": ids, "attention_mask": mask, "labels": label2id[r["label"]]}
+            for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows)
+        ]
     if cfg.model.task is ModelTask.causal_lm:
         return [causal_example(tokenizer, cfg.model.prompt_template, r, t.max_source_length, t.max_target_length) for r in rows]
     sources = tokenizer([r["code"] for r in rows], max_length=t.max_source_length, truncation=True)
@@ -156,7 +165,7 @@ def _move_into(src_dir: Path, dest_dir: Path) -> None:
 
 def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     """Train (or resume, or skip if done) and export the model to the run directory."""
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
 
 
     run_dir = Path(cfg.training.output_dir) / run_name(cfg, data)
@@ -171,7 +180,10 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     t = cfg.training
     set_seed(t.seed)
     train_rows, validation_rows = data.load("train"), data.load("validation")
-    model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in train_rows), t.seed)
+    labels = sorted({r["label"] for r in train_rows}) if "label" in train_rows[0] else None
+    texts = (r["code"] + "\n" + r.get("summary", "") for r in train_rows)
+    model, tokenizer = load_model(cfg.model, texts, t.seed, labels)
+    label2id = model.config.label2id if labels else None
     base_model = model
     if cfg.peft.use_peft:
         model = add_lora(model, cfg.peft)
@@ -210,12 +222,15 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
         report_to="none",  # the tracking stage logs the curve from trainer_state, once, even across resumes
         disable_tqdm=True,
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, model=base_model, label_pad_token_id=-100, pad_to_multiple_of=8)
+    if labels:
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, model=base_model, label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Seq2SeqTrainer(
         model=model,
         args=args,
-        train_dataset=tokenize(train_rows, tokenizer, cfg),
-        eval_dataset=tokenize(validation_rows, tokenizer, cfg),
+        train_dataset=tokenize(train_rows, tokenizer, cfg, label2id),
+        eval_dataset=tokenize(validation_rows, tokenizer, cfg, label2id),
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[_throughput_callback(trainable if cfg.peft.use_peft else total)],

@@ -64,6 +64,18 @@ def trained_run(tiny_cfg):
     return tiny_cfg, data, train_model(tiny_cfg, data)
 
 
+@pytest.fixture(scope="session")
+def labelled_jsonl(stdlib_cache, tmp_path_factory) -> Path:
+    """A real classification task from the stdlib: is the function a method (self/cls first) or a plain function?"""
+    from codetune.config import DataConfig
+    from codetune.data import prepare_data
+
+    rows = [r for split in ("train", "validation", "test") for r in prepare_data(DataConfig(cache_dir=str(stdlib_cache))).load(split)]
+    kind = lambda code: "method" if code.split("\n", 1)[0].split("(", 1)[-1].startswith(("self", "cls")) else "function"
+    labelled = [{"code": r["code"], "label": kind(r["code"])} for r in rows]
+    return write_jsonl(tmp_path_factory.mktemp("labelled") / "returns.jsonl", labelled[:600])
+
+
 @pytest.fixture
 def code_tree(tmp_path) -> Path:
     """A small source tree with documented functions, a test file and a broken file."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,28 +53,30 @@ def _source_files(cfg: DataConfig) -> list[Path]:
     return []
 
 
-def source_fingerprint(cfg: DataConfig) -> str:
+def source_fingerprint(cfg: DataConfig, labelled: bool = False) -> str:
     """Hash of the data settings and of every source file's content: unchanged data, same hash."""
-    digest = hashlib.sha256(content_hash(cfg).encode())
+    digest = hashlib.sha256(content_hash({"data": dataclasses.asdict(cfg), "labelled": labelled}).encode())
     for path in _source_files(cfg):
         digest.update(str(path).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def _read(cfg: DataConfig, dropped: Counter):
+def _read(cfg: DataConfig, dropped: Counter, labelled: bool):
     if cfg.source is DataSource.code_tree:
         return read_code_tree(Path(cfg.path) if cfg.path else default_tree(), dropped)
     rows = file_rows(data_files(cfg.path)) if cfg.source is DataSource.files else hub_rows(cfg.path, cfg.hub_subset)
-    return read_examples(rows, cfg.input_field, cfg.target_field, cfg.skip_invalid, dropped)
+    target = cfg.label_field if labelled else cfg.target_field
+    return read_examples(rows, cfg.input_field, target, cfg.skip_invalid, dropped, labelled)
 
 
 def _drop_reason(example: dict, cfg: DataConfig) -> str | None:
-    words = len(example["summary"].split())
-    if words < cfg.min_summary_words:
-        return "summary_too_short"
-    if words > cfg.max_summary_words:
-        return "summary_too_long"
+    if "summary" in example:
+        words = len(example["summary"].split())
+        if words < cfg.min_summary_words:
+            return "summary_too_short"
+        if words > cfg.max_summary_words:
+            return "summary_too_long"
     if not example["code"].strip():
         return "empty_code"
     if example["code"].count("\n") > cfg.max_code_lines:
@@ -93,7 +96,7 @@ def split_examples(examples: list[dict], cfg: DataConfig, dropped: Counter) -> d
     """
     keyed: dict[str, dict] = {}
     for ex in examples:
-        key = hashlib.sha256(f"{ex['code']}\0{ex['summary']}".encode()).hexdigest()
+        key = hashlib.sha256(f"{ex['code']}\0{ex.get('summary', ex.get('label'))}".encode()).hexdigest()
         if key in keyed:
             dropped["duplicate"] += 1
         else:
@@ -124,9 +127,16 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
-    """Read, filter, deduplicate and split cfg's source into cache_dir/<fingerprint>/; reuse it if already there."""
-    fingerprint = source_fingerprint(cfg) if cfg.source is not DataSource.hub else content_hash(cfg)
+def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
+    """Read, filter, deduplicate and split cfg's source into cache_dir/<fingerprint>/; reuse it if already there.
+
+    labelled: examples are {code, label} (classification) instead of {code, summary}.
+    """
+    fingerprint = (
+        source_fingerprint(cfg, labelled)
+        if cfg.source is not DataSource.hub
+        else content_hash({"data": dataclasses.asdict(cfg), "labelled": labelled})
+    )
     directory = Path(cfg.cache_dir) / fingerprint[:16]
     manifest_path = directory / "manifest.json"
     if manifest_path.exists():
@@ -136,7 +146,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
 
     dropped: Counter = Counter()
     kept, read = [], 0
-    for example in _read(cfg, dropped):
+    for example in _read(cfg, dropped, labelled):
         read += 1
         reason = _drop_reason(example, cfg)
         if reason:

@@ -88,8 +88,8 @@ def code_without_docstring(code: str, docstring: str) -> str:
     return code
 
 
-def to_example(row: Any, input_field: str, target_field: str) -> dict:
-    """A raw row as {code, summary}; raises ValueError naming what is wrong with the row."""
+def to_example(row: Any, input_field: str, target_field: str, labelled: bool = False) -> dict:
+    """A raw row as {code, summary}, or {code, label} when labelled; raises ValueError naming what is wrong with the row."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object with fields, got {type(row).__name__}")
     missing = [f for f in (input_field, target_field) if f not in row]
@@ -98,6 +98,12 @@ def to_example(row: Any, input_field: str, target_field: str) -> dict:
             f"missing field {', '.join(repr(m) for m in missing)} (row has {', '.join(map(repr, row)) or 'no fields'}); "
             "set data.input_field / data.target_field"
         )
+    if labelled:
+        code, label = _text(row[input_field]), row[target_field]
+        if code is None or not isinstance(label, (str, int, bool)) or label == "":
+            bad = input_field if code is None else target_field
+            raise ValueError(f"field '{bad}' must be {'text' if code is None else 'a label (text or integer)'}, got {row[bad]!r:.40}")
+        return {"code": code, "label": str(label)}
     code, target = _text(row[input_field]), _text(row[target_field])
     if code is None or target is None:
         bad = input_field if code is None else target_field
@@ -106,14 +112,14 @@ def to_example(row: Any, input_field: str, target_field: str) -> dict:
 
 
 def read_examples(
-    rows: Iterable[tuple[str, Any]], input_field: str, target_field: str, skip_invalid: bool, dropped: Counter
+    rows: Iterable[tuple[str, Any]], input_field: str, target_field: str, skip_invalid: bool, dropped: Counter, labelled: bool = False
 ) -> Iterator[dict]:
     """Examples from (origin, raw row) pairs; a bad row fails the run or, with skip_invalid, is counted."""
     for origin, row in rows:
         try:
             if isinstance(row, Exception):
                 raise row
-            example = to_example(row, input_field, target_field)
+            example = to_example(row, input_field, target_field, labelled)
         except ValueError as exc:
             if not skip_invalid:
                 raise DataError(

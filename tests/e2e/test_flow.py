@@ -212,3 +212,20 @@ def test_publishing_credentials_come_from_prefect_blocks(prefect_server, moto_ur
     [uploaded] = upload_to_s3(client, "from-block", "p", [(tmp_path / "config.json", "config.json")])
     assert uploaded.transferred and client.head_object(Bucket="from-block", Key="p/config.json")["ContentLength"] == 2
     assert hub_token("hf-token") == "hf_from_block"
+
+
+@pytest.mark.timeout(600)
+def test_classifier_family_end_to_end(prefect_server, labelled_jsonl, tiny_overrides, tmp_path, monkeypatch):
+    """model.task=classification: the registered model's consumer gets labels, not summaries."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = finetune(config=str(Path(__file__).parents[2] / "configs" / "tiny-classifier.yaml"),
+                      overrides=tiny_overrides + [f"data.path={labelled_jsonl}", f"mlflow.tracking_uri={uri}"])
+    assert set(result["metrics"]) == {"accuracy", "f1_macro", "mcc"}
+    assert result["registration"]["alias"] == "champion" and "accuracy" in result["registration"]["reason"]
+    mlflow.set_tracking_uri(uri)
+    try:
+        labels = mlflow.pyfunc.load_model("models:/codetune-code-classifier@champion").predict(["def f(x):\n    return x\n"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert labels[0] in {"method", "function"}

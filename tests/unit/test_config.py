@@ -85,3 +85,8 @@ def test_every_key_is_documented_where_users_see_it():
     docs = key_help()
     assert set(docs) == set(SCHEMA_KEYS)
     assert [k for k, doc in docs.items() if not doc] == []
+
+
+def test_classification_needs_labelled_files():
+    with pytest.raises(ConfigError, match="needs labelled data"):
+        load_config(None, ["model.task=classification"])

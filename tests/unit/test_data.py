@@ -125,3 +125,12 @@ def test_stdlib_default_yields_thousands_of_pairs(stdlib_cache):
     assert data.counts["read"] > 5000
     assert data.counts["kept"]["test"] > 200
     assert not any("/test" in e["origin"] or e["origin"].startswith("test") for e in data.load("train"))
+
+
+def test_labelled_rows_read_codexglue_defect_format(tmp_path):
+    rows = [{"func": f"int f{i}(int x) {{ return x + {i}; }}", "target": i % 2, "idx": i} for i in range(60)]
+    path = write_jsonl(tmp_path / "devign.jsonl", rows)
+    data = prepare_data(_cfg(tmp_path, path=str(path), input_field="func", label_field="target"), labelled=True)
+    train = data.load("train")
+    assert {r["label"] for r in train} == {"0", "1"} and "summary" not in train[0]
+    assert sum(data.counts["kept"].values()) == 60

@@ -42,5 +42,5 @@ def test_evaluation_writes_predictions_examples_and_metrics(trained_run):
     assert len(json.loads((run_dir / "examples.json").read_text())) == 3
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     assert set(metrics["model"]) == {"bleu4_smoothed", "bleu_corpus", "rouge_l", "exact_match"}
-    assert metrics["baseline_function_name"]["bleu4_smoothed"] > 0
+    assert metrics["baseline"]["bleu4_smoothed"] > 0 and metrics["baseline_name"] == "function name split into words"
     assert "| bleu4_smoothed |" in report.to_markdown()

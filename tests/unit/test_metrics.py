@@ -2,7 +2,15 @@ import math
 
 import pytest
 
-from codetune.metrics import corpus_bleu, exact_match, function_name_words, rouge_l, sentence_bleu, smoothed_bleu4
+from codetune.metrics import (
+    classification_metrics,
+    corpus_bleu,
+    exact_match,
+    function_name_words,
+    rouge_l,
+    sentence_bleu,
+    smoothed_bleu4,
+)
 
 
 def test_sentence_bleu_matches_a_hand_computation():
@@ -41,3 +49,16 @@ def test_corpus_bleu_and_rouge_are_not_zero_for_partial_overlap():
 )
 def test_function_name_baseline(code, words):
     assert function_name_words(code) == words
+
+
+def test_classification_metrics_match_hand_computed_values():
+    refs = ["a", "a", "a", "b", "b", "c"]
+    preds = ["a", "a", "b", "b", "c", "c"]
+    got = classification_metrics(refs, preds)
+    assert got["accuracy"] == pytest.approx(100 * 4 / 6, abs=0.01)
+    # per-class F1: a 2*2/(3+2)=0.8, b 2*1/(2+2)=0.5, c 2*1/(1+2)=0.667
+    assert got["f1_macro"] == pytest.approx(100 * (0.8 + 0.5 + 2 / 3) / 3, abs=0.01)
+    # Gorodkin MCC: (c*s - sum t_k p_k) / sqrt((s^2 - sum p_k^2)(s^2 - sum t_k^2)) with c=4, s=6
+    expected = (4 * 6 - (3 * 2 + 2 * 2 + 1 * 2)) / math.sqrt((36 - (4 + 4 + 4)) * (36 - (9 + 4 + 1)))
+    assert got["mcc"] == pytest.approx(100 * expected, abs=0.01)
+    assert classification_metrics(["a", "b"], ["a", "a"])["mcc"] == 0.0  # a constant prediction has no correlation

@@ -25,7 +25,8 @@ def tokenizer():
 @pytest.fixture(params=list(ModelTask), ids=lambda t: t.value)
 def tiny_model(request, tokenizer):
     arch = ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2)
-    return build_scratch_model(ModelConfig(scratch=arch, task=request.param), tokenizer, seed=0)
+    labels = ["clean", "buggy"] if request.param is ModelTask.classification else None
+    return build_scratch_model(ModelConfig(scratch=arch, task=request.param), tokenizer, seed=0, labels=labels)
 
 
 def test_tokenizer_keeps_codet5_special_tokens_and_round_trips(tokenizer):
@@ -38,8 +39,8 @@ def test_tokenizer_keeps_codet5_special_tokens_and_round_trips(tokenizer):
 def test_lora_trains_only_adapter_weights(tiny_model):
     model = add_lora(tiny_model, PeftConfig(use_peft=True, r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    # A warm-started encoder-decoder's new cross-attention trains whole; everything else pretrained stays frozen.
-    assert trainable and all("lora_" in n or "crossattention" in n for n in trainable)
+    # A new head (a warm-started decoder's cross-attention, a classifier) trains whole; the rest stays frozen.
+    assert trainable and all("lora_" in n or "crossattention" in n or "classifier" in n for n in trainable)
     assert any("lora_" in n for n in trainable)
     assert count_parameters(model)[0] < 0.2 * count_parameters(model)[1]
 

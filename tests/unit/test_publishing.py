@@ -88,7 +88,7 @@ def test_s3_missing_bucket_is_a_clear_error(s3, run_dir):
 
 def test_hub_push_creates_private_repo_and_one_commit_with_card(run_dir):
     cfg = load_config(None, ["registry.huggingface.repo_id=org/summ"])
-    card = model_card(cfg, {"bleu4_smoothed": 9.1}, {"bleu4_smoothed": 4.2}, 100, "code_tree (stdlib)")
+    card = model_card(cfg, {"bleu4_smoothed": 9.1}, {"bleu4_smoothed": 4.2}, "function name split into words", 100, "code_tree (stdlib)")
     with RecordingHub() as hub:
         url = push_to_hub("org/summ", hub.state.valid_token, True, publish_files(run_dir, HubWeights.merged), card, "v1", hub.url)
         create = next(r for r in hub.state.requests if r.path == "/api/repos/create")

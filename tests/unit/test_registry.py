@@ -12,25 +12,26 @@ from codetune.training import train_model
     "score, champion, alias, reason",
     [
         (12.0, None, CHAMPION, "first version"),
-        (3.0, None, CHALLENGER, "below registry.min_bleu"),
+        (3.0, None, CHALLENGER, "below registry.min_score"),
         (12.0, 10.0, CHAMPION, "beats the champion's 10.00"),
         (9.0, 10.0, CHALLENGER, "does not beat"),
         (10.0, 10.0, CHALLENGER, "does not beat"),
     ],
 )
 def test_promotion_gate(score, champion, alias, reason):
-    got_alias, got_reason = decide_alias(score, min_bleu=5.0, champion_score=champion)
+    got_alias, got_reason = decide_alias("bleu4_smoothed", score, min_score=5.0, champion_value=champion)
     assert got_alias == alias and reason in got_reason
 
 
 @pytest.fixture
-def tracked(tiny_cfg, tmp_path):
+def tracked(tiny_cfg, tmp_path, monkeypatch):
     """A trained tiny model, an MLflow SQLite store, and a function that registers it with given metrics."""
+    monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under ./mlruns
     data = prepare_data(tiny_cfg.data)
     trained = train_model(tiny_cfg, data)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("registry-test")
-    cfg = load_config(None, ["training.max_source_length=64", "registry.min_bleu=5", "registry.model_name=summarizer"])
+    cfg = load_config(None, ["training.max_source_length=64", "registry.min_score=5", "registry.model_name=summarizer"])
     rows = data.load("test")[:4]
 
     def register(bleu: float, split: str = "split-a"):

@@ -94,3 +94,17 @@ def test_every_family_exports_a_model_plain_transformers_loads(config, auto_clas
     result = train_model(cfg, prepare_data(cfg.data))
     model = getattr(transformers, auto_class).from_pretrained(result.run_dir)
     assert model.config.model_type == model_type and result.global_step == 12
+
+
+def test_classifier_beats_the_majority_class_on_a_real_stdlib_task(labelled_jsonl, stdlib_cache, tmp_path):
+    from codetune.evaluation import evaluate_model
+
+    cfg = load_config("configs/tiny-classifier.yaml", [
+        f"data.path={labelled_jsonl}", f"data.cache_dir={stdlib_cache}", f"training.output_dir={tmp_path}",
+        "training.max_steps=100", "training.max_source_length=48", "training.learning_rate=3e-3", "model.scratch.vocab_size=1000",
+        "model.scratch.d_model=64", "model.scratch.d_ff=128", "model.scratch.num_layers=1", "data.test_fraction=0.2",
+    ])
+    data = prepare_data(cfg.data, labelled=True)
+    report = evaluate_model(train_model(cfg, data).run_dir, data.load("test"), cfg)
+    assert report.baseline_name == "majority class"
+    assert report.metrics["accuracy"] > report.baseline["accuracy"]
