@@ -42,7 +42,7 @@ def finetune(
     use_lora: Optional[bool] = None,
     lora_r: Optional[int] = None,
 ) -> dict:
-    """Fine-tune, evaluate, track, register and publish a code summarisation model.
+    """Fine-tune, evaluate, track, register and publish a code model (summariser or classifier, per model.task).
 
     Args:
         config: YAML file in configs/; empty runs the embedded offline default.
