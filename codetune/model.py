@@ -80,26 +80,28 @@ def label_maps(labels: list[str]) -> dict:
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
 
 
+def _roberta_config(arch, tokenizer, layers: int, **extra) -> RobertaConfig:
+    return RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.d_model,
+        intermediate_size=arch.d_ff,
+        num_hidden_layers=layers,
+        num_attention_heads=arch.num_heads,
+        max_position_embeddings=1026,  # RoBERTa positions start after the padding index
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
 def build_scratch_model(
     cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int, labels: list[str] | None = None
 ) -> PreTrainedModel:
     arch = cfg.scratch
     torch.manual_seed(seed)
     if cfg.task is ModelTask.classification:
-        return RobertaForSequenceClassification(
-            RobertaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=arch.d_model,
-                intermediate_size=arch.d_ff,
-                num_hidden_layers=arch.num_layers,
-                num_attention_heads=arch.num_heads,
-                max_position_embeddings=1026,  # RoBERTa positions start after the padding index
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **label_maps(labels),
-            )
-        )
+        return RobertaForSequenceClassification(_roberta_config(arch, tokenizer, arch.num_layers, **label_maps(labels)))
     if cfg.task is ModelTask.causal_lm:
         # Qwen2: the Llama-style decoder today's small code LMs (Qwen2.5-Coder, CodeLlama) use.
         return Qwen2ForCausalLM(
@@ -118,18 +120,8 @@ def build_scratch_model(
             )
         )
     if cfg.task is ModelTask.encoder_decoder:
-        shape = dict(
-            vocab_size=len(tokenizer),
-            hidden_size=arch.d_model,
-            intermediate_size=arch.d_ff,
-            num_attention_heads=arch.num_heads,
-            max_position_embeddings=1026,  # RoBERTa positions start after the padding index
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        encoder = RobertaConfig(num_hidden_layers=arch.num_layers, **shape)
-        decoder = RobertaConfig(num_hidden_layers=arch.num_decoder_layers, is_decoder=True, add_cross_attention=True, **shape)
+        encoder = _roberta_config(arch, tokenizer, arch.num_layers)
+        decoder = _roberta_config(arch, tokenizer, arch.num_decoder_layers, is_decoder=True, add_cross_attention=True)
         return _with_special_ids(EncoderDecoderModel(config=EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)), tokenizer)
     config = T5Config(
         vocab_size=len(tokenizer),
