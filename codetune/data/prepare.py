@@ -53,9 +53,13 @@ def _source_files(cfg: DataConfig) -> list[Path]:
     return []
 
 
+def _settings_hash(cfg: DataConfig, labelled: bool) -> str:
+    return content_hash({"data": dataclasses.asdict(cfg), "labelled": labelled})
+
+
 def source_fingerprint(cfg: DataConfig, labelled: bool = False) -> str:
     """Hash of the data settings and of every source file's content: unchanged data, same hash."""
-    digest = hashlib.sha256(content_hash({"data": dataclasses.asdict(cfg), "labelled": labelled}).encode())
+    digest = hashlib.sha256(_settings_hash(cfg, labelled).encode())
     for path in _source_files(cfg):
         digest.update(str(path).encode())
         digest.update(path.read_bytes())
@@ -132,11 +136,8 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
 
     labelled: examples are {code, label} (classification) instead of {code, summary}.
     """
-    fingerprint = (
-        source_fingerprint(cfg, labelled)
-        if cfg.source is not DataSource.hub
-        else content_hash({"data": dataclasses.asdict(cfg), "labelled": labelled})
-    )
+    # A hub dataset cannot be hashed without downloading it; its name and the settings stand in.
+    fingerprint = source_fingerprint(cfg, labelled) if cfg.source is not DataSource.hub else _settings_hash(cfg, labelled)
     directory = Path(cfg.cache_dir) / fingerprint[:16]
     manifest_path = directory / "manifest.json"
     if manifest_path.exists():

@@ -13,6 +13,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def champion_predicts(tracking_uri: str, model_name: str, codes: list[str]) -> list:
+    """What a consumer gets from `models:/<model_name>@champion` in the registry at tracking_uri."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(f"models:/{model_name}@champion").predict(codes)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def wait_until_healthy(url: str, process: subprocess.Popen, name: str, seconds: float = 120) -> None:
     """Poll a service's health URL until it answers; fail the test (and kill the service) if it never does."""
     deadline = time.time() + seconds

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from flows.finetune import finetune
+from tests.e2e.conftest import champion_predicts
 from tests.servers import RecordingHub
 
 
@@ -183,11 +184,7 @@ def test_other_summarisation_families_end_to_end(family, prefect_server, tiny_ov
                       overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "registry.model_name=causal"])
     assert set(result["metrics"]) == {"bleu4_smoothed", "bleu_corpus", "rouge_l", "exact_match"}
     assert result["registration"]["alias"] == "champion"
-    mlflow.set_tracking_uri(uri)
-    try:
-        summaries = mlflow.pyfunc.load_model("models:/causal@champion").predict(["def add(a, b): return a + b"])
-    finally:
-        mlflow.set_tracking_uri(None)
+    summaries = champion_predicts(uri, "causal", ["def add(a, b): return a + b"])
     assert len(summaries) == 1 and isinstance(summaries[0], str)
 
 
@@ -223,9 +220,5 @@ def test_classifier_family_end_to_end(prefect_server, labelled_jsonl, tiny_overr
                       overrides=tiny_overrides + [f"data.path={labelled_jsonl}", f"mlflow.tracking_uri={uri}"])
     assert set(result["metrics"]) == {"accuracy", "f1_macro", "mcc"}
     assert result["registration"]["alias"] == "champion" and "accuracy" in result["registration"]["reason"]
-    mlflow.set_tracking_uri(uri)
-    try:
-        labels = mlflow.pyfunc.load_model("models:/codetune-code-classifier@champion").predict(["def f(x):\n    return x\n"])
-    finally:
-        mlflow.set_tracking_uri(None)
+    labels = champion_predicts(uri, "codetune-code-classifier", ["def f(x):\n    return x\n"])
     assert labels[0] in {"method", "function"}

@@ -4,6 +4,7 @@ import mlflow
 import pytest
 
 from flows.finetune import finetune
+from tests.e2e.conftest import champion_predicts
 
 
 @pytest.mark.timeout(600)
@@ -14,9 +15,5 @@ def test_flow_tracks_and_registers_through_an_mlflow_server(prefect_server, mlfl
 
     client = mlflow.MlflowClient(mlflow_server)
     assert client.get_run(result["mlflow_run_id"]).data.metrics["test_bleu4_smoothed"] == result["metrics"]["bleu4_smoothed"]
-    mlflow.set_tracking_uri(mlflow_server)
-    try:
-        summaries = mlflow.pyfunc.load_model("models:/served@champion").predict(["def add(a, b): return a + b"])
-    finally:
-        mlflow.set_tracking_uri(None)
+    summaries = champion_predicts(mlflow_server, "served", ["def add(a, b): return a + b"])
     assert len(summaries) == 1 and isinstance(summaries[0], str)
