@@ -70,7 +70,7 @@ def _train(args) -> dict:
     from codetune.training import train_model
 
     cfg = load_config(args.config, args.overrides + args.assignments)
-    data = prepare_data(cfg.data, labelled=not cfg.model.task.summarises)
+    data = prepare_data(cfg.data, labelled=cfg.model.task.labelled)
     trained = train_model(cfg, data)
     report = evaluate_model(trained.run_dir, data.load("test"), cfg)
     return {"run_dir": trained.run_dir, "global_step": trained.global_step, "metrics": report.metrics, "baseline": report.baseline}

@@ -36,10 +36,12 @@ class ModelTask(str, Enum):
     encoder_decoder = "encoder_decoder"
     causal_lm = "causal_lm"
     classification = "classification"
+    code_search = "code_search"
 
     @property
-    def summarises(self) -> bool:
-        return self is not ModelTask.classification
+    def labelled(self) -> bool:
+        """Trains on {code, label} examples; every other task on {code, summary} pairs."""
+        return self is ModelTask.classification
 
 
 class DataSource(str, Enum):
@@ -51,7 +53,7 @@ class DataSource(str, Enum):
 @dataclass
 class ScratchArchitecture:
     """Shape of the model built when model.init=scratch: T5 (CodeT5's architecture) for seq2seq, RoBERTa
-    encoder and decoder for encoder_decoder, Qwen2 for causal_lm, a RoBERTa encoder for classification."""
+    encoder and decoder for encoder_decoder, Qwen2 for causal_lm, a RoBERTa encoder for classification and code_search."""
 
     d_model: int = 128
     """Hidden size."""
@@ -76,7 +78,8 @@ class ModelConfig:
     task: ModelTask = ModelTask.seq2seq
     """seq2seq: CodeT5/T5 reads the code and writes the summary; encoder_decoder: a CodeBERT/RoBERTa encoder warm-starts
     an encoder-decoder (the CodeXGLUE code-to-text baseline); causal_lm: a decoder-only LM continues a prompt;
-    classification: an encoder with a classification head labels the code (e.g. CodeXGLUE defect detection)."""
+    classification: an encoder with a classification head labels the code (e.g. CodeXGLUE defect detection);
+    code_search: an encoder embeds queries (summaries) and code alike and ranks code by cosine similarity."""
     prompt_template: str = "{code}\n# Summary:"
     """causal_lm: the prompt the summary follows; {code} becomes the function, truncated so the prompt's end always fits."""
     revision: Optional[str] = None
@@ -247,8 +250,8 @@ class RegistryConfig:
     model_name: str = "codetune-code-summarizer"
     """Registered model name in the MLflow model registry."""
     min_score: float = 0.0
-    """A version becomes champion only at or above this primary metric (smoothed BLEU-4, or accuracy x100 for
-    classification), and only if it beats the champion."""
+    """A version becomes champion only at or above this primary metric (smoothed BLEU-4; accuracy x100 for
+    classification; MRR x100 for code_search), and only if it beats the champion."""
     dry_run: bool = False
     """Print what would be registered and uploaded, and do none of it."""
     s3: S3Config = field(default_factory=S3Config)

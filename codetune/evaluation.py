@@ -14,7 +14,8 @@ import torch
 
 from codetune.config import Config, GenerationConfig, ModelTask
 from codetune.errors import ModelError
-from codetune.metrics import classification_metrics, function_name_words, summary_metrics
+from codetune.code_search import lexical_similarity, match_ranks, similarity
+from codetune.metrics import classification_metrics, function_name_words, retrieval_metrics, summary_metrics
 from codetune.model import encode_prompt, load_exported
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class EvalReport:
         return (
             f"## Evaluation on {self.num_examples} test examples\n\n"
             f"| metric | model | baseline: {self.baseline_name} | lift |\n|---|---|---|---|\n"
-            f"{rows}\n\n### Examples\n\n| code | reference | prediction |\n|---|---|---|\n{shown}\n"
+            f"{rows}\n\n### Examples\n\n| input | reference | prediction |\n|---|---|---|\n{shown}\n"
         )
 
 
@@ -138,25 +139,85 @@ def predict(model, tokenizer, codes: list[str], gen: GenerationConfig, max_sourc
     return generate_summaries(model, tokenizer, codes, gen, max_source_length, prompt_template)
 
 
+PRIMARY_METRIC = {
+    ModelTask.seq2seq: "bleu4_smoothed",
+    ModelTask.encoder_decoder: "bleu4_smoothed",
+    ModelTask.causal_lm: "bleu4_smoothed",
+    ModelTask.classification: "accuracy",
+    ModelTask.code_search: "mrr",
+}
+
+
 def primary_metric(task: ModelTask) -> str:
     """The metric the registry compares versions on."""
-    return "bleu4_smoothed" if task.summarises else "accuracy"
+    return PRIMARY_METRIC[task]
 
 
 def score(task: ModelTask, references: list[str], predictions: list[str]) -> dict[str, float]:
-    return summary_metrics(references, predictions) if task.summarises else classification_metrics(references, predictions)
+    return classification_metrics(references, predictions) if task.labelled else summary_metrics(references, predictions)
 
 
 def reference(row: dict) -> str:
-    return row["summary"] if "summary" in row else row["label"]
+    return row["label"] if "label" in row else row["summary"]
 
 
 def baseline(task: ModelTask, rows: list[dict]) -> tuple[str, list[str]]:
     """(name, predictions) of the trivial baseline the model must beat."""
-    if task.summarises:
-        return "function name split into words", [function_name_words(r["code"]) for r in rows]
-    majority = Counter(r["label"] for r in rows).most_common(1)[0][0]
-    return "majority class", [majority] * len(rows)
+    if task.labelled:
+        majority = Counter(r["label"] for r in rows).most_common(1)[0][0]
+        return "majority class", [majority] * len(rows)
+    return "function name split into words", [function_name_words(r["code"]) for r in rows]
+
+
+@dataclass
+class Scored:
+    """A task's outcome on the test rows: metrics beside the baseline's, and one record per row for predictions.jsonl."""
+
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+    baseline_name: str
+    records: list[dict]
+    examples: list[dict]
+
+
+def score_predictions(model, tokenizer, rows: list[dict], cfg: Config) -> Scored:
+    """Summaries or labels for every row, scored against the references."""
+    task = cfg.model.task
+    predictions = predict(model, tokenizer, [r["code"] for r in rows], cfg.generation, cfg.training.max_source_length, cfg.model.prompt_template)
+    references = [reference(r) for r in rows]
+    baseline_name, baseline_predictions = baseline(task, rows)
+    return Scored(
+        metrics=score(task, references, predictions),
+        baseline=score(task, references, baseline_predictions),
+        baseline_name=baseline_name,
+        records=[
+            {"id": r.get("id"), "reference": ref, "prediction": pred, "baseline": base}
+            for r, ref, pred, base in zip(rows, references, predictions, baseline_predictions)
+        ],
+        examples=[{"input": r["code"], "reference": ref, "prediction": pred} for r, ref, pred in zip(rows, references, predictions)],
+    )
+
+
+def score_search(model, tokenizer, rows: list[dict], cfg: Config) -> Scored:
+    """Each row's summary as a query over all the rows' code; MRR of the row's own code, beside lexical matching."""
+    queries, codes = [r["summary"] for r in rows], [r["code"] for r in rows]
+    t = cfg.training
+    ranks, top = match_ranks(similarity(model, tokenizer, queries, codes, cfg.generation.batch_size, t.max_target_length, t.max_source_length))
+    baseline_ranks, _ = match_ranks(lexical_similarity(queries, codes))
+    first_line = lambda code: code.split("\n", 1)[0]
+    return Scored(
+        metrics=retrieval_metrics(ranks),
+        baseline=retrieval_metrics(baseline_ranks),
+        baseline_name="identifier overlap (query words found in the code's names)",
+        records=[
+            {"id": r.get("id"), "query": q, "rank": rank, "baseline_rank": base, "top_id": rows[j].get("id")}
+            for r, q, rank, base, j in zip(rows, queries, ranks, baseline_ranks, top)
+        ],
+        examples=[
+            {"input": q, "reference": first_line(code), "prediction": first_line(codes[j])}
+            for q, code, j in zip(queries, codes, top)
+        ],
+    )
 
 
 def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) -> EvalReport:
@@ -171,29 +232,17 @@ def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) ->
     model = model.to(device).eval()
 
     started = time.perf_counter()
-    codes = [r["code"] for r in rows]
-    predictions = predict(model, tokenizer, codes, gen, cfg.training.max_source_length, cfg.model.prompt_template)
+    scored = (score_search if task is ModelTask.code_search else score_predictions)(model, tokenizer, rows, cfg)
     seconds = time.perf_counter() - started
-    references = [reference(r) for r in rows]
-    baseline_name, baseline_predictions = baseline(task, rows)
     report = EvalReport(
-        metrics=score(task, references, predictions),
-        baseline=score(task, references, baseline_predictions),
-        baseline_name=baseline_name,
+        metrics=scored.metrics,
+        baseline=scored.baseline,
+        baseline_name=scored.baseline_name,
         num_examples=len(rows),
         examples_per_second=round(len(rows) / seconds, 2),
-        examples=[
-            {"input": r["code"], "reference": ref, "prediction": pred}
-            for r, ref, pred in zip(rows[: cfg.evaluation.num_saved_examples], references, predictions)
-        ],
+        examples=scored.examples[: cfg.evaluation.num_saved_examples],
     )
-    _write_atomic(
-        model_dir / "predictions.jsonl",
-        "".join(
-            json.dumps({"id": r.get("id"), "reference": ref, "prediction": pred, "baseline": base}) + "\n"
-            for r, ref, pred, base in zip(rows, references, predictions, baseline_predictions)
-        ),
-    )
+    _write_atomic(model_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in scored.records))
     _write_atomic(model_dir / "examples.json", json.dumps(report.examples, indent=2))
     metrics = {
         "model": report.metrics,

@@ -1,4 +1,4 @@
-"""Summarisation metrics: smoothed BLEU-4 exactly as CodeXGLUE/CodeT5 compute it, corpus BLEU, ROUGE-L, exact match."""
+"""Metrics: smoothed BLEU-4 exactly as CodeXGLUE/CodeT5 compute it, corpus BLEU, ROUGE-L, exact match; classification and retrieval scores."""
 
 from __future__ import annotations
 
@@ -124,4 +124,14 @@ def classification_metrics(references: list[str], predictions: list[str]) -> dic
         "accuracy": round(100 * correct / max(n, 1), 2),
         "f1_macro": round(100 * sum(f1s) / max(len(f1s), 1), 2),
         "mcc": round(100 * covariance / spread, 2) if spread else 0.0,
+    }
+
+
+def retrieval_metrics(ranks: list[float]) -> dict[str, float]:
+    """MRR (CodeSearchNet's and CodeXGLUE's code-search metric) and recall at 1 and 10, each x100, from 1-based ranks."""
+    n = max(len(ranks), 1)
+    return {
+        "mrr": round(100 * sum(1 / r for r in ranks) / n, 2),
+        "recall_at_1": round(100 * sum(r <= 1 for r in ranks) / n, 2),
+        "recall_at_10": round(100 * sum(r <= 10 for r in ranks) / n, 2),
     }

@@ -9,6 +9,7 @@ from typing import Iterable
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -21,6 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
+    RobertaModel,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -50,6 +52,7 @@ AUTO_CLASSES = {
     ModelTask.encoder_decoder: AutoModelForSeq2SeqLM,
     ModelTask.causal_lm: AutoModelForCausalLM,
     ModelTask.classification: AutoModelForSequenceClassification,
+    ModelTask.code_search: AutoModel,  # the bare encoder: its token states are pooled into embeddings
 }
 # A warm-started encoder-decoder's cross-attention starts random: it is trained whole, beside the LoRA adapters.
 CROSS_ATTENTION = "crossattention"
@@ -102,6 +105,8 @@ def build_scratch_model(
     torch.manual_seed(seed)
     if cfg.task is ModelTask.classification:
         return RobertaForSequenceClassification(_roberta_config(arch, tokenizer, arch.num_layers, **label_maps(labels)))
+    if cfg.task is ModelTask.code_search:
+        return RobertaModel(_roberta_config(arch, tokenizer, arch.num_layers), add_pooling_layer=False)
     if cfg.task is ModelTask.causal_lm:
         # Qwen2: the Llama-style decoder today's small code LMs (Qwen2.5-Coder, CodeLlama) use.
         return Qwen2ForCausalLM(
@@ -151,6 +156,8 @@ def load_pretrained(cfg: ModelConfig, labels: list[str] | None = None) -> tuple[
             model = _with_special_ids(EncoderDecoderModel.from_encoder_decoder_pretrained(cfg.name, cfg.name, **kwargs), tokenizer)
         elif cfg.task is ModelTask.classification:  # a new head, sized to the labels in the data
             model = AutoModelForSequenceClassification.from_pretrained(cfg.name, **label_maps(labels), **kwargs)
+        elif cfg.task is ModelTask.code_search:  # embeddings are mean-pooled; BERT's pooler would sit untrained
+            model = AutoModel.from_pretrained(cfg.name, add_pooling_layer=False, **kwargs)
         else:
             model = AUTO_CLASSES[cfg.task].from_pretrained(cfg.name, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
@@ -177,16 +184,23 @@ def _with_special_ids(model: EncoderDecoderModel, tokenizer) -> EncoderDecoderMo
     return model
 
 
+def task_of(architecture: str, is_encoder_decoder: bool) -> ModelTask:
+    """What a model does, from its class name: the head it names, or none (a bare encoder embeds, for search)."""
+    if is_encoder_decoder:
+        return ModelTask.seq2seq
+    if architecture.endswith("ForSequenceClassification"):
+        return ModelTask.classification
+    if architecture.endswith("Model"):  # RobertaModel, BertModel
+        return ModelTask.code_search
+    return ModelTask.causal_lm
+
+
 def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A model codetune exported (merged, no PEFT needed), with the head its config says it has."""
     config = AutoConfig.from_pretrained(model_dir)
-    if config.is_encoder_decoder:
-        task = ModelTask.seq2seq
-    elif any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        task = ModelTask.classification
-    else:
-        task = ModelTask.causal_lm
-    return AUTO_CLASSES[task].from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    task = task_of((config.architectures or [""])[0], config.is_encoder_decoder)
+    extra = {"add_pooling_layer": False} if task is ModelTask.code_search else {}
+    return AUTO_CLASSES[task].from_pretrained(model_dir, **extra), AutoTokenizer.from_pretrained(model_dir)
 
 
 def encode_prompt(tokenizer, template: str, code: str, max_length: int) -> list[int]:
@@ -225,14 +239,14 @@ def lora_targets(model: PreTrainedModel, cfg: PeftConfig) -> list[str] | str:
 def add_lora(model: PreTrainedModel, cfg: PeftConfig):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    if model.config.is_encoder_decoder:
-        task_type = TaskType.SEQ_2_SEQ_LM
-    elif type(model).__name__.endswith("ForSequenceClassification"):
-        task_type = TaskType.SEQ_CLS  # peft keeps the new classification head trainable
-    else:
-        task_type = TaskType.CAUSAL_LM
+    task_types = {
+        ModelTask.seq2seq: TaskType.SEQ_2_SEQ_LM,
+        ModelTask.causal_lm: TaskType.CAUSAL_LM,
+        ModelTask.classification: TaskType.SEQ_CLS,  # peft keeps the new classification head trainable
+        ModelTask.code_search: TaskType.FEATURE_EXTRACTION,
+    }
     lora = LoraConfig(
-        task_type=task_type,
+        task_type=task_types[task_of(type(model).__name__, model.config.is_encoder_decoder)],
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -249,13 +263,18 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def main_output(outputs) -> torch.Tensor:
+    """What a model computes: its logits, or a bare encoder's token states."""
+    return outputs.logits if "logits" in outputs else outputs.last_hidden_state
+
+
 @torch.no_grad()
 def merge_adapter(peft_model, probe: dict[str, torch.Tensor], atol: float = 1e-4) -> PreTrainedModel:
     """Fold the LoRA weights into the base model, and check the merged model computes what base+adapter did."""
     peft_model.eval()
-    expected = peft_model(**probe).logits
+    expected = main_output(peft_model(**probe))
     merged = peft_model.merge_and_unload()
-    got = merged(**probe).logits
+    got = main_output(merged(**probe))
     diff = (got - expected).abs().max().item()
     if diff > atol:
         raise RuntimeError(f"merged model differs from base+adapter by {diff:.2e} (> {atol:.0e})")

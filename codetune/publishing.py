@@ -146,12 +146,21 @@ def publish_to_s3(client, cfg: Config, run_dir: Path, metadata: dict, version: s
     return upload_to_s3(client, cfg.registry.s3.bucket, s3_prefix(cfg, version), files)
 
 
+SUMMARY_SCORES = "smoothed BLEU-4 as CodeXGLUE computes it, corpus BLEU, ROUGE-L and exact match, x100"
 TASK_CARDS = {
-    # model.task -> (Hub pipeline tag, what the model does)
-    ModelTask.seq2seq: ("summarization", "Summarises a function's source code in one sentence (a docstring summary)."),
-    ModelTask.encoder_decoder: ("summarization", "Summarises a function's source code in one sentence (a docstring summary)."),
-    ModelTask.causal_lm: ("text-generation", "Writes a one-sentence summary (a docstring summary) after a function's source code."),
-    ModelTask.classification: ("text-classification", "Labels a function's source code with one of the classes it was trained on."),
+    # model.task -> (Hub pipeline tag, what the model does, how it was scored)
+    ModelTask.seq2seq: ("summarization", "Summarises a function's source code in one sentence (a docstring summary).", SUMMARY_SCORES),
+    ModelTask.encoder_decoder: ("summarization", "Summarises a function's source code in one sentence (a docstring summary).", SUMMARY_SCORES),
+    ModelTask.causal_lm: ("text-generation", "Writes a one-sentence summary (a docstring summary) after a function's source code.", SUMMARY_SCORES),
+    ModelTask.classification: (
+        "text-classification", "Labels a function's source code with one of the classes it was trained on.", "accuracy, macro F1 and MCC, x100"
+    ),
+    ModelTask.code_search: (
+        "sentence-similarity",
+        "Embeds natural-language queries and function source code in one space (mean of the token states, unit length): "
+        "a query's cosine similarity with a function scores how well the query describes it.",
+        "each test summary is a query ranked against every test function; MRR and recall at 1 and 10, x100",
+    ),
 }
 
 
@@ -160,7 +169,7 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, baseline_name: str, n
     from huggingface_hub import EvalResult, ModelCardData
 
     base = cfg.model.name if cfg.model.init is ModelInit.pretrained else None
-    pipeline_tag, purpose = TASK_CARDS[cfg.model.task]
+    pipeline_tag, purpose, scoring = TASK_CARDS[cfg.model.task]
     architecture = {ModelTask.seq2seq: "CodeT5", ModelTask.causal_lm: "Qwen2"}.get(cfg.model.task, "RoBERTa")
     dataset = f"code ({data_source})"
     data = ModelCardData(
@@ -190,7 +199,7 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, baseline_name: str, n
 
 ## Evaluation
 
-{num_examples} held-out test examples (smoothed BLEU-4 as CodeXGLUE computes it for summaries).
+{num_examples} held-out test examples ({scoring}).
 The baseline is the {baseline_name}.
 
 | metric | model | baseline |

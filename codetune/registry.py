@@ -16,9 +16,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import codetune
-from codetune.config import Config
+from codetune.code_search import match_ranks
+from codetune.config import Config, ModelTask
 from codetune.evaluation import primary_metric, reference, score
+from codetune.metrics import retrieval_metrics
 from codetune.training import model_files
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,12 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
         for path in model_files(run_dir):
             shutil.copy2(path, model_dir / path.name)
         generation = Path(tmp) / "generation.json"
-        settings = dict(vars(cfg.generation), max_source_length=cfg.training.max_source_length, prompt_template=cfg.model.prompt_template)
+        settings = dict(
+            vars(cfg.generation),
+            max_source_length=cfg.training.max_source_length,
+            max_query_length=cfg.training.max_target_length,
+            prompt_template=cfg.model.prompt_template,
+        )
         generation.write_text(json.dumps(settings))
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -75,6 +84,13 @@ def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict
         return float(champion.tags[f"metric.{metric}"])
     log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
     predictor = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
+    if cfg.model.task is ModelTask.code_search:  # every query against every code, through the consumer's interface
+        import pandas as pd
+
+        n = len(test_rows)
+        pairs = pd.DataFrame({"query": [r["summary"] for r in test_rows for _ in range(n)], "code": [r["code"] for r in test_rows] * n})
+        ranks, _ = match_ranks(torch.tensor(predictor.predict(pairs)).view(n, n))
+        return retrieval_metrics(ranks)[metric]
     predictions = predictor.predict([r["code"] for r in test_rows])
     return score(cfg.model.task, [reference(r) for r in test_rows], predictions)[metric]
 

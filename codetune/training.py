@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from codetune.code_search import BiEncoder, PairCollator, tokenize_pairs
 from codetune.config import Config, ModelTask, content_hash, to_yaml
 from codetune.data import PreparedData
 from codetune.errors import DataError, ModelError
@@ -108,6 +109,8 @@ def tokenize(rows: list[dict], tokenizer, cfg: Config, label2id: dict[str, int] 
             {"input_ids": ids, "attention_mask": mask, "labels": label2id[r["label"]]}
             for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows)
         ]
+    if cfg.model.task is ModelTask.code_search:
+        return tokenize_pairs(rows, tokenizer, max_query_length=t.max_target_length, max_code_length=t.max_source_length)
     if cfg.model.task is ModelTask.causal_lm:
         return [causal_example(tokenizer, cfg.model.prompt_template, r, t.max_source_length, t.max_target_length) for r in rows]
     sources = tokenizer([r["code"] for r in rows], max_length=t.max_source_length, truncation=True)
@@ -190,6 +193,7 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     trainable, total = count_parameters(model)
     log.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
+    searching = cfg.model.task is ModelTask.code_search
     bf16, fp16 = resolve_precision(cfg)
     checkpoints = run_dir / CHECKPOINTS
     args = Seq2SeqTrainingArguments(
@@ -207,7 +211,8 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
         fp16=fp16,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        # A code-search batch is its own negatives: batches of look-alike code would be a different, harder task.
+        train_sampling_strategy="group_by_length" if t.group_by_length and not searching else "random",
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -222,12 +227,14 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
         report_to="none",  # the tracking stage logs the curve from trainer_state, once, even across resumes
         disable_tqdm=True,
     )
-    if labels:
+    if searching:
+        collator = PairCollator(tokenizer)
+    elif labels:
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, model=base_model, label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Seq2SeqTrainer(
-        model=model,
+        model=BiEncoder(model) if searching else model,
         args=args,
         train_dataset=tokenize(train_rows, tokenizer, cfg, label2id),
         eval_dataset=tokenize(validation_rows, tokenizer, cfg, label2id),
@@ -240,7 +247,7 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     if checkpoint:
         log.info("resuming from %s (step %d)", checkpoint, resumed_from)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     validation_loss = trainer.evaluate()["eval_loss"]
 
@@ -252,6 +259,8 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
         model.save_pretrained(export / "adapter")
         tokenizer.save_pretrained(export / "adapter")
         probe = collator([trainer.eval_dataset[i] for i in range(min(4, len(trainer.eval_dataset)))])
+        if searching:  # the encoder alone, on the code side
+            probe = {"input_ids": probe["code_input_ids"], "attention_mask": probe["code_attention_mask"]}
         probe = {k: v.to(model.device) for k, v in probe.items()}
         model = merge_adapter(model, probe)
     model.save_pretrained(export)  # safetensors
@@ -261,7 +270,8 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     trained = TrainedModel(
         run_dir=str(run_dir),
         global_step=trainer.state.global_step,
-        train_loss=[h["loss"] for h in trainer.state.log_history if "loss" in h][-1],
+        # The last logged loss; a run shorter than logging_steps logged none, and its mean loss stands in.
+        train_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), outcome.training_loss),
         validation_loss=validation_loss,
         resumed_from_step=resumed_from,
         used_peft=cfg.peft.use_peft,

@@ -56,7 +56,7 @@ def finetune(
     form = {"model_name": model_name, "num_train_epochs": num_train_epochs, "learning_rate": learning_rate, "use_lora": use_lora, "lora_r": lora_r}
     form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None]
     cfg = load_config(config, [*(overrides or []), *form_overrides])
-    data = load_data(cfg.data, labelled=not cfg.model.task.summarises)
+    data = load_data(cfg.data, labelled=cfg.model.task.labelled)
     timeout = cfg.training.timeout_minutes
     trained = train.with_options(timeout_seconds=timeout * 60 if timeout else None)(cfg, data)
     report = evaluate(cfg, trained, data)

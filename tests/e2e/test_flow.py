@@ -222,3 +222,26 @@ def test_classifier_family_end_to_end(prefect_server, labelled_jsonl, tiny_overr
     assert result["registration"]["alias"] == "champion" and "accuracy" in result["registration"]["reason"]
     labels = champion_predicts(uri, "codetune-code-classifier", ["def f(x):\n    return x\n"])
     assert labels[0] in {"method", "function"}
+
+
+@pytest.mark.timeout(600)
+def test_code_search_family_end_to_end(prefect_server, tiny_overrides, tmp_path, monkeypatch):
+    """model.task=code_search: MRR in the run, a consumer that scores (query, code) pairs, and a champion
+    from another test split re-scored through that consumer."""
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = str(Path(__file__).parents[2] / "configs" / "tiny-code-search.yaml")
+    overrides = tiny_overrides + [f"mlflow.tracking_uri={uri}"]
+    result = finetune(config=config, overrides=overrides)
+    assert set(result["metrics"]) == {"mrr", "recall_at_1", "recall_at_10"}
+    assert result["registration"]["alias"] == "champion" and "mrr" in result["registration"]["reason"]
+
+    code = "def add(a, b):\n    return a + b\n"
+    pairs = pd.DataFrame({"query": ["Add two numbers.", "Open a socket."], "code": [code, code]})
+    scores = champion_predicts(uri, "codetune-code-search", pairs)
+    assert len(scores) == 2 and all(isinstance(s, float) and -1.0 <= s <= 1.0 for s in scores)
+
+    other_split = finetune(config=config, overrides=overrides + ["data.test_fraction=0.08"])
+    assert "on the same test split" in other_split["registration"]["reason"]

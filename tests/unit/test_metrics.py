@@ -62,3 +62,9 @@ def test_classification_metrics_match_hand_computed_values():
     expected = (4 * 6 - (3 * 2 + 2 * 2 + 1 * 2)) / math.sqrt((36 - (4 + 4 + 4)) * (36 - (9 + 4 + 1)))
     assert got["mcc"] == pytest.approx(100 * expected, abs=0.01)
     assert classification_metrics(["a", "b"], ["a", "a"])["mcc"] == 0.0  # a constant prediction has no correlation
+
+
+def test_retrieval_metrics_from_ranks():
+    from codetune.metrics import retrieval_metrics
+
+    assert retrieval_metrics([1, 2, 4, 20]) == {"mrr": round(100 * (1 + 0.5 + 0.25 + 0.05) / 4, 2), "recall_at_1": 25.0, "recall_at_10": 75.0}

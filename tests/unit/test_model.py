@@ -10,6 +10,7 @@ from codetune.model import (
     encode_prompt,
     load_exported,
     load_pretrained,
+    main_output,
     merge_adapter,
     train_tokenizer,
 )
@@ -40,6 +41,7 @@ def test_lora_trains_only_adapter_weights(tiny_model):
     model = add_lora(tiny_model, PeftConfig(use_peft=True, r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     # A new head (a warm-started decoder's cross-attention, a classifier) trains whole; the rest stays frozen.
+    # A search encoder has no head: only its adapters train.
     assert trainable and all("lora_" in n or "crossattention" in n or "classifier" in n for n in trainable)
     assert any("lora_" in n for n in trainable)
     assert count_parameters(model)[0] < 0.2 * count_parameters(model)[1]
@@ -55,13 +57,13 @@ def test_merged_model_equals_base_plus_adapter_and_saves_tokenizer(tiny_model, t
     probe = dict(tokenizer(TEXTS[:2], return_tensors="pt", padding=True))
     if tiny_model.config.is_encoder_decoder:
         probe["decoder_input_ids"] = torch.zeros((2, 3), dtype=torch.long)
-    expected = model(**probe).logits
+    expected = main_output(model(**probe))
     merged = merge_adapter(model, probe)
     merged.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     reloaded, reloaded_tok = load_exported(tmp_path)
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
-    torch.testing.assert_close(reloaded(**probe).logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(main_output(reloaded(**probe)), expected, atol=1e-5, rtol=1e-5)
     assert reloaded_tok.all_special_tokens == tokenizer.all_special_tokens
 
 

@@ -108,3 +108,12 @@ def test_classifier_beats_the_majority_class_on_a_real_stdlib_task(labelled_json
     report = evaluate_model(train_model(cfg, data).run_dir, data.load("test"), cfg)
     assert report.baseline_name == "majority class"
     assert report.metrics["accuracy"] > report.baseline["accuracy"]
+
+
+def test_run_shorter_than_the_logging_interval_still_reports_its_loss(tiny_cfg):
+    from codetune.data import prepare_data
+    from codetune.training import train_model
+
+    tiny_cfg.training.max_steps, tiny_cfg.training.logging_steps = 3, 50
+    trained = train_model(tiny_cfg, prepare_data(tiny_cfg.data))
+    assert trained.global_step == 3 and trained.train_loss > 0

@@ -1,0 +1,138 @@
+"""Code search (model.task=code_search): one encoder embeds natural-language queries and code into the same space.
+
+A bi-encoder, not the CodeBERT paper's cross-encoder: ranking N queries against N candidates costs
+2N encoder passes instead of N^2, so MRR over a whole test split is cheap, and a deployed model
+embeds a code base once and answers each query with one pass. Sentence encoders such as
+all-MiniLM-L6-v2 are pretrained for exactly this use. The negatives are sampled from the data: each
+query is contrasted with the code of every other pair in its randomly drawn batch (InfoNCE).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# 1/temperature of the contrastive softmax: sentence-transformers' MultipleNegativesRankingLoss default.
+SIMILARITY_SCALE = 20.0
+SIDES = ("query", "code")
+
+
+def embed(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over real tokens, unit length (sentence-transformers' pooling): cosine is a dot product."""
+    states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return F.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+class BiEncoder(torch.nn.Module):
+    """The training view of an encoder: a forward pass over a batch of (query, code) pairs returns the contrastive loss."""
+
+    main_input_name = "code_input_ids"  # the tokens the Trainer counts for tokens/s
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, query_input_ids, query_attention_mask, code_input_ids, code_attention_mask, return_loss: bool = True):
+        # return_loss=True tells the Trainer this model computes its loss without a `labels` input.
+        queries = embed(self.encoder, query_input_ids, query_attention_mask)
+        codes = embed(self.encoder, code_input_ids, code_attention_mask)
+        scores = SIMILARITY_SCALE * queries @ codes.T
+        return {"loss": F.cross_entropy(scores, torch.arange(len(scores), device=scores.device)), "scores": scores}
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, max_query_length: int, max_code_length: int) -> list[dict]:
+    """Each {code, summary} row as a (query, code) pair: the summary is the query."""
+    queries = tokenizer([r["summary"] for r in rows], max_length=max_query_length, truncation=True)["input_ids"]
+    codes = tokenizer([r["code"] for r in rows], max_length=max_code_length, truncation=True)["input_ids"]
+    return [{"query_input_ids": q, "code_input_ids": c} for q, c in zip(queries, codes)]
+
+
+@dataclass
+class PairCollator:
+    """Pads the query and the code side of a batch separately, each to a multiple of 8 (tensor-core friendly)."""
+
+    tokenizer: object
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for side in SIDES:
+            padded = self.tokenizer.pad(
+                [{"input_ids": f[f"{side}_input_ids"]} for f in features], pad_to_multiple_of=8, return_tensors="pt"
+            )
+            batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = padded["input_ids"], padded["attention_mask"]
+        return batch
+
+
+@torch.inference_mode()
+def embed_texts(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> torch.Tensor:
+    """Unit-length embeddings of texts, in their order, computed in length-sorted batches (little padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    out = torch.empty(len(texts), model.config.hidden_size)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer([texts[i] for i in index], max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+        batch = batch.to(model.device)
+        out[index] = embed(model, batch["input_ids"], batch["attention_mask"]).float().cpu()
+    return out
+
+
+def _embed_distinct(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> tuple[torch.Tensor, list[int]]:
+    """(embeddings of the distinct texts, the row of each text): repeated texts are embedded once."""
+    distinct = sorted(set(texts))
+    row = {t: i for i, t in enumerate(distinct)}
+    return embed_texts(model, tokenizer, distinct, batch_size, max_length), [row[t] for t in texts]
+
+
+def similarity(model, tokenizer, queries: list[str], codes: list[str], batch_size: int, max_query_length: int, max_code_length: int) -> torch.Tensor:
+    """[len(queries), len(codes)]: the cosine similarity of every query with every code."""
+    q, q_rows = _embed_distinct(model, tokenizer, queries, batch_size, max_query_length)
+    c, c_rows = _embed_distinct(model, tokenizer, codes, batch_size, max_code_length)
+    return q[q_rows] @ c[c_rows].T
+
+
+def pair_similarity(model, tokenizer, queries: list[str], codes: list[str], batch_size: int, max_query_length: int, max_code_length: int) -> list[float]:
+    """The cosine similarity of each (query, code) pair; all-pairs input costs one pass per distinct text."""
+    q, q_rows = _embed_distinct(model, tokenizer, queries, batch_size, max_query_length)
+    c, c_rows = _embed_distinct(model, tokenizer, codes, batch_size, max_code_length)
+    q_rows, c_rows = torch.tensor(q_rows), torch.tensor(c_rows)
+    chunk = 1 << 16  # bounds memory when a consumer scores every query against every code
+    return torch.cat(
+        [(q[q_rows[i : i + chunk]] * c[c_rows[i : i + chunk]]).sum(1) for i in range(0, len(q_rows), chunk)]
+    ).tolist()
+
+
+_WORD = re.compile(r"[A-Za-z][a-z]+|[A-Z]+(?![a-z])|\d+")
+
+
+def _words(text: str) -> set[str]:
+    """Lower-cased words, identifiers split at underscores and camelCase humps."""
+    return {w.lower() for w in _WORD.findall(text)}
+
+
+def lexical_similarity(queries: list[str], codes: list[str]) -> torch.Tensor:
+    """The baseline a search model must beat: the cosine of the query's words and the code's identifier words as sets."""
+    code_words = [_words(c) for c in codes]
+    scores = torch.zeros(len(queries), len(codes))
+    for i, query in enumerate(queries):
+        q = _words(query)
+        for j, c in enumerate(code_words):
+            if q and c:
+                scores[i, j] = len(q & c) / (len(q) * len(c)) ** 0.5
+    return scores
+
+
+def match_ranks(scores: torch.Tensor) -> tuple[list[float], list[int]]:
+    """(rank of each query's own code, index of the top-scored code) for scores[query i, code j], code i matching query i.
+
+    A tie counts half, the expected rank under random tie-breaking, so a baseline that scores
+    everything alike is not rewarded for it.
+    """
+    own = scores.diagonal().unsqueeze(1)
+    above = (scores > own).sum(1)
+    tied = (scores == own).sum(1) - 1
+    ranks = (1 + above + tied / 2).tolist()
+    return ranks, scores.argmax(1).tolist()
