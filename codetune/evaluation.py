@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from codetune.code_search import lexical_similarity, match_ranks, similarity
 from codetune.config import Config, GenerationConfig, ModelTask
 from codetune.errors import ModelError
-from codetune.code_search import lexical_similarity, match_ranks, similarity
 from codetune.metrics import classification_metrics, function_name_words, retrieval_metrics, summary_metrics
 from codetune.model import encode_prompt, load_exported
 
