@@ -53,15 +53,16 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_query_length: int, max_code_
 
 @dataclass
 class PairCollator:
-    """Pads the query and the code side of a batch separately, each to a multiple of 8 (tensor-core friendly)."""
+    """Pads the query and the code side of a batch separately, each to its longest (rounded up to pad_to_multiple_of)."""
 
     tokenizer: object
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = {}
         for side in SIDES:
             padded = self.tokenizer.pad(
-                [{"input_ids": f[f"{side}_input_ids"]} for f in features], pad_to_multiple_of=8, return_tensors="pt"
+                [{"input_ids": f[f"{side}_input_ids"]} for f in features], pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
             )
             batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = padded["input_ids"], padded["attention_mask"]
         return batch

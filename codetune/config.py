@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import sys
 import typing
@@ -42,6 +43,26 @@ class ModelTask(str, Enum):
     def labelled(self) -> bool:
         """Trains on {code, label} examples; every other task on {code, summary} pairs."""
         return self is ModelTask.classification
+
+
+class Direction(str, Enum):
+    code_to_text = "code_to_text"
+    text_to_code = "text_to_code"
+
+    @property
+    def source(self) -> str:
+        """The example field the model reads."""
+        return "code" if self is Direction.code_to_text else "summary"
+
+    @property
+    def target(self) -> str:
+        """The example field the model writes."""
+        return "summary" if self is Direction.code_to_text else "code"
+
+
+# causal_lm: what the output follows when model.prompt_template is null.
+DEFAULT_PROMPTS = {Direction.code_to_text: "{code}\n# Summary:", Direction.text_to_code: "# {summary}\n"}
+GENERATIVE_TASKS = ("seq2seq", "encoder_decoder", "causal_lm")
 
 
 class DataSource(str, Enum):
@@ -80,13 +101,21 @@ class ModelConfig:
     an encoder-decoder (the CodeXGLUE code-to-text baseline); causal_lm: a decoder-only LM continues a prompt;
     classification: an encoder with a classification head labels the code (e.g. CodeXGLUE defect detection);
     code_search: an encoder embeds queries (summaries) and code alike and ranks code by cosine similarity."""
-    prompt_template: str = "{code}\n# Summary:"
-    """causal_lm: the prompt the summary follows; {code} becomes the function, truncated so the prompt's end always fits."""
+    direction: Direction = Direction.code_to_text
+    """code_to_text: read a function, write its summary (CodeXGLUE code-to-text, scored with BLEU); text_to_code: read
+    a summary, write the function (scored with CodeBLEU and exact match). seq2seq, encoder_decoder and causal_lm."""
+    prompt_template: Optional[str] = None
+    """causal_lm: the prompt the output follows, the input where {code} (code_to_text) or {summary} (text_to_code) stands,
+    cut so the prompt's end always fits; null: "{code}\n# Summary:" or "# {summary}\n"."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) to pin a pretrained model to."""
     trust_remote_code: bool = False
     """Run modelling code shipped with a hub model; off unless you trust its author."""
     scratch: ScratchArchitecture = field(default_factory=ScratchArchitecture)
+
+    @property
+    def prompt(self) -> str:
+        return self.prompt_template or DEFAULT_PROMPTS[self.direction]
 
 
 @dataclass
@@ -149,8 +178,8 @@ class TrainingConfig:
     """Peak learning rate; 5e-5 suits full fine-tuning of a pretrained CodeT5, 1e-3 LoRA, 3e-3 a tiny model from scratch."""
     per_device_train_batch_size: int = 16
     """Examples per optimizer step per device (times gradient_accumulation_steps)."""
-    per_device_eval_batch_size: int = 64
-    """Batch size for validation loss."""
+    per_device_eval_batch_size: int = 16
+    """Batch size for validation loss; its logits are batch x target length x vocabulary, so larger costs memory, not time."""
     gradient_accumulation_steps: int = 1
     """Accumulate this many batches per optimizer step: a larger effective batch in the same memory."""
     weight_decay: float = 0.0
@@ -163,12 +192,13 @@ class TrainingConfig:
     """Code is truncated to this many tokens (CodeT5 recipe: 256; the signature and first lines carry most of the signal)."""
     max_target_length: int = 64
     """Summaries are truncated to this many tokens (CodeT5 recipe: 128; stdlib summaries average ~12)."""
-    bf16: bool = False
-    """bfloat16 mixed precision; needs an Ampere or newer GPU."""
+    bf16: Optional[bool] = None
+    """bfloat16 mixed precision; null: on where the GPU supports it (Ampere or newer), off on a CPU."""
     fp16: bool = False
     """float16 mixed precision; needs a CUDA GPU. Prefer bf16 where supported."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% slower."""
+    gradient_checkpointing: Optional[bool] = None
+    """Recompute activations in the backward pass: less memory, ~30% slower. null: on with LoRA, whose frozen
+    weights leave activations as most of the memory; off for full fine-tuning."""
     group_by_length: bool = True
     """Batch examples of similar length together so little of each batch is padding."""
     save_steps: int = 200
@@ -348,7 +378,11 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str
         if not sep or not key.strip():
             problems.append(f"override '{item}' is not key=value (e.g. training.learning_rate=3e-4)")
             continue
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        try:
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except Exception as exc:  # the value is parsed as YAML: yaml.YAMLError and OmegaConf's own
+            problems.append(f"override '{item}' is not valid YAML ({str(exc).splitlines()[0]}); quote the value: {key}='...'")
+            continue
         values.update(_flatten(parsed))
     return values, problems
 
@@ -425,8 +459,14 @@ def validate(cfg: Config) -> None:
             "peft.use_peft=true with model.init=scratch adapts random weights; "
             "set peft.use_peft=false or use a pretrained model"
         )
-    if cfg.model.task is ModelTask.causal_lm and cfg.model.prompt_template.count("{code}") != 1:
-        problems.append("model.prompt_template must contain {code} exactly once")
+    direction = cfg.model.direction
+    if direction is Direction.text_to_code and cfg.model.task.value not in GENERATIVE_TASKS:
+        problems.append(f"model.direction=text_to_code needs a generative model.task ({', '.join(GENERATIVE_TASKS)})")
+    if direction is Direction.text_to_code and importlib.util.find_spec("codebleu") is None:
+        problems.append("model.direction=text_to_code is scored with CodeBLEU: pip install 'codetune[codegen]'")
+    placeholder = "{" + direction.source + "}"
+    if cfg.model.task is ModelTask.causal_lm and cfg.model.prompt.count(placeholder) != 1:
+        problems.append(f"model.prompt_template must contain {placeholder} exactly once (model.direction={direction.value})")
     if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:
         problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
     if problems:
@@ -439,9 +479,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def to_yaml(cfg: Config) -> str:
-    from omegaconf import OmegaConf
+    # PyYAML, not OmegaConf: training writes this, and the GPU image has only torch/transformers/peft (and their PyYAML).
+    import yaml
 
-    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -13,9 +13,16 @@ from pathlib import Path
 import torch
 
 from codetune.code_search import lexical_similarity, match_ranks, similarity
-from codetune.config import Config, GenerationConfig, ModelTask
+from codetune.config import Config, Direction, GenerationConfig, ModelConfig, ModelTask
 from codetune.errors import ModelError
-from codetune.metrics import classification_metrics, function_name_words, retrieval_metrics, summary_metrics
+from codetune.metrics import (
+    classification_metrics,
+    code_metrics,
+    function_name_words,
+    retrieval_metrics,
+    stub_function,
+    summary_metrics,
+)
 from codetune.model import encode_prompt, load_exported
 
 log = logging.getLogger(__name__)
@@ -69,25 +76,25 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'")[:120]
 
 
-def generate_summaries(
-    model, tokenizer, codes: list[str], gen: GenerationConfig, max_source_length: int, prompt_template: str = "{code}"
+def generate(
+    model, tokenizer, texts: list[str], gen: GenerationConfig, max_source_length: int, prompt: str = "{code}", writes_code: bool = False
 ) -> list[str]:
     """Greedy or beam generation in length-sorted batches (little padding); on GPU out-of-memory the batch is halved.
 
-    A decoder-only model continues prompt_template with {code} filled in, padded on the left so
-    every row's prompt ends where generation starts.
+    A decoder-only model continues the prompt with the text filled in, padded on the left so every
+    row's prompt ends where generation starts. Prose comes back on one line; code keeps its layout.
     """
-    order = sorted(range(len(codes)), key=lambda i: len(codes[i]), reverse=True)
-    predictions: list[str] = [""] * len(codes)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    predictions: list[str] = [""] * len(texts)
     batch_size, start = gen.batch_size, 0
     decoder_only = not model.config.is_encoder_decoder
     while start < len(order):
         index = order[start : start + batch_size]
         if decoder_only:
-            prompts = [encode_prompt(tokenizer, prompt_template, codes[i], max_source_length) for i in index]
+            prompts = [encode_prompt(tokenizer, prompt, texts[i], max_source_length) for i in index]
             batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
         else:
-            batch = tokenizer([codes[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt")
+            batch = tokenizer([texts[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt")
         batch = batch.to(model.device)
         try:
             with torch.inference_mode():
@@ -104,7 +111,7 @@ def generate_summaries(
         if decoder_only:
             out = out[:, batch["input_ids"].shape[1] :]
         for i, text in zip(index, tokenizer.batch_decode(out, skip_special_tokens=True)):
-            predictions[i] = " ".join(text.split())
+            predictions[i] = text.strip() if writes_code else " ".join(text.split())
         start += len(index)
     return predictions
 
@@ -132,40 +139,39 @@ def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_len
     return predictions
 
 
-def predict(model, tokenizer, codes: list[str], gen: GenerationConfig, max_source_length: int, prompt_template: str) -> list[str]:
-    """What the model says of each code: a summary, or a label for a classifier."""
+def predict(model, tokenizer, texts: list[str], gen: GenerationConfig, max_source_length: int, prompt: str, writes_code: bool = False) -> list[str]:
+    """What the model makes of each input: a summary, a function, or a label for a classifier."""
     if is_classifier(model):
-        return classify(model, tokenizer, codes, gen.batch_size, max_source_length)
-    return generate_summaries(model, tokenizer, codes, gen, max_source_length, prompt_template)
+        return classify(model, tokenizer, texts, gen.batch_size, max_source_length)
+    return generate(model, tokenizer, texts, gen, max_source_length, prompt, writes_code)
 
 
-PRIMARY_METRIC = {
-    ModelTask.seq2seq: "bleu4_smoothed",
-    ModelTask.encoder_decoder: "bleu4_smoothed",
-    ModelTask.causal_lm: "bleu4_smoothed",
-    ModelTask.classification: "accuracy",
-    ModelTask.code_search: "mrr",
-}
-
-
-def primary_metric(task: ModelTask) -> str:
+def primary_metric(model: ModelConfig) -> str:
     """The metric the registry compares versions on."""
-    return PRIMARY_METRIC[task]
+    if model.direction is Direction.text_to_code:
+        return "codebleu"
+    return {ModelTask.classification: "accuracy", ModelTask.code_search: "mrr"}.get(model.task, "bleu4_smoothed")
 
 
-def score(task: ModelTask, references: list[str], predictions: list[str]) -> dict[str, float]:
-    return classification_metrics(references, predictions) if task.labelled else summary_metrics(references, predictions)
+def score(model: ModelConfig, references: list[str], predictions: list[str]) -> dict[str, float]:
+    if model.task.labelled:
+        return classification_metrics(references, predictions)
+    if model.direction is Direction.text_to_code:
+        return code_metrics(references, predictions)
+    return summary_metrics(references, predictions)
 
 
-def reference(row: dict) -> str:
-    return row["label"] if "label" in row else row["summary"]
+def reference(row: dict, model: ModelConfig) -> str:
+    return row["label"] if model.task.labelled else row[model.direction.target]
 
 
-def baseline(task: ModelTask, rows: list[dict]) -> tuple[str, list[str]]:
+def baseline(model: ModelConfig, rows: list[dict]) -> tuple[str, list[str]]:
     """(name, predictions) of the trivial baseline the model must beat."""
-    if task.labelled:
+    if model.task.labelled:
         majority = Counter(r["label"] for r in rows).most_common(1)[0][0]
         return "majority class", [majority] * len(rows)
+    if model.direction is Direction.text_to_code:
+        return "a stub named after the summary", [stub_function(r["summary"]) for r in rows]
     return "function name split into words", [function_name_words(r["code"]) for r in rows]
 
 
@@ -181,20 +187,21 @@ class Scored:
 
 
 def score_predictions(model, tokenizer, rows: list[dict], cfg: Config) -> Scored:
-    """Summaries or labels for every row, scored against the references."""
-    task = cfg.model.task
-    predictions = predict(model, tokenizer, [r["code"] for r in rows], cfg.generation, cfg.training.max_source_length, cfg.model.prompt_template)
-    references = [reference(r) for r in rows]
-    baseline_name, baseline_predictions = baseline(task, rows)
+    """Summaries, functions or labels for every row, scored against the references."""
+    inputs = [r[cfg.model.direction.source] for r in rows]
+    writes_code = cfg.model.direction is Direction.text_to_code
+    predictions = predict(model, tokenizer, inputs, cfg.generation, cfg.training.max_source_length, cfg.model.prompt, writes_code)
+    references = [reference(r, cfg.model) for r in rows]
+    baseline_name, baseline_predictions = baseline(cfg.model, rows)
     return Scored(
-        metrics=score(task, references, predictions),
-        baseline=score(task, references, baseline_predictions),
+        metrics=score(cfg.model, references, predictions),
+        baseline=score(cfg.model, references, baseline_predictions),
         baseline_name=baseline_name,
         records=[
             {"id": r.get("id"), "reference": ref, "prediction": pred, "baseline": base}
             for r, ref, pred, base in zip(rows, references, predictions, baseline_predictions)
         ],
-        examples=[{"input": r["code"], "reference": ref, "prediction": pred} for r, ref, pred in zip(rows, references, predictions)],
+        examples=[{"input": text, "reference": ref, "prediction": pred} for text, ref, pred in zip(inputs, references, predictions)],
     )
 
 
@@ -253,6 +260,6 @@ def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) ->
         "generation": {"num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens},
     }
     _write_atomic(model_dir / METRICS_FILE, json.dumps(metrics, indent=2))  # last: marks the run complete
-    name = primary_metric(task)
+    name = primary_metric(cfg.model)
     log.info("%s %.2f (baseline %.2f) on %d examples", name, report.metrics[name], report.baseline[name], len(rows))
     return report

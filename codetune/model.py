@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -203,13 +204,13 @@ def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTok
     return AUTO_CLASSES[task].from_pretrained(model_dir, **extra), AutoTokenizer.from_pretrained(model_dir)
 
 
-def encode_prompt(tokenizer, template: str, code: str, max_length: int) -> list[int]:
-    """Token ids of template with {code} filled in; the code is cut, never the text after it, to fit max_length."""
-    prefix, suffix = template.split("{code}")
+def encode_prompt(tokenizer, template: str, text: str, max_length: int) -> list[int]:
+    """Token ids of template with text where {code} or {summary} stands; the text is cut, never the template, to fit max_length."""
+    prefix, suffix = re.split(r"\{(?:code|summary)\}", template)
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
     suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
     room = max(max_length - len(prefix_ids) - len(suffix_ids), 0)
-    return prefix_ids + tokenizer(code, add_special_tokens=False)["input_ids"][:room] + suffix_ids
+    return prefix_ids + tokenizer(text, add_special_tokens=False)["input_ids"][:room] + suffix_ids
 
 
 def load_model(

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from codetune.config import Config, HubWeights, ModelInit, ModelTask, to_dict
+from codetune.config import Config, Direction, HubWeights, ModelInit, ModelTask, to_dict
 from codetune.errors import CodetuneError
 from codetune.training import model_files
 
@@ -162,6 +162,11 @@ TASK_CARDS = {
         "each test summary is a query ranked against every test function; MRR and recall at 1 and 10, x100",
     ),
 }
+CODE_GENERATION_CARD = (
+    "text-generation",
+    "Writes a Python function from a one-sentence description of what it does.",
+    "CodeBLEU from codebleu 0.7 (n-gram, syntax-tree and data-flow match), exact match, x100",
+)
 
 
 def model_card(cfg: Config, metrics: dict, baseline: dict, baseline_name: str, num_examples: int, data_source: str) -> str:
@@ -169,7 +174,8 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, baseline_name: str, n
     from huggingface_hub import EvalResult, ModelCardData
 
     base = cfg.model.name if cfg.model.init is ModelInit.pretrained else None
-    pipeline_tag, purpose, scoring = TASK_CARDS[cfg.model.task]
+    writes_code = cfg.model.direction is Direction.text_to_code
+    pipeline_tag, purpose, scoring = CODE_GENERATION_CARD if writes_code else TASK_CARDS[cfg.model.task]
     architecture = {ModelTask.seq2seq: "CodeT5", ModelTask.causal_lm: "Qwen2"}.get(cfg.model.task, "RoBERTa")
     dataset = f"code ({data_source})"
     data = ModelCardData(

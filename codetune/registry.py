@@ -20,7 +20,7 @@ import torch
 
 import codetune
 from codetune.code_search import match_ranks
-from codetune.config import Config, ModelTask
+from codetune.config import Config, Direction, ModelTask
 from codetune.evaluation import primary_metric, reference, score
 from codetune.metrics import retrieval_metrics
 from codetune.training import model_files
@@ -62,7 +62,8 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
             vars(cfg.generation),
             max_source_length=cfg.training.max_source_length,
             max_query_length=cfg.training.max_target_length,
-            prompt_template=cfg.model.prompt_template,
+            prompt=cfg.model.prompt,
+            writes_code=cfg.model.direction is Direction.text_to_code,
         )
         generation.write_text(json.dumps(settings))
         info = mlflow.pyfunc.log_model(
@@ -79,7 +80,7 @@ def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict
     """The champion's primary metric on this test split: its recorded one if it was scored on the same split, else re-scored now."""
     import mlflow
 
-    metric = primary_metric(cfg.model.task)
+    metric = primary_metric(cfg.model)
     if champion.tags.get("test_split") == test_split:
         return float(champion.tags[f"metric.{metric}"])
     log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
@@ -91,8 +92,8 @@ def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict
         pairs = pd.DataFrame({"query": [r["summary"] for r in test_rows for _ in range(n)], "code": [r["code"] for r in test_rows] * n})
         ranks, _ = match_ranks(torch.tensor(predictor.predict(pairs)).view(n, n))
         return retrieval_metrics(ranks)[metric]
-    predictions = predictor.predict([r["code"] for r in test_rows])
-    return score(cfg.model.task, [reference(r) for r in test_rows], predictions)[metric]
+    predictions = predictor.predict([r[cfg.model.direction.source] for r in test_rows])
+    return score(cfg.model, [reference(r, cfg.model) for r in test_rows], predictions)[metric]
 
 
 def decide_alias(metric: str, value: float, min_score: float, champion_value: float | None) -> tuple[str, str]:
@@ -136,7 +137,7 @@ def register_model(
         except MlflowException:
             champion = None
         champion_value = _champion_score(cfg, champion, test_split, test_rows) if champion else None
-        metric = primary_metric(cfg.model.task)
+        metric = primary_metric(cfg.model)
         alias, reason = decide_alias(metric, metrics[metric], cfg.registry.min_score, champion_value)
         client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", f"{alias}: {reason}")

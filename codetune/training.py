@@ -85,17 +85,19 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def resolve_precision(cfg: Config) -> tuple[bool, bool]:
-    """(bf16, fp16) the device supports; asking for mixed precision on a CPU warns and trains in fp32."""
+    """(bf16, fp16) for this device: bf16 wherever the GPU has it unless turned off; fp32 on a CPU, with a warning if asked otherwise."""
     t = cfg.training
-    if not (t.bf16 or t.fp16):
-        return False, False
     if not torch.cuda.is_available():
-        log.warning("training.%s=true needs a CUDA GPU; none found, training in fp32", "bf16" if t.bf16 else "fp16")
+        if t.bf16 or t.fp16:
+            log.warning("training.%s=true needs a CUDA GPU; none found, training in fp32", "bf16" if t.bf16 else "fp16")
         return False, False
-    if t.bf16 and not torch.cuda.is_bf16_supported():
+    if t.fp16:
+        return False, True
+    supported = torch.cuda.is_bf16_supported()
+    if t.bf16 and not supported:
         log.warning("this GPU has no bf16; training with fp16 instead (set training.fp16=true to silence this)")
         return False, True
-    return t.bf16, t.fp16
+    return (supported if t.bf16 is None else t.bf16), False
 
 
 def tokenize(rows: list[dict], tokenizer, cfg: Config, label2id: dict[str, int] | None = None) -> list[dict]:
@@ -111,22 +113,28 @@ def tokenize(rows: list[dict], tokenizer, cfg: Config, label2id: dict[str, int] 
         ]
     if cfg.model.task is ModelTask.code_search:
         return tokenize_pairs(rows, tokenizer, max_query_length=t.max_target_length, max_code_length=t.max_source_length)
+    source, target = cfg.model.direction.source, cfg.model.direction.target
     if cfg.model.task is ModelTask.causal_lm:
-        return [causal_example(tokenizer, cfg.model.prompt_template, r, t.max_source_length, t.max_target_length) for r in rows]
-    sources = tokenizer([r["code"] for r in rows], max_length=t.max_source_length, truncation=True)
-    targets = tokenizer(text_target=[r["summary"] for r in rows], max_length=t.max_target_length, truncation=True)
+        return [
+            causal_example(tokenizer, cfg.model.prompt, r[source], r[target], t.max_source_length, t.max_target_length)
+            for r in rows
+        ]
+    sources = tokenizer([r[source] for r in rows], max_length=t.max_source_length, truncation=True)
+    targets = tokenizer(text_target=[r[target] for r in rows], max_length=t.max_target_length, truncation=True)
     return [
         {"input_ids": ids, "attention_mask": mask, "labels": labels}
         for ids, mask, labels in zip(sources["input_ids"], sources["attention_mask"], targets["input_ids"])
     ]
 
 
-def causal_example(tokenizer, template: str, row: dict, max_source: int, max_target: int) -> dict:
-    """Prompt, summary, EOS in one sequence; the loss sees only the summary and EOS, never the prompt."""
-    prompt = encode_prompt(tokenizer, template, row["code"], max_source)
-    summary = tokenizer(" " + row["summary"], add_special_tokens=False)["input_ids"][: max_target - 1]
-    summary.append(tokenizer.eos_token_id)
-    return {"input_ids": prompt + summary, "attention_mask": [1] * (len(prompt) + len(summary)), "labels": [-100] * len(prompt) + summary}
+def causal_example(tokenizer, template: str, source: str, target: str, max_source: int, max_target: int) -> dict:
+    """Prompt, target, EOS in one sequence; the loss sees only the target and EOS, never the prompt."""
+    prompt = encode_prompt(tokenizer, template, source, max_source)
+    # A prompt ending in a newline is followed by code as it is; a summary gets the space a word would have.
+    lead = "" if template.endswith("\n") else " "
+    output = tokenizer(lead + target, add_special_tokens=False)["input_ids"][: max_target - 1]
+    output.append(tokenizer.eos_token_id)
+    return {"input_ids": prompt + output, "attention_mask": [1] * (len(prompt) + len(output)), "labels": [-100] * len(prompt) + output}
 
 
 def _throughput_callback(n_params: int):
@@ -195,6 +203,9 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
 
     searching = cfg.model.task is ModelTask.code_search
     bf16, fp16 = resolve_precision(cfg)
+    checkpointing = cfg.peft.use_peft if t.gradient_checkpointing is None else t.gradient_checkpointing
+    if checkpointing:  # here, not by the Trainer: a code-search encoder reaches it inside its BiEncoder
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpoints = run_dir / CHECKPOINTS
     args = Seq2SeqTrainingArguments(
         output_dir=str(checkpoints),
@@ -209,14 +220,14 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
         lr_scheduler_type=t.lr_scheduler_type,
         bf16=bf16,
         fp16=fp16,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        tf32=True if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8 else None,
         # A code-search batch is its own negatives: batches of look-alike code would be a different, harder task.
         train_sampling_strategy="group_by_length" if t.group_by_length and not searching else "random",
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if t.eval_steps else "no",
+        prediction_loss_only=True,  # validation needs the loss; gathering every logit for it costs GBs
         eval_steps=t.eval_steps,
         logging_steps=t.logging_steps,
         seed=t.seed,
@@ -227,12 +238,14 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
         report_to="none",  # the tracking stage logs the curve from trainer_state, once, even across resumes
         disable_tqdm=True,
     )
+    # Multiples of 8 fill a GPU's tensor cores; on a CPU they are only more padding.
+    multiple = 8 if torch.cuda.is_available() else None
     if searching:
-        collator = PairCollator(tokenizer)
+        collator = PairCollator(tokenizer, multiple)
     elif labels:
-        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
     else:
-        collator = DataCollatorForSeq2Seq(tokenizer, model=base_model, label_pad_token_id=-100, pad_to_multiple_of=8)
+        collator = DataCollatorForSeq2Seq(tokenizer, model=base_model, label_pad_token_id=-100, pad_to_multiple_of=multiple)
     trainer = Seq2SeqTrainer(
         model=BiEncoder(model) if searching else model,
         args=args,

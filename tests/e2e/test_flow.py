@@ -245,3 +245,19 @@ def test_code_search_family_end_to_end(prefect_server, tiny_overrides, tmp_path,
 
     other_split = finetune(config=config, overrides=overrides + ["data.test_fraction=0.08"])
     assert "on the same test split" in other_split["registration"]["reason"]
+
+
+@pytest.mark.timeout(600)
+def test_code_generation_direction_end_to_end(prefect_server, tiny_overrides, tmp_path, monkeypatch):
+    """model.direction=text_to_code: a decoder-only model writes functions from summaries, scored with CodeBLEU."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = finetune(config=str(Path(__file__).parents[2] / "configs" / "tiny-code-generation.yaml"),
+                      overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "training.max_target_length=48"])
+    assert set(result["metrics"]) == {"codebleu", "syntax_match", "dataflow_match", "exact_match"}
+    assert result["registration"]["alias"] == "champion" and "codebleu" in result["registration"]["reason"]
+    records = [json.loads(line) for line in (Path(result["run_dir"]) / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["reference"].startswith(("def ", "async def ")) for r in records)  # the function is the reference
+    assert all(r["baseline"].startswith("def ") and r["baseline"].endswith("pass") for r in records)
+    functions = champion_predicts(uri, "codetune-code-generator", ["Return the sum of two numbers."])
+    assert len(functions) == 1 and isinstance(functions[0], str)

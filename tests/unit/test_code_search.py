@@ -28,7 +28,7 @@ def test_pair_collator_pads_each_side_to_a_multiple_of_8(tiny_cfg):
     from codetune.model import train_tokenizer
 
     tokenizer = train_tokenizer(["def f(x): return x", "Return x."] * 20, vocab_size=300)
-    batch = PairCollator(tokenizer)([{"query_input_ids": [1, 5, 2], "code_input_ids": list(range(3, 14))},
+    batch = PairCollator(tokenizer, pad_to_multiple_of=8)([{"query_input_ids": [1, 5, 2], "code_input_ids": list(range(3, 14))},
                                      {"query_input_ids": [1, 2], "code_input_ids": [1, 2]}])
     assert batch["query_input_ids"].shape == (2, 8) and batch["code_input_ids"].shape == (2, 16)
     assert batch["code_attention_mask"].sum().item() == 11 + 2

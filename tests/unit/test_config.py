@@ -90,3 +90,15 @@ def test_every_key_is_documented_where_users_see_it():
 def test_classification_needs_labelled_files():
     with pytest.raises(ConfigError, match="needs labelled data"):
         load_config(None, ["model.task=classification"])
+
+
+def test_code_generation_needs_a_generative_task_and_its_placeholder():
+    cfg = load_config(None, ["model.task=causal_lm", "model.direction=text_to_code"])
+    assert cfg.model.prompt == "# {summary}\n"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.task=causal_lm", "model.direction=text_to_code", "model.prompt_template={code} writes"])
+    assert "quote the value: model.prompt_template='...'" in str(error.value)
+    with pytest.raises(ConfigError, match="must contain {summary} exactly once"):
+        load_config(None, ["model.task=causal_lm", "model.direction=text_to_code", "model.prompt_template='{code} writes'"])
+    with pytest.raises(ConfigError, match="needs a generative model.task"):
+        load_config(None, ["model.task=classification", "data.source=files", "data.path=x.jsonl", "model.direction=text_to_code"])

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from codetune.config import EvaluationConfig, GenerationConfig, load_config
-from codetune.evaluation import METRICS_FILE, evaluate_model, generate_summaries
+from codetune.evaluation import METRICS_FILE, evaluate_model, generate
 
 
 @pytest.mark.parametrize(
@@ -25,9 +25,9 @@ def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
     model.generation_config.suppress_tokens = [tokenizer.pad_token_id, tokenizer.bos_token_id]
     model.generation_config.min_new_tokens = 8
     codes = sorted((r["code"] for r in data.load("test")), key=len)[:12]  # short and of different lengths: padded
-    template = cfg.model.prompt_template
-    one = generate_summaries(model.eval(), tokenizer, codes, GenerationConfig(batch_size=1, max_new_tokens=8), 512, template)
-    batched = generate_summaries(model, tokenizer, codes, GenerationConfig(batch_size=12, max_new_tokens=8), 512, template)
+    template = cfg.model.prompt
+    one = generate(model.eval(), tokenizer, codes, GenerationConfig(batch_size=1, max_new_tokens=8), 512, template)
+    batched = generate(model, tokenizer, codes, GenerationConfig(batch_size=12, max_new_tokens=8), 512, template)
     assert batched == one and any(batched)
 
 

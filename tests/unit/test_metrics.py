@@ -68,3 +68,16 @@ def test_retrieval_metrics_from_ranks():
     from codetune.metrics import retrieval_metrics
 
     assert retrieval_metrics([1, 2, 4, 20]) == {"mrr": round(100 * (1 + 0.5 + 0.25 + 0.05) / 4, 2), "recall_at_1": 25.0, "recall_at_10": 75.0}
+
+
+def test_codebleu_parses_python_with_the_pinned_tree_sitter():
+    """CodeBLEU's syntax and data-flow parts need tree-sitter; a version mismatch shows here, not as a 0.0 in a run."""
+    from codetune.metrics import code_metrics, stub_function
+
+    reference = "def area(width, height):\n    return width * height\n"
+    same = code_metrics([reference], [reference])
+    assert same == {"codebleu": 100.0, "syntax_match": 100.0, "dataflow_match": 100.0, "exact_match": 100.0}
+    renamed = code_metrics([reference], ["def area(w, h):\n    return w * h\n"])
+    assert renamed["syntax_match"] == 100.0 and renamed["dataflow_match"] == 100.0 and 0 < renamed["codebleu"] < 100
+    stub = code_metrics([reference], [stub_function("Return the area of a rectangle.")])
+    assert stub["codebleu"] < renamed["codebleu"] and stub["exact_match"] == 0.0

@@ -84,3 +84,8 @@ def test_prompt_keeps_its_ending_when_the_code_is_cut(tokenizer):
     ids = encode_prompt(tokenizer, "{code}\n# Summary:", "def f(x):\n" + "    x += 1\n" * 200, max_length=40)
     assert len(ids) <= 40
     assert tokenizer.decode(ids).endswith("\n# Summary:")
+
+
+def test_code_generation_prompt_fills_the_summary(tokenizer):
+    ids = encode_prompt(tokenizer, "# {summary}\n", "Add two numbers.", max_length=40)
+    assert tokenizer.decode(ids) == "# Add two numbers.\n"

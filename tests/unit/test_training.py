@@ -75,7 +75,7 @@ def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
 
     tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n# Summary: Add two numbers."] * 20, 300)
     row = {"code": "def add(a, b):\n    return a + b", "summary": "Add two numbers."}
-    example = causal_example(tokenizer, "{code}\n# Summary:", row, max_source=64, max_target=16)
+    example = causal_example(tokenizer, "{code}\n# Summary:", row["code"], row["summary"], max_source=64, max_target=16)
     scored = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
     assert tokenizer.decode(scored, skip_special_tokens=True).strip() == "Add two numbers."
     assert scored[-1] == tokenizer.eos_token_id
@@ -117,3 +117,31 @@ def test_run_shorter_than_the_logging_interval_still_reports_its_loss(tiny_cfg):
     tiny_cfg.training.max_steps, tiny_cfg.training.logging_steps = 3, 50
     trained = train_model(tiny_cfg, prepare_data(tiny_cfg.data))
     assert trained.global_step == 3 and trained.train_loss > 0
+
+
+def test_dynamic_padding_gives_the_loss_of_max_length_padding(tiny_cfg):
+    """The collator pads to the batch's longest example (a multiple of 8), not max_length: the loss must not move."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from codetune.model import load_model
+    from codetune.training import tokenize
+
+    rows = prepare_data(tiny_cfg.data).load("train")[:16]
+    model, tokenizer = load_model(tiny_cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
+    examples = tokenize(rows, tokenizer, tiny_cfg)
+    dynamic = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)(examples)
+    full = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, padding="max_length", max_length=128)(examples)
+    assert dynamic["labels"].shape[1] < full["labels"].shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**dynamic).loss, model(**full).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_length_grouped_batches_train_as_well_as_random_ones(tiny_overrides, tmp_path):
+    """Batches of similar length (little padding) see the same examples per epoch; the model they give is as good."""
+    losses = {}
+    for grouped in (True, False):
+        cfg = load_config(None, tiny_overrides + ["training.max_steps=60", f"training.group_by_length={grouped}",
+                                                  f"training.output_dir={tmp_path / str(grouped)}"])
+        losses[grouped] = train_model(cfg, prepare_data(cfg.data)).validation_loss
+    assert abs(losses[True] - losses[False]) / losses[False] < 0.05, losses
