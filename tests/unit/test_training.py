@@ -3,6 +3,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from codetune.config import load_config
@@ -145,3 +146,19 @@ def test_length_grouped_batches_train_as_well_as_random_ones(tiny_overrides, tmp
                                                   f"training.output_dir={tmp_path / str(grouped)}"])
         losses[grouped] = train_model(cfg, prepare_data(cfg.data)).validation_loss
     assert abs(losses[True] - losses[False]) / losses[False] < 0.05, losses
+
+
+def test_activation_checkpointing_under_lora_changes_memory_not_the_model(trained_run, tiny_overrides, tmp_path):
+    """LoRA recomputes activations by default (training.gradient_checkpointing=null); the adapters it trains are the same."""
+    _, data, base = trained_run
+    adapters = {}
+    for checkpointing in ("null", "false"):
+        cfg = load_config(None, tiny_overrides + [
+            "model.init=pretrained", f"model.name={base.run_dir}", "peft.use_peft=true", "peft.r=4",
+            f"training.gradient_checkpointing={checkpointing}", f"training.output_dir={tmp_path / checkpointing}",
+        ])
+        adapters[checkpointing] = load_file(Path(train_model(cfg, data).run_dir) / "adapter" / "adapter_model.safetensors")
+    recomputed, stored = adapters["null"], adapters["false"]
+    assert recomputed.keys() == stored.keys()
+    for key in recomputed:
+        torch.testing.assert_close(recomputed[key], stored[key], atol=1e-6, rtol=1e-5)
