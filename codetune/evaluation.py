@@ -73,7 +73,8 @@ class EvalReport:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("`", "'")[:120]
+    """One markdown table cell: a generated function's lines joined, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|").replace("`", "'")[:120]
 
 
 def generate(

@@ -42,7 +42,8 @@ def finetune(
     use_lora: Optional[bool] = None,
     lora_r: Optional[int] = None,
 ) -> dict:
-    """Fine-tune, evaluate, track, register and publish a code model (summariser or classifier, per model.task).
+    """Fine-tune, evaluate, track, register and publish a code model: a summariser, code generator, classifier or
+    code-search encoder, per model.task and model.direction.
 
     Args:
         config: YAML file in configs/; empty runs the embedded offline default.
