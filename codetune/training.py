@@ -205,7 +205,7 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     bf16, fp16 = resolve_precision(cfg)
     checkpointing = cfg.peft.use_peft if t.gradient_checkpointing is None else t.gradient_checkpointing
     if checkpointing:  # here, not by the Trainer: a code-search encoder reaches it inside its BiEncoder
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     checkpoints = run_dir / CHECKPOINTS
     args = Seq2SeqTrainingArguments(
         output_dir=str(checkpoints),
