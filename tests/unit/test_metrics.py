@@ -81,3 +81,10 @@ def test_codebleu_parses_python_with_the_pinned_tree_sitter():
     assert renamed["syntax_match"] == 100.0 and renamed["dataflow_match"] == 100.0 and 0 < renamed["codebleu"] < 100
     stub = code_metrics([reference], [stub_function("Return the area of a rectangle.")])
     assert stub["codebleu"] < renamed["codebleu"] and stub["exact_match"] == 0.0
+    # codebleu itself scores a data-flow miss as a full match (`dataflow or 1`): a stub would get 25 for free.
+    assert stub["dataflow_match"] == 0.0 and stub["codebleu"] < 10
+    # References with no data flow at all keep codebleu's convention: that quarter is not held against anyone.
+    from codebleu import calc_codebleu
+
+    no_flow = ["def f():\n    pass"]
+    assert code_metrics(no_flow, no_flow)["codebleu"] == round(100 * calc_codebleu(no_flow, no_flow, lang="python")["codebleu"], 2)
