@@ -105,6 +105,7 @@ def train_baseline(workdir: Path, shape: str, steps: int) -> dict:
 
     from codetune.data import prepare_data
     from codetune.model import load_model
+    from codetune.training import final_train_loss
 
     cfg = bench_config(workdir, shape, max_steps=steps)
     t = cfg.training
@@ -130,7 +131,7 @@ def train_baseline(workdir: Path, shape: str, steps: int) -> dict:
     started = time.perf_counter()
     outcome = trainer.train()
     seconds = time.perf_counter() - started
-    train_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), outcome.training_loss)
+    train_loss = final_train_loss(trainer, outcome)
     return _training_figures(seconds, trainer.state.global_step, cfg, rows, model, tokenizer, train_loss, trainer.evaluate()["eval_loss"])
 
 

@@ -23,7 +23,7 @@ from codetune.metrics import (
     stub_function,
     summary_metrics,
 )
-from codetune.model import encode_prompt, load_exported
+from codetune.model import encode_prompt, load_exported, task_of
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def is_classifier(model) -> bool:
-    return type(model).__name__.endswith("ForSequenceClassification")
-
-
 @torch.inference_mode()
 def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_length: int) -> list[str]:
     """The label name the classifier gives each code, in length-sorted batches."""
@@ -142,7 +138,7 @@ def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_len
 
 def predict(model, tokenizer, texts: list[str], gen: GenerationConfig, max_source_length: int, prompt: str, writes_code: bool = False) -> list[str]:
     """What the model makes of each input: a summary, a function, or a label for a classifier."""
-    if is_classifier(model):
+    if task_of(type(model).__name__, model.config.is_encoder_decoder) is ModelTask.classification:
         return classify(model, tokenizer, texts, gen.batch_size, max_source_length)
     return generate(model, tokenizer, texts, gen, max_source_length, prompt, writes_code)
 

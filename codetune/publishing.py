@@ -146,11 +146,12 @@ def publish_to_s3(client, cfg: Config, run_dir: Path, metadata: dict, version: s
     return upload_to_s3(client, cfg.registry.s3.bucket, s3_prefix(cfg, version), files)
 
 
+SUMMARISES = "Summarises a function's source code in one sentence (a docstring summary)."
 SUMMARY_SCORES = "smoothed BLEU-4 as CodeXGLUE computes it, corpus BLEU, ROUGE-L and exact match, x100"
 TASK_CARDS = {
     # model.task -> (Hub pipeline tag, what the model does, how it was scored)
-    ModelTask.seq2seq: ("summarization", "Summarises a function's source code in one sentence (a docstring summary).", SUMMARY_SCORES),
-    ModelTask.encoder_decoder: ("summarization", "Summarises a function's source code in one sentence (a docstring summary).", SUMMARY_SCORES),
+    ModelTask.seq2seq: ("summarization", SUMMARISES, SUMMARY_SCORES),
+    ModelTask.encoder_decoder: ("summarization", SUMMARISES, SUMMARY_SCORES),
     ModelTask.causal_lm: ("text-generation", "Writes a one-sentence summary (a docstring summary) after a function's source code.", SUMMARY_SCORES),
     ModelTask.classification: (
         "text-classification", "Labels a function's source code with one of the classes it was trained on.", "accuracy, macro F1 and MCC, x100"

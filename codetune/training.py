@@ -158,6 +158,11 @@ def _throughput_callback(n_params: int):
     return Throughput()
 
 
+def final_train_loss(trainer, outcome) -> float:
+    """The last logged training loss; a run shorter than logging_steps logged none, and its mean loss stands in."""
+    return next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), outcome.training_loss)
+
+
 def model_files(run_dir: str | Path) -> list[Path]:
     """The files from_pretrained needs (weights, config, tokenizer): not the run's records, not the adapter."""
     return sorted(
@@ -191,7 +196,7 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     t = cfg.training
     set_seed(t.seed)
     train_rows, validation_rows = data.load("train"), data.load("validation")
-    labels = sorted({r["label"] for r in train_rows}) if "label" in train_rows[0] else None
+    labels = sorted({r["label"] for r in train_rows}) if cfg.model.task.labelled else None
     texts = (r["code"] + "\n" + r.get("summary", "") for r in train_rows)
     model, tokenizer = load_model(cfg.model, texts, t.seed, labels)
     label2id = model.config.label2id if labels else None
@@ -283,8 +288,7 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     trained = TrainedModel(
         run_dir=str(run_dir),
         global_step=trainer.state.global_step,
-        # The last logged loss; a run shorter than logging_steps logged none, and its mean loss stands in.
-        train_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), outcome.training_loss),
+        train_loss=final_train_loss(trainer, outcome),
         validation_loss=validation_loss,
         resumed_from_step=resumed_from,
         used_peft=cfg.peft.use_peft,
