@@ -148,9 +148,15 @@ def test_length_grouped_batches_train_as_well_as_random_ones(tiny_overrides, tmp
     assert abs(losses[True] - losses[False]) / losses[False] < 0.05, losses
 
 
-def test_activation_checkpointing_under_lora_changes_memory_not_the_model(trained_run, tiny_overrides, tmp_path):
+def test_activation_checkpointing_under_lora_changes_memory_not_the_model(trained_run, tiny_overrides, tmp_path, monkeypatch):
     """LoRA recomputes activations by default (training.gradient_checkpointing=null); the adapters it trains are the same."""
+    from transformers import PreTrainedModel
+
     _, data, base = trained_run
+    enabled = []
+    real_enable = PreTrainedModel.activation_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable",
+                        lambda self, *a, **k: (enabled.append(True), real_enable(self, *a, **k))[1])
     adapters = {}
     for checkpointing in ("null", "false"):
         cfg = load_config(None, tiny_overrides + [
@@ -158,6 +164,7 @@ def test_activation_checkpointing_under_lora_changes_memory_not_the_model(traine
             f"training.gradient_checkpointing={checkpointing}", f"training.output_dir={tmp_path / checkpointing}",
         ])
         adapters[checkpointing] = load_file(Path(train_model(cfg, data).run_dir) / "adapter" / "adapter_model.safetensors")
+    assert enabled == [True]  # the default run recomputed activations; the one with it off did not
     recomputed, stored = adapters["null"], adapters["false"]
     assert recomputed.keys() == stored.keys()
     for key in recomputed:
