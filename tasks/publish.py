@@ -72,7 +72,7 @@ def publish(cfg: Config, trained: TrainedModel, report: EvalReport, registration
             publish_to_s3(s3_client(s3), cfg, run_dir, metadata, registration.version, Path(workdir))
         locations["s3"] = f"s3://{s3.bucket}/{s3_prefix(cfg, registration.version)}/"
     if hub.repo_id:
-        card = model_card(cfg, report.metrics, report.baseline, report.baseline_name, report.num_examples, data_description(cfg))
+        card = model_card(cfg, report, data_description(cfg), trained.base_weights)
         message = f"{registration.model_name} v{registration.version} ({registration.alias})"
         locations["huggingface"] = push_to_hub(
             hub.repo_id, hub_token(hub.token_block), hub.private, publish_files(run_dir, hub.weights), card, message, hub.endpoint

@@ -40,4 +40,4 @@ def track(cfg: Config, trained: TrainedModel, report: EvalReport, lineage: dict[
         "trainable_parameters": trained.trainable_parameters,
         "eval_examples_per_second": report.examples_per_second,
     }
-    return log_run(cfg, trained.run_dir, summary, lineage)
+    return log_run(cfg, trained.run_dir, summary, lineage, trained.base_weights)

@@ -6,6 +6,9 @@ import pytest
 
 from codetune.config import load_config
 
+ROOT = Path(__file__).resolve().parents[1]
+# The seq2seq twin (a scratch CodeT5-architecture model): the model of tests that need *a* model.
+TWIN = str(ROOT / "configs" / "tiny-seq2seq.yaml")
 # A model small enough to train for a few steps in seconds on 2 CPU cores.
 TINY = [
     "model.scratch.d_model=32",
@@ -39,7 +42,7 @@ def tiny_overrides(tmp_path, stdlib_cache) -> list[str]:
 
 @pytest.fixture
 def tiny_cfg(tiny_overrides):
-    return load_config(None, tiny_overrides)
+    return load_config(TWIN, tiny_overrides)
 
 
 @pytest.fixture(scope="session")

@@ -92,11 +92,18 @@ def normalized_code(code: str) -> str:
     return " ".join(code.split())
 
 
-def split_examples(examples: list[dict], cfg: DataConfig, dropped: Counter) -> dict[str, list[dict]]:
-    """Deterministic split by a hash of each example's content, independent of the input order.
+def uses_published_splits(examples: list[dict]) -> bool:
+    """Every example names the split its source published it in, and those include train and test."""
+    published = {ex.get("published_split") for ex in examples}
+    return None not in published and {"train", "test"} <= published
 
-    Exact duplicates are dropped, and so are validation/test examples whose whitespace-normalised
-    code also appears in train: a model that saw the code in training would be scored on recall.
+
+def split_examples(examples: list[dict], cfg: DataConfig, dropped: Counter) -> dict[str, list[dict]]:
+    """The source's own train/validation/test split where it publishes one; else a deterministic split by content hash.
+
+    Keeping a published test split keeps scores comparable with published ones (CodeXGLUE). Exact
+    duplicates are dropped, and so are validation/test examples whose whitespace-normalised code also
+    appears in train: a model that saw the code in training would be scored on recall.
     """
     keyed: dict[str, dict] = {}
     for ex in examples:
@@ -110,13 +117,21 @@ def split_examples(examples: list[dict], cfg: DataConfig, dropped: Counter) -> d
         # The subset is chosen by a second slice of the hash, so it is not biased towards one split.
         keys = sorted(sorted(keys, key=lambda k: k[16:32])[: cfg.max_examples])
         dropped["over_max_examples"] += len(keyed) - len(keys)
+    published = {keyed[k].get("published_split") for k in keys}
+    use_published = uses_published_splits([keyed[k] for k in keys])
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for key in keys:
+        example = dict(keyed[key])
         bucket = int(key[:8], 16) / 16**8
-        split = "test" if bucket < cfg.test_fraction else (
-            "validation" if bucket < cfg.test_fraction + cfg.validation_fraction else "train"
-        )
-        splits[split].append({"id": key[:16], **keyed[key]})
+        split = example.pop("published_split", None) if use_published else None
+        if split is None:
+            split = "test" if bucket < cfg.test_fraction else (
+                "validation" if bucket < cfg.test_fraction + cfg.validation_fraction else "train"
+            )
+        elif split == "train" and "validation" not in published and bucket < cfg.validation_fraction:
+            split = "validation"  # a source without a validation split lends some of train
+        example.pop("published_split", None)
+        splits[split].append({"id": key[:16], **example})
     train_code = {normalized_code(ex["code"]) for ex in splits["train"]}
     for split in ("validation", "test"):
         kept = [ex for ex in splits[split] if normalized_code(ex["code"]) not in train_code]
@@ -171,6 +186,7 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
         "fingerprint": fingerprint,
         "source": cfg.source.value,
         "path": cfg.path or str(default_tree()),
+        "split_by": "published splits" if uses_published_splits(kept) else "content hash",
         "counts": counts,
         "sha256": {s: _write_jsonl(staging / f"{s}.jsonl", splits[s]) for s in SPLITS},
     }
@@ -179,5 +195,5 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
         os.rename(staging, directory)
     except OSError:  # another process prepared the same data first
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("data: read %d, kept %s, dropped %s", read, counts["kept"], counts["dropped"])
+    log.info("data: read %d, kept %s (split by %s), dropped %s", read, counts["kept"], manifest["split_by"], counts["dropped"])
     return PreparedData(str(directory), fingerprint, counts, manifest["sha256"])

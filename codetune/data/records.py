@@ -112,10 +112,11 @@ def to_example(row: Any, input_field: str, target_field: str, labelled: bool = F
 
 
 def read_examples(
-    rows: Iterable[tuple[str, Any]], input_field: str, target_field: str, skip_invalid: bool, dropped: Counter, labelled: bool = False
+    rows: Iterable[tuple[str, str | None, Any]], input_field: str, target_field: str, skip_invalid: bool, dropped: Counter,
+    labelled: bool = False,
 ) -> Iterator[dict]:
-    """Examples from (origin, raw row) pairs; a bad row fails the run or, with skip_invalid, is counted."""
-    for origin, row in rows:
+    """Examples from (origin, published split, raw row) triples; a bad row fails the run or, with skip_invalid, is counted."""
+    for origin, split, row in rows:
         try:
             if isinstance(row, Exception):
                 raise row
@@ -128,17 +129,33 @@ def read_examples(
             dropped["invalid_row"] += 1
             continue
         example["origin"] = origin
+        if split:
+            example["published_split"] = split
         yield example
 
 
-def file_rows(files: list[Path]) -> Iterator[tuple[str, Any]]:
+# How CodeSearchNet, CodeXGLUE and Hub datasets name their splits.
+SPLIT_NAMES = {"train": "train", "valid": "validation", "validation": "validation", "dev": "validation", "test": "test"}
+
+
+def split_of(name: str) -> str | None:
+    """The split a file or Hub split name stands for: test.jsonl, python_valid_0.jsonl.gz, jsonl/train/... ; None if none."""
+    for part in reversed(Path(name).parts):
+        for token in reversed(re.split(r"[^a-z]+", part.lower())):
+            if token in SPLIT_NAMES:
+                return SPLIT_NAMES[token]
+    return None
+
+
+def file_rows(files: list[Path]) -> Iterator[tuple[str, str | None, Any]]:
     for path in files:
+        split = split_of(str(path))
         for lineno, row in _rows(path):
-            yield f"{path}:{lineno}", row
+            yield f"{path}:{lineno}", split, row
 
 
-def hub_rows(name: str, subset: str | None) -> Iterator[tuple[str, Any]]:
-    """Every split of a Hugging Face dataset (online use; codetune re-splits by content hash)."""
+def hub_rows(name: str, subset: str | None) -> Iterator[tuple[str, str | None, Any]]:
+    """Every split of a Hugging Face dataset, each row with the split it was published in."""
     try:
         from datasets import load_dataset
     except ImportError:
@@ -146,4 +163,4 @@ def hub_rows(name: str, subset: str | None) -> Iterator[tuple[str, Any]]:
     splits = load_dataset(name, subset)
     for split_name, split in splits.items():
         for i, row in enumerate(split):
-            yield f"{name}[{split_name}]:{i}", row
+            yield f"{name}[{split_name}]:{i}", split_of(split_name), row

@@ -56,7 +56,7 @@ def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(
         overrides = TINY + [f"data.cache_dir={stdlib_cache}", f"training.output_dir={tmp_path / 'runs'}",
                             f"mlflow.tracking_uri=sqlite:///{db}", "registry.model_name=deployed",
                             "registry.s3.bucket=deployed-models", f"registry.s3.endpoint_url={proxy.url}"]
-        out = _run(env, *prefect, "deployment", "run", "finetune/main", "--param", "config=configs/default.yaml",
+        out = _run(env, *prefect, "deployment", "run", "finetune/main", "--param", "config=configs/tiny-seq2seq.yaml",
                    "--param", f"overrides={json.dumps(overrides)}", "--param", "learning_rate=0.002")
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
         _run(env, *prefect, "worker", "start", "--pool", "test-pool", "--run-once", timeout=600)

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from flows.finetune import finetune
+from tests.conftest import TWIN
 from tests.e2e.conftest import champion_predicts
 from tests.servers import RecordingHub
 
@@ -17,7 +18,7 @@ def test_finetune_flow_trains_evaluates_tracks_and_registers(prefect_server, tin
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = tiny_overrides + [f"mlflow.tracking_uri={uri}", "registry.model_name=flow-e2e"]
-    result = finetune(config=None, overrides=overrides)
+    result = finetune(config=TWIN, overrides=overrides)
 
     run_dir = Path(result["run_dir"])
     for name in ["model.safetensors", "config.json", "tokenizer.json", "metrics.json", "examples.json",
@@ -38,7 +39,7 @@ def test_finetune_flow_trains_evaluates_tracks_and_registers(prefect_server, tin
 
     # Unchanged data and settings: the splits and the trained model are reused, and a model that
     # only ties the champion stays challenger.
-    again = finetune(config=None, overrides=overrides)
+    again = finetune(config=TWIN, overrides=overrides)
     assert again["run_dir"] == result["run_dir"] and again["metrics"] == result["metrics"]
     assert again["registration"]["alias"] == "challenger" and "does not beat" in again["registration"]["reason"]
     version = client.get_model_version("flow-e2e", again["registration"]["version"])
@@ -58,7 +59,7 @@ def test_flow_publishes_to_s3_and_the_hub_and_never_leaks_secrets(prefect_server
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="team-models")
     with RecordingHub() as hub, caplog.at_level("DEBUG"):
         hub.state.valid_token = canary_hf
-        result = finetune(config=None, overrides=tiny_overrides + [
+        result = finetune(config=TWIN, overrides=tiny_overrides + [
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "registry.model_name=published",
             "registry.s3.bucket=team-models", f"registry.s3.endpoint_url={moto_url}", "registry.s3.archive=true",
             "registry.huggingface.repo_id=team/summarizer", f"registry.huggingface.endpoint={hub.url}",
@@ -90,7 +91,7 @@ def test_flow_reports_a_config_typo_without_training(prefect_server):
 @pytest.mark.timeout(600)
 def test_dry_run_prints_the_plan_and_registers_nothing(prefect_server, tiny_overrides, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    result = finetune(config=None, overrides=tiny_overrides + [
+    result = finetune(config=TWIN, overrides=tiny_overrides + [
         "registry.dry_run=true", "registry.s3.bucket=somewhere", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"
     ])
     assert "upload to s3://somewhere/models/codetune-code-summarizer/<version>/" in result["plan"]
@@ -163,7 +164,7 @@ def test_retried_flow_run_does_not_redo_finished_stages(prefect_server, tiny_ove
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="retried")
     with FlakyProxy(moto_url) as proxy:
         proxy.state.fail_next, proxy.state.fail_status = 1, 403  # a permission error: the task fails at once
-        result = finetune.with_options(retries=1, retry_delay_seconds=1)(config=None, overrides=tiny_overrides + [
+        result = finetune.with_options(retries=1, retry_delay_seconds=1)(config=TWIN, overrides=tiny_overrides + [
             f"mlflow.tracking_uri={uri}", "registry.model_name=retried",
             "registry.s3.bucket=retried", f"registry.s3.endpoint_url={proxy.url}",
         ])

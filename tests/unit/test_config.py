@@ -59,7 +59,7 @@ def test_cross_field_validation():
     with pytest.raises(ConfigError, match="choose one of training.bf16 and training.fp16"):
         load_config(None, ["training.bf16=true", "training.fp16=true"])
     with pytest.raises(ConfigError, match="adapts random weights"):
-        load_config(None, ["peft.use_peft=true"])
+        load_config(None, ["model.init=scratch"])
 
 
 def test_missing_file_lists_shipped_configs():

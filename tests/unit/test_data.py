@@ -134,3 +134,34 @@ def test_labelled_rows_read_codexglue_defect_format(tmp_path):
     train = data.load("train")
     assert {r["label"] for r in train} == {"0", "1"} and "summary" not in train[0]
     assert sum(data.counts["kept"].values()) == 60
+
+
+@pytest.mark.parametrize("name, split", [
+    ("python/final/jsonl/train/python_train_0.jsonl.gz", "train"), ("code-to-text/python/valid.jsonl", "validation"),
+    ("test.jsonl", "test"), ("dev", "validation"), ("functions.jsonl", None), ("contest/data.jsonl", None),
+])
+def test_split_names_of_published_datasets(name, split):
+    from codetune.data.records import split_of
+
+    assert split_of(name) == split
+
+
+def test_published_splits_are_kept_and_leakage_still_removed(tmp_path):
+    """CodeXGLUE ships train/valid/test files: its test split stays the test split, so scores compare with published ones."""
+    rows = _rows(90)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows[:60])
+    write_jsonl(tmp_path / "data" / "valid.jsonl", rows[60:70])
+    # The last test row repeats a train function under another summary: it would be scored on recall.
+    write_jsonl(tmp_path / "data" / "test.jsonl", rows[70:] + [{"code": rows[0]["code"], "docstring": "Another wording of it."}])
+    data = prepare_data(_cfg(tmp_path, path=str(tmp_path / "data")))
+    codes = {split: {r["code"] for r in data.load(split)} for split in ("train", "validation", "test")}
+    assert codes["test"] == {r["code"] for r in rows[70:]}
+    assert codes["validation"] == {r["code"] for r in rows[60:70]} and codes["train"] == {r["code"] for r in rows[:60]}
+    assert data.counts["dropped"]["test_code_in_train"] == 1
+    assert json.loads((tmp_path / "cache" / data.fingerprint[:16] / "manifest.json").read_text())["split_by"] == "published splits"
+
+    # Without a test file there is nothing published to keep: content-hash splitting, as for any other source.
+    (tmp_path / "data" / "test.jsonl").unlink()
+    data = prepare_data(_cfg(tmp_path, path=str(tmp_path / "data")))
+    assert data.counts["kept"]["test"] > 0 and "published_split" not in data.load("train")[0]

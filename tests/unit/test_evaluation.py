@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 
 from codetune.config import EvaluationConfig, GenerationConfig, load_config
-from codetune.evaluation import METRICS_FILE, evaluate_model, generate
+from codetune.evaluation import METRICS_FILE, collapse_warning, evaluate_model, generate
+from tests.conftest import TWIN
 
 
 @pytest.mark.parametrize(
-    "config", [None, "configs/tiny-encoder-decoder.yaml", "configs/tiny-causal-lm.yaml"], ids=["seq2seq", "encoder_decoder", "causal_lm"]
+    "config", [TWIN, "configs/tiny-encoder-decoder.yaml", "configs/tiny-causal-lm.yaml"], ids=["seq2seq", "encoder_decoder", "causal_lm"]
 )
 def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
     """Padding (right for the encoder, left for a decoder-only prompt) must not change what is generated.
@@ -41,6 +42,20 @@ def test_evaluation_writes_predictions_examples_and_metrics(trained_run):
     assert {"reference", "prediction", "baseline"} <= set(predictions[0])
     assert len(json.loads((run_dir / "examples.json").read_text())) == 3
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
-    assert set(metrics["model"]) == {"bleu4_smoothed", "bleu_corpus", "rouge_l", "exact_match"}
+    assert set(metrics["model"]) == {"bleu4_smoothed", "bleu_corpus", "rouge_l", "exact_match", "distinct_predictions"}
+    assert metrics["untuned"] is None  # a scratch model has no pretrained base to compare with
     assert metrics["baseline"]["bleu4_smoothed"] > 0 and metrics["baseline_name"] == "function name split into words"
     assert "| bleu4_smoothed |" in report.to_markdown()
+
+
+def test_a_collapsed_model_is_reported_in_the_log_and_the_report(trained_run):
+    cfg, data, trained = trained_run
+    assert collapse_warning({"distinct_predictions": 50.0}) is None
+    warning = collapse_warning({"distinct_predictions": 49.9})
+    assert "collapsed" in warning and "49.9%" in warning
+    cfg.evaluation = EvaluationConfig(max_examples=10)
+    report = evaluate_model(trained.run_dir, data.load("test"), cfg)  # 12 steps of a tiny model: a few stock outputs
+    assert report.metrics["distinct_predictions"] < 50
+    assert report.warnings == [collapse_warning(report.metrics)]
+    assert "**Warning:** the model has collapsed" in report.to_markdown()
+    assert json.loads((Path(trained.run_dir) / METRICS_FILE).read_text())["warnings"] == report.warnings

@@ -10,7 +10,9 @@ import pytest
 from botocore.config import Config as BotoConfig
 
 from codetune.config import HubWeights, load_config
+from codetune.evaluation import EvalReport
 from codetune.publishing import PublishError, model_card, publish_files, publish_to_s3, push_to_hub, upload_to_s3
+from tests.conftest import TWIN
 from tests.servers import FlakyProxy, RecordingHub
 
 
@@ -44,7 +46,7 @@ def run_dir(tmp_path):
 
 def test_s3_upload_layout_metadata_checksums_and_archive(s3, run_dir, tmp_path):
     client, _ = s3
-    cfg = load_config(None, ["registry.s3.bucket=models", "registry.s3.archive=true", "registry.model_name=summ"])
+    cfg = load_config(TWIN, ["registry.s3.bucket=models", "registry.s3.archive=true", "registry.model_name=summ"])
     uploaded = publish_to_s3(client, cfg, run_dir, {"metrics": {"bleu4_smoothed": 9.1}}, "3", tmp_path)
     keys = {u.key for u in uploaded}
     prefix = "models/summ/3/"
@@ -62,7 +64,7 @@ def test_s3_upload_layout_metadata_checksums_and_archive(s3, run_dir, tmp_path):
 
 def test_s3_rerun_transfers_nothing(s3, run_dir, tmp_path):
     client, proxy = s3
-    cfg = load_config(None, ["registry.s3.bucket=models", "registry.s3.archive=true"])
+    cfg = load_config(TWIN, ["registry.s3.bucket=models", "registry.s3.archive=true"])
     publish_to_s3(client, cfg, run_dir, {"v": 1}, "1", tmp_path)
     puts_before = sum(r.method == "PUT" for r in proxy.state.requests)
     again = publish_to_s3(client, cfg, run_dir, {"v": 1}, "1", tmp_path)
@@ -87,8 +89,10 @@ def test_s3_missing_bucket_is_a_clear_error(s3, run_dir):
 
 
 def test_hub_push_creates_private_repo_and_one_commit_with_card(run_dir):
-    cfg = load_config(None, ["registry.huggingface.repo_id=org/summ"])
-    card = model_card(cfg, {"bleu4_smoothed": 9.1}, {"bleu4_smoothed": 4.2}, "function name split into words", 100, "code_tree (stdlib)")
+    cfg = load_config(TWIN, ["registry.huggingface.repo_id=org/summ"])
+    report = EvalReport(metrics={"bleu4_smoothed": 9.1}, baseline={"bleu4_smoothed": 4.2}, baseline_name="function name split into words",
+                        num_examples=100, examples_per_second=1.0, examples=[], untuned={"bleu4_smoothed": 5.8})
+    card = model_card(cfg, report, "code_tree (stdlib)")
     with RecordingHub() as hub:
         url = push_to_hub("org/summ", hub.state.valid_token, True, publish_files(run_dir, HubWeights.merged), card, "v1", hub.url)
         create = next(r for r in hub.state.requests if r.path == "/api/repos/create")
@@ -101,7 +105,7 @@ def test_hub_push_creates_private_repo_and_one_commit_with_card(run_dir):
 
     readme = base64.b64decode(files["README.md"]["content"]).decode()
     assert "model-index:" in readme and "value: 9.1" in readme and "license: apache-2.0" in readme
-    assert "| bleu4_smoothed | 9.10 | 4.20 |" in readme and "Intended use and limitations" in readme
+    assert "| bleu4_smoothed | 9.10 | 5.80 | 4.20 |" in readme and "Intended use and limitations" in readme
 
 
 def test_hub_server_errors_are_retried(run_dir):

@@ -6,6 +6,7 @@ from codetune.config import load_config
 from codetune.data import prepare_data
 from codetune.registry import CHALLENGER, CHAMPION, decide_alias, register_model
 from codetune.training import train_model
+from tests.conftest import TWIN
 
 
 @pytest.mark.parametrize(
@@ -31,7 +32,7 @@ def tracked(tiny_cfg, tmp_path, monkeypatch):
     trained = train_model(tiny_cfg, data)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("registry-test")
-    cfg = load_config(None, ["training.max_source_length=64", "registry.min_score=5", "registry.model_name=summarizer"])
+    cfg = load_config(TWIN, ["training.max_source_length=64", "registry.min_score=5", "registry.model_name=summarizer"])
     rows = data.load("test")[:4]
 
     def register(bleu: float, split: str = "split-a"):

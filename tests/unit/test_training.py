@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from codetune.config import load_config
 from codetune.data import prepare_data
 from codetune.training import last_complete_checkpoint, resolve_precision, train_model
+from tests.conftest import TWIN
 
 
 def test_training_exports_a_complete_run_directory(trained_run):
@@ -35,7 +36,7 @@ def test_finished_training_is_not_redone(trained_run, caplog):
 
 def test_same_seed_gives_identical_weights(trained_run, tiny_overrides, tmp_path):
     cfg, data, first = trained_run
-    twin = load_config(None, tiny_overrides + [f"training.output_dir={tmp_path / 'twin'}"])
+    twin = load_config(TWIN, tiny_overrides + [f"training.output_dir={tmp_path / 'twin'}"])
     second = train_model(twin, data)
     a = load_file(Path(first.run_dir) / "model.safetensors")
     b = load_file(Path(second.run_dir) / "model.safetensors")
@@ -44,7 +45,7 @@ def test_same_seed_gives_identical_weights(trained_run, tiny_overrides, tmp_path
 
 def test_lora_on_a_local_pretrained_model_saves_adapter_and_merged_model(trained_run, tiny_overrides, tmp_path):
     _, data, base = trained_run
-    cfg = load_config(None, tiny_overrides + [
+    cfg = load_config(TWIN, tiny_overrides + [
         "model.init=pretrained", f"model.name={base.run_dir}", "peft.use_peft=true", "peft.r=4",
         f"training.output_dir={tmp_path / 'lora'}",
     ])
@@ -63,11 +64,18 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-5"
 
 
-def test_mixed_precision_on_cpu_warns_and_trains_in_fp32(caplog):
-    cfg = load_config(None, ["training.bf16=true"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rules")
+def test_cpu_precision_follows_the_cpus_bf16_instructions(caplog, monkeypatch):
+    precision = lambda *overrides: resolve_precision(load_config(TWIN, list(overrides)))
+    monkeypatch.setattr("codetune.training.cpu_has_bf16", lambda: True)
+    assert precision() == (True, False)
+    assert precision("training.bf16=false") == (False, False)
+    monkeypatch.setattr("codetune.training.cpu_has_bf16", lambda: False)
+    assert precision() == (False, False)
     with caplog.at_level(logging.WARNING):
-        assert resolve_precision(cfg) == (False, False)
-    assert "needs a CUDA GPU" in caplog.text
+        assert precision("training.bf16=true") == (False, False)
+        assert precision("training.fp16=true") == (False, False)
+    assert "without bf16 instructions" in caplog.text and "needs a CUDA GPU" in caplog.text
 
 
 def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
@@ -142,14 +150,14 @@ def test_length_grouped_batches_train_as_well_as_random_ones(tiny_overrides, tmp
     """Batches of similar length (little padding) see the same examples per epoch; the model they give is as good."""
     losses = {}
     for grouped in (True, False):
-        cfg = load_config(None, tiny_overrides + ["training.max_steps=60", f"training.group_by_length={grouped}",
+        cfg = load_config(TWIN, tiny_overrides + ["training.max_steps=60", f"training.group_by_length={grouped}",
                                                   f"training.output_dir={tmp_path / str(grouped)}"])
         losses[grouped] = train_model(cfg, prepare_data(cfg.data)).validation_loss
     assert abs(losses[True] - losses[False]) / losses[False] < 0.05, losses
 
 
 def test_activation_checkpointing_under_lora_changes_memory_not_the_model(trained_run, tiny_overrides, tmp_path, monkeypatch):
-    """LoRA recomputes activations by default (training.gradient_checkpointing=null); the adapters it trains are the same."""
+    """training.gradient_checkpointing=true recomputes activations; the adapters it trains are the same."""
     from transformers import PreTrainedModel
 
     _, data, base = trained_run
@@ -158,14 +166,14 @@ def test_activation_checkpointing_under_lora_changes_memory_not_the_model(traine
     monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable",
                         lambda self, *a, **k: (enabled.append(True), real_enable(self, *a, **k))[1])
     adapters = {}
-    for checkpointing in ("null", "false"):
-        cfg = load_config(None, tiny_overrides + [
+    for checkpointing in ("true", "false"):
+        cfg = load_config(TWIN, tiny_overrides + [
             "model.init=pretrained", f"model.name={base.run_dir}", "peft.use_peft=true", "peft.r=4",
             f"training.gradient_checkpointing={checkpointing}", f"training.output_dir={tmp_path / checkpointing}",
         ])
         adapters[checkpointing] = load_file(Path(train_model(cfg, data).run_dir) / "adapter" / "adapter_model.safetensors")
-    assert enabled == [True]  # the default run recomputed activations; the one with it off did not
-    recomputed, stored = adapters["null"], adapters["false"]
+    assert enabled == [True]  # the run with it on recomputed activations; the one with it off did not
+    recomputed, stored = adapters["true"], adapters["false"]
     assert recomputed.keys() == stored.keys()
     for key in recomputed:
         torch.testing.assert_close(recomputed[key], stored[key], atol=1e-6, rtol=1e-5)
