@@ -73,7 +73,8 @@ def _train(args) -> dict:
     data = prepare_data(cfg.data, labelled=cfg.model.task.labelled)
     trained = train_model(cfg, data)
     report = evaluate_model(trained.run_dir, data.load("test"), cfg)
-    return {"run_dir": trained.run_dir, "global_step": trained.global_step, "metrics": report.metrics, "baseline": report.baseline}
+    return {"run_dir": trained.run_dir, "global_step": trained.global_step, "metrics": report.metrics, "baseline": report.baseline,
+            "untuned": report.untuned, "warnings": report.warnings}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,10 @@ def release(cfg, data, trained, report) -> dict:
     """Track, register and publish a trained, evaluated run (shared with `codetune deploy`)."""
     origin = lineage(cfg, data)
     summary = {"run_dir": trained.run_dir, "metrics": report.metrics, "baseline": report.baseline}
+    if report.untuned:
+        summary["untuned"] = report.untuned
+    if report.warnings:
+        summary["warnings"] = report.warnings
     if cfg.registry.dry_run:
         summary["plan"] = publication_plan(cfg, trained)
         print(summary["plan"])

@@ -183,7 +183,7 @@ def test_other_summarisation_families_end_to_end(family, prefect_server, tiny_ov
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = finetune(config=str(Path(__file__).parents[2] / "configs" / f"{family}.yaml"),
                       overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "registry.model_name=causal"])
-    assert set(result["metrics"]) == {"bleu4_smoothed", "bleu_corpus", "rouge_l", "exact_match"}
+    assert set(result["metrics"]) == {"bleu4_smoothed", "bleu_corpus", "rouge_l", "exact_match", "distinct_predictions"}
     assert result["registration"]["alias"] == "champion"
     summaries = champion_predicts(uri, "causal", ["def add(a, b): return a + b"])
     assert len(summaries) == 1 and isinstance(summaries[0], str)
@@ -255,7 +255,7 @@ def test_code_generation_direction_end_to_end(prefect_server, tiny_overrides, tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = finetune(config=str(Path(__file__).parents[2] / "configs" / "tiny-code-generation.yaml"),
                       overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "training.max_target_length=48"])
-    assert set(result["metrics"]) == {"codebleu", "syntax_match", "dataflow_match", "exact_match"}
+    assert set(result["metrics"]) == {"codebleu", "syntax_match", "dataflow_match", "exact_match", "distinct_predictions"}
     assert result["registration"]["alias"] == "champion" and "codebleu" in result["registration"]["reason"]
     records = [json.loads(line) for line in (Path(result["run_dir"]) / "predictions.jsonl").read_text().splitlines()]
     assert all(r["reference"].startswith(("def ", "async def ")) for r in records)  # the function is the reference

