@@ -8,7 +8,6 @@ caller and never written anywhere.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import logging
@@ -21,6 +20,7 @@ from codetune.config import Config, Direction, HubWeights, ModelInit, ModelTask,
 from codetune.errors import CodetuneError
 from codetune.evaluation import EvalReport
 from codetune.training import model_files
+from codetune.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,6 @@ class UploadedObject:
     sha256: str
     transferred: bool
     """False when an identical object was already there."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def publish_files(run_dir: Path, weights: HubWeights) -> list[tuple[Path, str]]:

