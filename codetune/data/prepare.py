@@ -117,20 +117,21 @@ def split_examples(examples: list[dict], cfg: DataConfig, dropped: Counter) -> d
         # The subset is chosen by a second slice of the hash, so it is not biased towards one split.
         keys = sorted(sorted(keys, key=lambda k: k[16:32])[: cfg.max_examples])
         dropped["over_max_examples"] += len(keyed) - len(keys)
-    published = {keyed[k].get("published_split") for k in keys}
     use_published = uses_published_splits([keyed[k] for k in keys])
+    lend_validation = use_published and all(keyed[k]["published_split"] != "validation" for k in keys)
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for key in keys:
         example = dict(keyed[key])
+        published = example.pop("published_split", None)
         bucket = int(key[:8], 16) / 16**8
-        split = example.pop("published_split", None) if use_published else None
-        if split is None:
+        if not use_published:
             split = "test" if bucket < cfg.test_fraction else (
                 "validation" if bucket < cfg.test_fraction + cfg.validation_fraction else "train"
             )
-        elif split == "train" and "validation" not in published and bucket < cfg.validation_fraction:
+        elif published == "train" and lend_validation and bucket < cfg.validation_fraction:
             split = "validation"  # a source without a validation split lends some of train
-        example.pop("published_split", None)
+        else:
+            split = published
         splits[split].append({"id": key[:16], **example})
     train_code = {normalized_code(ex["code"]) for ex in splits["train"]}
     for split in ("validation", "test"):
