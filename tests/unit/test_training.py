@@ -216,4 +216,5 @@ def test_bf16_autocast_trains_to_the_fp32_loss(tiny_overrides, tmp_path):
     for bf16 in ("true", "false"):
         cfg = load_config(TWIN, tiny_overrides + ["training.max_steps=40", f"training.bf16={bf16}", f"training.output_dir={tmp_path / bf16}"])
         losses[bf16] = train_model(cfg, prepare_data(cfg.data)).validation_loss
+    assert losses["true"] != losses["false"], "bf16 changed nothing: autocast never ran"
     assert abs(losses["true"] - losses["false"]) / losses["false"] < 0.02, losses
