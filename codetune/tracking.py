@@ -6,14 +6,14 @@ and the curve is logged afterwards from trainer_state.json, so a resumed trainin
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from codetune.config import Config, flatten
 from codetune.errors import CodetuneError
+from codetune.rundir import CONFIG_FILE, DATA_MANIFEST, EXAMPLES_FILE, METRICS_FILE, TRAINER_STATE, RunDir
 
-ARTIFACTS = ("metrics.json", "examples.json", "config.yaml", "data_manifest.json", "trainer_state.json")
+ARTIFACTS = (METRICS_FILE, EXAMPLES_FILE, CONFIG_FILE, DATA_MANIFEST, TRAINER_STATE)
 
 # trainer_state log_history key -> MLflow metric name
 CURVES = {"loss": "train_loss", "eval_loss": "validation_loss", "learning_rate": "learning_rate", "tokens_per_second": "tokens_per_second"}
@@ -58,8 +58,7 @@ def log_run(cfg: Config, run_dir: str | Path, summary: dict[str, float], tags: d
             f"or set mlflow.enabled=false; the trained model is safe in {run_dir}"
         ) from exc
 
-    metrics_file = json.loads((run_dir / "metrics.json").read_text())
-    trainer_state = json.loads((run_dir / "trainer_state.json").read_text())
+    metrics_file, trainer_state = (RunDir(run_dir).read_json(name) for name in (METRICS_FILE, TRAINER_STATE))
     with mlflow.start_run(run_id=unfinished[0].info.run_id if unfinished else None, run_name=run_dir.name) as run:
         mlflow.set_tags({"codetune.run": run_dir.name, "codetune.run_dir": str(run_dir.resolve()), **tags})
         params = {k: ("null" if v is None else v) for k, v in flatten(cfg).items()}

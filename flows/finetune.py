@@ -1,11 +1,10 @@
 """The `finetune` flow: data -> train -> evaluate -> track -> register -> publish.
 
-Run it with `codetune run` or `python -m flows.finetune`.
+Run it with `codetune run`, or as the deployment finetune/main.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 from prefect import flow
@@ -92,8 +91,3 @@ def release(cfg, data, trained, report) -> dict:
     )
     return summary
 
-
-if __name__ == "__main__":
-    from codetune.cli import main
-
-    sys.exit(main(["run", *sys.argv[1:]]))

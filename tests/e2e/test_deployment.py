@@ -43,7 +43,7 @@ def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(
     env = {**os.environ, **prefect_api, "CODETUNE_WORKDIR": str(REPO),
            "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
     prefect = [sys.executable, "-m", "prefect"]
-    _run(env, sys.executable, "-m", "codetune.cli", "deploy-flows")  # the team's command: pools + every deployment
+    _run(env, sys.executable, "-m", "flows.cli", "deploy-flows")  # the team's command: pools + every deployment
     _run(env, *prefect, "work-pool", "create", "test-pool", "--type", "process", "--overwrite")
     _run(env, *prefect, "--no-prompt", "deploy", "-n", "main", "--pool", "test-pool")
 

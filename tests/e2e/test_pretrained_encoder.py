@@ -4,10 +4,11 @@ test dependency). LoRA on the stdlib data must beat the untuned encoder on the h
 import pytest
 import torch
 
-from codetune.code_search import embed_texts
 from codetune.config import load_config
 from codetune.data import prepare_data
-from codetune.evaluation import evaluate_model, score_search
+from codetune.evaluation import evaluate_model
+from codetune.families import InferenceSettings, family_of
+from codetune.families.code_search import embed_texts
 from codetune.model import load_pretrained
 from codetune.training import train_model
 
@@ -31,7 +32,7 @@ def test_lora_raises_code_search_mrr_over_the_untuned_encoder(tmp_path, stdlib_c
     data = prepare_data(cfg.data)
     test = data.load("test")
     model, tokenizer = load_pretrained(cfg.model)
-    untuned = score_search(model.eval(), tokenizer, test, cfg)
+    untuned = family_of(cfg.model).score(model.eval(), tokenizer, test, InferenceSettings.of(cfg))
 
     trained = train_model(cfg, data)
     tuned = evaluate_model(trained.run_dir, test, cfg)

@@ -21,7 +21,7 @@ RESUME = TINY + [
 
 def _train(output_dir: Path, cache: Path) -> subprocess.Popen:
     args = RESUME + [f"training.output_dir={output_dir}", f"data.cache_dir={cache}"]
-    return subprocess.Popen([sys.executable, "-m", "codetune.cli", "train", "--config", TWIN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--config", TWIN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

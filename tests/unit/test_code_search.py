@@ -4,10 +4,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.code_search import BiEncoder, PairCollator, lexical_similarity, match_ranks, pair_similarity, similarity
 from codetune.config import load_config
-from codetune.evaluation import METRICS_FILE, evaluate_model
+from codetune.evaluation import evaluate_model
+from codetune.families.code_search import (
+    BiEncoder,
+    PairCollator,
+    lexical_similarity,
+    match_ranks,
+    pair_similarity,
+    similarity,
+)
 from codetune.model import load_exported
+from codetune.rundir import METRICS_FILE
 
 SEARCH = "configs/tiny-code-search.yaml"
 

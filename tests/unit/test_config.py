@@ -72,7 +72,7 @@ def test_missing_file_lists_shipped_configs():
 
 
 def test_cli_takes_overrides_both_ways_and_exits_2_on_user_error():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "codetune.cli", *a], capture_output=True, text=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flows.cli", *a], capture_output=True, text=True)
     ok = run("config", "--overrides", "training.seed=7", "peft.r=4", "training.max_steps=9")
     assert ok.returncode == 0, ok.stderr
     assert "seed: 7" in ok.stdout and "r: 4" in ok.stdout and "max_steps: 9" in ok.stdout

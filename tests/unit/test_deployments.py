@@ -55,7 +55,7 @@ def test_retraining_schedule_ships_inactive():
 
 
 def test_deployments_use_the_pools_deploy_flows_creates():
-    source = Path("codetune/cli.py").read_text()
+    source = Path("flows/cli.py").read_text()
     for deployment in DEPLOYMENTS.values():
         assert f'"{deployment["work_pool"]["name"]}"' in source
 

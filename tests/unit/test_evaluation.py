@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 
 from codetune.config import EvaluationConfig, GenerationConfig, load_config
-from codetune.evaluation import METRICS_FILE, collapse_warning, evaluate_model, generate
+from codetune.evaluation import collapse_warning, evaluate_model
+from codetune.families.generative import generate
+from codetune.rundir import METRICS_FILE
 from tests.conftest import TWIN
 
 

@@ -3,11 +3,11 @@ import torch
 
 from codetune.config import ModelConfig, ModelTask, PeftConfig, ScratchArchitecture
 from codetune.errors import ModelError
+from codetune.families.generative import encode_prompt
 from codetune.model import (
     add_lora,
     build_scratch_model,
     count_parameters,
-    encode_prompt,
     load_exported,
     load_pretrained,
     main_output,

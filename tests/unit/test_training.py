@@ -79,8 +79,8 @@ def test_cpu_precision_follows_the_cpus_bf16_instructions(caplog, monkeypatch):
 
 
 def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
+    from codetune.families.causal_lm import causal_example
     from codetune.model import train_tokenizer
-    from codetune.training import causal_example
 
     tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n# Summary: Add two numbers."] * 20, 300)
     row = {"code": "def add(a, b):\n    return a + b", "summary": "Add two numbers."}
@@ -183,8 +183,9 @@ def test_lm_head_on_loss_positions_only_gives_the_full_logits_loss(tiny_override
     """The causal collator projects only positions whose next token carries loss; loss and gradients must not move."""
     from transformers import DataCollatorForSeq2Seq
 
+    from codetune.families.causal_lm import CausalLMCollator
     from codetune.model import load_model
-    from codetune.training import CausalLMCollator, tokenize
+    from codetune.training import tokenize
 
     cfg = load_config("configs/tiny-causal-lm.yaml", tiny_overrides)
     rows = prepare_data(cfg.data).load("train")[:8]

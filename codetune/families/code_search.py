@@ -1,4 +1,4 @@
-"""Code search (model.task=code_search): one encoder embeds natural-language queries and code into the same space.
+"""code_search: one encoder embeds natural-language queries and code into the same space.
 
 A bi-encoder, not the CodeBERT paper's cross-encoder: ranking N queries against N candidates costs
 2N encoder passes instead of N^2, so MRR over a whole test split is cheap, and a deployed model
@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModel, RobertaModel
+
+from codetune.config import Direction, ModelTask
+from codetune.families.base import Card, InferenceSettings, Scored, lora_layers, roberta_config
+from codetune.metrics import retrieval_metrics
 
 # 1/temperature of the contrastive softmax: sentence-transformers' MultipleNegativesRankingLoss default.
 SIMILARITY_SCALE = 20.0
@@ -137,3 +142,93 @@ def match_ranks(scores: torch.Tensor) -> tuple[list[float], list[int]]:
     tied = (scores == own).sum(1) - 1
     ranks = (1 + above + tied / 2).tolist()
     return ranks, scores.argmax(1).tolist()
+
+
+def _first_line(code: str) -> str:
+    return code.split("\n", 1)[0]
+
+
+class CodeSearch:
+    task = ModelTask.code_search
+    architecture = "RoBERTa"
+    peft_task_type = "FEATURE_EXTRACTION"
+    primary_metric = "mrr"
+    card = Card(
+        "sentence-similarity",
+        "Embeds natural-language queries and function source code in one space (mean of the token states, unit length): "
+        "a query's cosine similarity with a function scores how well the query describes it.",
+        "each test summary is a query ranked against every test function; MRR and recall at 1 and 10, x100",
+    )
+    scores_untuned = False
+    # A code-search batch is its own negatives: batches of look-alike code would be a different, harder task.
+    batches_by_length = False
+
+    def __init__(self, direction: Direction = Direction.code_to_text):
+        self.direction = direction
+
+    def build_scratch(self, arch, tokenizer, labels=None):
+        return RobertaModel(roberta_config(arch, tokenizer, arch.num_layers), add_pooling_layer=False)
+
+    def load_base(self, name, tokenizer, labels=None, **hub):
+        """The bare encoder: embeddings are mean-pooled, so BERT's pooler would sit untrained."""
+        return AutoModel.from_pretrained(name, add_pooling_layer=False, **hub)
+
+    def load_export(self, model_dir):
+        return AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+
+    def lora_targets(self, model):
+        return lora_layers(model.config.model_type)
+
+    def modules_to_save(self, model):
+        return None
+
+    def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
+        return tokenize_pairs(rows, tokenizer, settings.max_target_length, settings.max_source_length)
+
+    def collator(self, tokenizer, model, pad_to_multiple_of):
+        return PairCollator(tokenizer, pad_to_multiple_of)
+
+    def trainable(self, model):
+        return BiEncoder(model)
+
+    def probe_inputs(self, batch: dict) -> dict:
+        """The encoder alone, on the code side."""
+        return {"input_ids": batch["code_input_ids"], "attention_mask": batch["code_attention_mask"]}
+
+    def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[float]:
+        """The cosine similarity of each (query, code) row of a DataFrame."""
+        if not hasattr(model_input, "columns") or not {"query", "code"} <= set(model_input.columns):
+            raise ValueError("a code-search model scores pairs: pass a DataFrame with 'query' and 'code' columns")
+        queries, codes = model_input["query"].astype(str).tolist(), model_input["code"].astype(str).tolist()
+        batch, query_length, code_length = settings.generation.batch_size, settings.max_target_length, settings.max_source_length
+        return pair_similarity(model, tokenizer, queries, codes, batch, query_length, code_length)
+
+    def score(self, model, tokenizer, rows: list[dict], settings: InferenceSettings) -> Scored:
+        """Each row's summary as a query over all the rows' code; MRR of the row's own code, beside lexical matching."""
+        queries, codes = [r["summary"] for r in rows], [r["code"] for r in rows]
+        batch, query_length, code_length = settings.generation.batch_size, settings.max_target_length, settings.max_source_length
+        ranks, top = match_ranks(similarity(model, tokenizer, queries, codes, batch, query_length, code_length))
+        baseline_ranks, _ = match_ranks(lexical_similarity(queries, codes))
+        return Scored(
+            metrics=retrieval_metrics(ranks),
+            baseline=retrieval_metrics(baseline_ranks),
+            baseline_name="identifier overlap (query words found in the code's names)",
+            records=[
+                {"id": r.get("id"), "query": q, "rank": rank, "baseline_rank": base, "top_id": rows[j].get("id")}
+                for r, q, rank, base, j in zip(rows, queries, ranks, baseline_ranks, top)
+            ],
+            examples=[
+                {"input": q, "reference": _first_line(code), "prediction": _first_line(codes[j])}
+                for q, code, j in zip(queries, codes, top)
+            ],
+        )
+
+    def champion_metrics(self, predictor, rows: list[dict]) -> dict[str, float]:
+        """Every query against every code, through the consumer's interface."""
+        import pandas as pd
+
+        n = len(rows)
+        queries = [r["summary"] for r in rows for _ in range(n)]
+        pairs = pd.DataFrame({"query": queries, "code": [r["code"] for r in rows] * n})
+        ranks, _ = match_ranks(torch.tensor(predictor.predict(pairs)).view(n, n))
+        return retrieval_metrics(ranks)

@@ -1,4 +1,8 @@
-"""`codetune`: run the pipeline, list config keys. Heavy libraries load only inside the command that needs them."""
+"""`codetune`: run the pipeline, list config keys. Heavy libraries load only inside the command that needs them.
+
+It sits above the flows it starts, so the core never imports the orchestration layer; `codetune
+train` uses the core alone and runs where Prefect and MLflow are not installed.
+"""
 
 from __future__ import annotations
 

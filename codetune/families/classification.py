@@ -1,0 +1,112 @@
+"""classification: an encoder with a classification head labels code (e.g. CodeXGLUE defect detection)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, RobertaForSequenceClassification
+
+from codetune.config import Direction, ModelTask
+from codetune.errors import DataError
+from codetune.families.base import (
+    Card,
+    InferenceSettings,
+    Scored,
+    input_texts,
+    lora_layers,
+    roberta_config,
+    scored_predictions,
+)
+from codetune.metrics import classification_metrics
+
+
+def label_maps(labels: list[str]) -> dict:
+    """id2label/label2id for a classification head; labels sorted so the ids do not depend on data order."""
+    labels = sorted(labels)
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
+@torch.inference_mode()
+def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_length: int) -> list[str]:
+    """The label name the classifier gives each code, in length-sorted batches."""
+    order = sorted(range(len(codes)), key=lambda i: len(codes[i]), reverse=True)
+    predictions: list[str] = [""] * len(codes)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer(
+            [codes[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt"
+        )
+        for i, label_id in zip(index, model(**batch.to(model.device)).logits.argmax(-1).tolist()):
+            predictions[i] = model.config.id2label[label_id]
+    return predictions
+
+
+class Classification:
+    task = ModelTask.classification
+    architecture = "RoBERTa"
+    peft_task_type = "SEQ_CLS"  # peft keeps the new classification head trainable
+    primary_metric = "accuracy"
+    card = Card(
+        "text-classification",
+        "Labels a function's source code with one of the classes it was trained on.",
+        "accuracy, macro F1 and MCC, x100",
+    )
+    scores_untuned = False
+    batches_by_length = True
+
+    def __init__(self, direction: Direction = Direction.code_to_text):
+        self.direction = direction
+
+    def build_scratch(self, arch, tokenizer, labels):
+        return RobertaForSequenceClassification(roberta_config(arch, tokenizer, arch.num_layers, **label_maps(labels)))
+
+    def load_base(self, name, tokenizer, labels, **hub):
+        """A new head, sized to the labels in the data."""
+        return AutoModelForSequenceClassification.from_pretrained(name, **label_maps(labels), **hub)
+
+    def load_export(self, model_dir):
+        return AutoModelForSequenceClassification.from_pretrained(model_dir)
+
+    def lora_targets(self, model):
+        return lora_layers(model.config.model_type)
+
+    def modules_to_save(self, model):
+        return None
+
+    def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id):
+        unknown = sorted({r["label"] for r in rows} - set(label2id))
+        if unknown:
+            raise DataError(f"labels {unknown} are not in the train split ({sorted(label2id)}): add training examples for them")
+        encoded = tokenizer([r["code"] for r in rows], max_length=settings.max_source_length, truncation=True)
+        return [
+            {"input_ids": ids, "attention_mask": mask, "labels": label2id[r["label"]]}
+            for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows)
+        ]
+
+    def collator(self, tokenizer, model, pad_to_multiple_of):
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+    def trainable(self, model):
+        return model
+
+    def probe_inputs(self, batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[str]:
+        codes = input_texts(model_input)
+        return classify(model, tokenizer, codes, settings.generation.batch_size, settings.max_source_length)
+
+    def score(self, model, tokenizer, rows: list[dict], settings: InferenceSettings) -> Scored:
+        codes, labels = [r["code"] for r in rows], [r["label"] for r in rows]
+        majority = Counter(labels).most_common(1)[0][0]
+        baseline = ("majority class", [majority] * len(rows))
+        predictions = self.predict(model, tokenizer, codes, settings)
+        return scored_predictions(rows, codes, labels, predictions, baseline, classification_metrics)
+
+    def champion_metrics(self, predictor, rows: list[dict]) -> dict[str, float]:
+        return classification_metrics([r["label"] for r in rows], predictor.predict([r["code"] for r in rows]))

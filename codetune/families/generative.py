@@ -1,0 +1,159 @@
+"""What the generative families (seq2seq, encoder_decoder, causal_lm) share: generation, and the two objectives.
+
+An objective is what a generative model reads and writes and how that is scored; model.direction
+picks it: code_to_text summarises code (smoothed BLEU-4), text_to_code writes code (CodeBLEU).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from codetune.config import Direction, GenerationConfig
+from codetune.families.base import Card, InferenceSettings, Scored, input_texts, scored_predictions
+from codetune.metrics import code_metrics, function_name_words, stub_function, summary_metrics
+
+log = logging.getLogger(__name__)
+
+SUMMARY_SCORING = "smoothed BLEU-4 as CodeXGLUE computes it, corpus BLEU, ROUGE-L and exact match, x100"
+CODE_GENERATION_CARD = Card(
+    "text-generation",
+    "Writes a Python function from a one-sentence description of what it does.",
+    "CodeBLEU from codebleu 0.7 (n-gram, syntax-tree and data-flow match), exact match, x100",
+)
+
+
+@dataclass(frozen=True)
+class Objective:
+    source: str
+    """The example field the model reads."""
+    target: str
+    """The example field the model writes."""
+    writes_code: bool
+    """Outputs keep their line layout; prose comes back on one line."""
+    primary_metric: str
+    metrics: Callable[[list[str], list[str]], dict[str, float]]
+    baseline_name: str
+    baseline: Callable[[dict], str]
+    """The trivial prediction for a row, which the model must beat."""
+
+
+OBJECTIVES = {
+    Direction.code_to_text: Objective(
+        "code", "summary", False, "bleu4_smoothed", summary_metrics,
+        "function name split into words", lambda row: function_name_words(row["code"]),
+    ),
+    Direction.text_to_code: Objective(
+        "summary", "code", True, "codebleu", code_metrics,
+        "a stub named after the summary", lambda row: stub_function(row["summary"]),
+    ),
+}
+
+
+def encode_prompt(tokenizer, template: str, text: str, max_length: int) -> list[int]:
+    """Token ids of template with text where {code} or {summary} stands; the text is cut, never the template, to fit."""
+    prefix, suffix = re.split(r"\{(?:code|summary)\}", template)
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    room = max(max_length - len(prefix_ids) - len(suffix_ids), 0)
+    return prefix_ids + tokenizer(text, add_special_tokens=False)["input_ids"][:room] + suffix_ids
+
+
+def generate(
+    model,
+    tokenizer,
+    texts: list[str],
+    gen: GenerationConfig,
+    max_source_length: int,
+    prompt: str = "{code}",
+    writes_code: bool = False,
+) -> list[str]:
+    """Greedy or beam generation in length-sorted batches (little padding); on GPU out-of-memory the batch is halved.
+
+    A decoder-only model continues the prompt with the text filled in, padded on the left so every
+    row's prompt ends where generation starts. Prose comes back on one line; code keeps its layout.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    predictions: list[str] = [""] * len(texts)
+    batch_size, start = gen.batch_size, 0
+    decoder_only = not model.config.is_encoder_decoder
+    while start < len(order):
+        index = order[start : start + batch_size]
+        if decoder_only:
+            prompts = [encode_prompt(tokenizer, prompt, texts[i], max_source_length) for i in index]
+            batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        else:
+            batch = tokenizer(
+                [texts[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt"
+            )
+        batch = batch.to(model.device)
+        try:
+            with torch.inference_mode():
+                out = model.generate(
+                    **batch, num_beams=gen.num_beams, max_new_tokens=gen.max_new_tokens, pad_token_id=tokenizer.pad_token_id
+                )
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            log.warning("out of memory in generation; retrying with generation batch size %d", batch_size)
+            continue
+        if decoder_only:
+            out = out[:, batch["input_ids"].shape[1] :]
+        for i, text in zip(index, tokenizer.batch_decode(out, skip_special_tokens=True)):
+            predictions[i] = text.strip() if writes_code else " ".join(text.split())
+        start += len(index)
+    return predictions
+
+
+class Generative:
+    """The generation half of a generative family; subclasses say how the model is built, tokenised and batched."""
+
+    scores_untuned = True
+    batches_by_length = True
+
+    def __init__(self, direction: Direction):
+        self.direction = direction
+        self.objective = OBJECTIVES[direction]
+
+    @property
+    def primary_metric(self) -> str:
+        return self.objective.primary_metric
+
+    def modules_to_save(self, model) -> list[str] | None:
+        return None
+
+    def trainable(self, model):
+        return model
+
+    def probe_inputs(self, batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k not in ("labels", "shift_labels", "logits_to_keep")}
+
+    def metrics(self, references: list[str], predictions: list[str]) -> dict[str, float]:
+        """The objective's metrics, and the share of distinct outputs (a collapsed model repeats a few)."""
+        metrics = self.objective.metrics(references, predictions)
+        if predictions:
+            metrics["distinct_predictions"] = 100 * len(set(predictions)) / len(predictions)
+        return metrics
+
+    def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[str]:
+        texts = input_texts(model_input)
+        return generate(
+            model, tokenizer, texts, settings.generation, settings.max_source_length, settings.prompt, self.objective.writes_code
+        )
+
+    def score(self, model, tokenizer, rows: list[dict], settings: InferenceSettings) -> Scored:
+        inputs = [r[self.objective.source] for r in rows]
+        references = [r[self.objective.target] for r in rows]
+        predictions = self.predict(model, tokenizer, inputs, settings)
+        baseline = (self.objective.baseline_name, [self.objective.baseline(r) for r in rows])
+        return scored_predictions(rows, inputs, references, predictions, baseline, self.metrics)
+
+    def champion_metrics(self, predictor, rows: list[dict]) -> dict[str, float]:
+        predictions = predictor.predict([r[self.objective.source] for r in rows])
+        return self.metrics([r[self.objective.target] for r in rows], predictions)

@@ -1,0 +1,109 @@
+"""A run directory's layout: which file is which, how each is written, and when the run counts as done.
+
+A run directory holds the exported model (what from_pretrained reads) beside the records of how it
+was made and scored. Every record is written whole or not at all (staged, then renamed), and the
+records written last mark a stage complete: training.json for training, metrics.json for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+TRAINING_RECORD = "training.json"
+"""Written last by training: the export is complete."""
+FITTED_RECORD = "fitted.json"
+"""Training ended and the adapter is saved; its merge into the export is still to do."""
+METRICS_FILE = "metrics.json"
+"""Written last by evaluation: the run is scored."""
+CONFIG_FILE = "config.yaml"
+DATA_MANIFEST = "data_manifest.json"
+TRAINER_STATE = "trainer_state.json"
+EXAMPLES_FILE = "examples.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+ADAPTER_DIR = "adapter"
+CHECKPOINTS = "checkpoints"
+RECORDS = frozenset(
+    {TRAINING_RECORD, FITTED_RECORD, TRAINER_STATE, CONFIG_FILE, DATA_MANIFEST, METRICS_FILE, EXAMPLES_FILE, PREDICTIONS_FILE}
+)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path so that a reader sees the old file or the new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """One run's directory: output_dir/<run name>."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def trained(self) -> bool:
+        return (self.path / TRAINING_RECORD).exists()
+
+    @property
+    def fitted(self) -> bool:
+        return (self.path / FITTED_RECORD).exists()
+
+    @property
+    def evaluated(self) -> bool:
+        return (self.path / METRICS_FILE).exists()
+
+    def write(self, name: str, text: str) -> None:
+        write_atomic(self.path / name, text)
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write(name, json.dumps(value, indent=2))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def model_files(self) -> list[Path]:
+        """The files from_pretrained needs (weights, config, tokenizer): not the run's records, not the adapter."""
+        return sorted(
+            p for p in self.path.iterdir() if p.is_file() and p.name not in RECORDS and not p.name.endswith(".tmp")
+        )
+
+    def staging(self, name: str) -> Path:
+        """An empty hidden directory to assemble `name` in before it replaces the real one."""
+        staged = self.path / f".{name}"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        return staged
+
+    def install(self, staged: Path, name: str) -> None:
+        """Replace directory `name` with the staged one in one rename."""
+        shutil.rmtree(self.path / name, ignore_errors=True)
+        os.replace(staged, self.path / name)
+
+    def install_export(self, staged: Path) -> None:
+        """Move the staged export's files (weights, config, tokenizer, trainer state) into the run directory."""
+        for item in staged.iterdir():
+            target = self.path / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staged.rmdir()
+
+    def finish_training(self, record: dict) -> None:
+        """Mark the export complete (training.json, last) and drop what only an unfinished run needs."""
+        self.write_json(TRAINING_RECORD, record)
+        (self.path / FITTED_RECORD).unlink(missing_ok=True)
+        shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
