@@ -7,6 +7,8 @@ run: $(VENV)/.installed
 	$(VENV)/bin/codetune run
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 # constraints.txt pins the whole resolved stack: an unconstrained resolve takes ~9 minutes here

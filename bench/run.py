@@ -1,4 +1,5 @@
-"""codetune's training and evaluation path against the plain recipe, on the default model (LoRA on SmolLM2-135M), in one run.
+"""codetune's training and evaluation path against the plain recipe, on the default model (LoRA on SmolLM2-135M), in
+one run.
 
     python bench/run.py          # writes bench/results/<machine>.json and prints the table
 
@@ -29,10 +30,18 @@ sys.path.insert(0, str(ROOT))
 from codetune.config import Config, DataConfig, load_config  # noqa: E402
 
 # Enough steps for a loss to compare, few enough that the fp32 padded baseline ends in minutes on 2 cores.
-# 50 batches are one whole length-grouped "megabatch" of the Trainer's sampler; fewer would see only its longest examples.
+# 50 batches are one whole length-grouped "megabatch" of the Trainer's sampler; fewer would see only its longest
+# examples.
 CPU_STEPS, GPU_STEPS = 50, 200
 EVAL_EXAMPLES = 64  # one-at-a-time generation of the whole test split would take the baseline ~10 minutes here
-TARGETS = {"train_speedup": 2.0, "loss_gap": 0.02, "eval_speedup": 2.0, "data_rerun_speedup": 10.0, "flow_overhead": 0.10, "gpu_mfu": 0.40}
+TARGETS = {
+    "train_speedup": 2.0,
+    "loss_gap": 0.02,
+    "eval_speedup": 2.0,
+    "data_rerun_speedup": 10.0,
+    "flow_overhead": 0.10,
+    "gpu_mfu": 0.40,
+}
 
 
 def device() -> str:
@@ -50,11 +59,17 @@ def peak_memory_mb() -> float:
 
 
 def bench_config(workdir: Path, steps: int, *overrides: str) -> Config:
-    return load_config(None, [
-        f"data.cache_dir={workdir / 'data'}", f"training.output_dir={workdir / 'runs'}", f"training.max_steps={steps}",
-        "training.save_steps=1000000",  # a checkpoint's write time is not training throughput
-        "training.logging_steps=10", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.cache_dir={workdir / 'data'}",
+            f"training.output_dir={workdir / 'runs'}",
+            f"training.max_steps={steps}",
+            "training.save_steps=1000000",  # a checkpoint's write time is not training throughput
+            "training.logging_steps=10",
+            *overrides,
+        ],
+    )
 
 
 def useful_flops(model, rows, tokenizer, cfg: Config) -> tuple[float, int, int]:
@@ -87,8 +102,16 @@ def train_codetune(workdir: Path, steps: int, *overrides: str) -> dict:
     data = prepare_data(cfg.data)
     trained = train_model(cfg, data)
     model, tokenizer = load_exported(trained.run_dir)
-    figures = _training_figures(trained.train_seconds, trained.global_step, cfg, data.load("train"), model, tokenizer,
-                                trained.train_loss, trained.validation_loss)
+    figures = _training_figures(
+        trained.train_seconds,
+        trained.global_step,
+        cfg,
+        data.load("train"),
+        model,
+        tokenizer,
+        trained.train_loss,
+        trained.validation_loss,
+    )
     return figures | {"run_dir": trained.run_dir, "dtype": "bfloat16" if resolve_precision(cfg)[0] else "float32"}
 
 
@@ -112,26 +135,45 @@ def train_baseline(workdir: Path, steps: int) -> dict:
 
     def padded(examples):
         return [
-            {"input_ids": e["input_ids"] + [tokenizer.pad_token_id] * (length - len(e["input_ids"])),
-             "attention_mask": e["attention_mask"] + [0] * (length - len(e["input_ids"])),
-             "labels": e["labels"] + [-100] * (length - len(e["input_ids"]))}
+            {
+                "input_ids": e["input_ids"] + [tokenizer.pad_token_id] * (length - len(e["input_ids"])),
+                "attention_mask": e["attention_mask"] + [0] * (length - len(e["input_ids"])),
+                "labels": e["labels"] + [-100] * (length - len(e["input_ids"])),
+            }
             for e in tokenize(examples, tokenizer, cfg)
         ]
 
     args = TrainingArguments(
-        output_dir=str(workdir / "baseline"), max_steps=t.max_steps, learning_rate=t.learning_rate,
-        per_device_train_batch_size=t.per_device_train_batch_size, per_device_eval_batch_size=t.per_device_eval_batch_size,
-        warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler_type, logging_steps=t.logging_steps,
-        save_strategy="no", seed=t.seed, report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(workdir / "baseline"),
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler_type,
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        seed=t.seed,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
         prediction_loss_only=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=padded(rows), eval_dataset=padded(validation),
-                      data_collator=default_data_collator, processing_class=tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=padded(rows),
+        eval_dataset=padded(validation),
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+    )
     started = time.perf_counter()
     outcome = trainer.train()
     seconds = time.perf_counter() - started
     train_loss = final_train_loss(trainer, outcome)
-    figures = _training_figures(seconds, trainer.state.global_step, cfg, rows, base, tokenizer, train_loss, trainer.evaluate()["eval_loss"])
+    figures = _training_figures(
+        seconds, trainer.state.global_step, cfg, rows, base, tokenizer, train_loss, trainer.evaluate()["eval_loss"]
+    )
     return figures | {"dtype": "float32"}
 
 
@@ -172,9 +214,13 @@ def evaluate_both(workdir: Path, run_dir: str) -> dict:
     with torch.inference_mode():
         for code in codes:
             ids = torch.tensor([encode_prompt(tokenizer, prompt, code, length)], device=model.device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-            one_by_one.append(" ".join(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split()))
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            one_by_one.append(" ".join(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split()))
     baseline_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -193,10 +239,16 @@ def train_memory(workdir: Path, checkpointing: str) -> dict:
     from codetune.data import prepare_data
     from codetune.training import train_model
 
-    cfg = bench_config(workdir, 8, f"training.gradient_checkpointing={checkpointing}", f"training.run_name=memory-{checkpointing}")
+    cfg = bench_config(
+        workdir, 8, f"training.gradient_checkpointing={checkpointing}", f"training.run_name=memory-{checkpointing}"
+    )
     before = peak_memory_mb()
     trained = train_model(cfg, prepare_data(cfg.data))
-    return {"peak_memory_mb": round(peak_memory_mb(), 1), "before_training_mb": round(before, 1), "train_seconds": trained.train_seconds}
+    return {
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "before_training_mb": round(before, 1),
+        "train_seconds": trained.train_seconds,
+    }
 
 
 def matmul_peak(dtype_name: str) -> dict:
@@ -236,7 +288,8 @@ def data_stage(workdir: Path) -> dict:
 
 
 def flow_overhead(workdir: Path) -> dict:
-    """The seq2seq twin's flow (one epoch) on a real temporary Prefect server: flow wall time minus its task runs' own time."""
+    """The seq2seq twin's flow (one epoch) on a real temporary Prefect server: flow wall time minus its task runs' own
+    time."""
     import asyncio
 
     from prefect import get_client
@@ -249,17 +302,30 @@ def flow_overhead(workdir: Path) -> dict:
     os.chdir(workdir)
     with prefect_test_harness(server_startup_timeout=120):
         started = time.perf_counter()
-        state = finetune(config=twin, overrides=["training.num_train_epochs=1", f"data.cache_dir={workdir / 'flow-data'}",
-                                                 f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}"], return_state=True)
+        state = finetune(
+            config=twin,
+            overrides=[
+                "training.num_train_epochs=1",
+                f"data.cache_dir={workdir / 'flow-data'}",
+                f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+            ],
+            return_state=True,
+        )
         wall = time.perf_counter() - started
 
         async def task_seconds() -> float:
             async with get_client() as client:
-                runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                runs = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
                 return sum(r.total_run_time.total_seconds() for r in runs)
 
         stages = asyncio.run(task_seconds())
-    return {"flow_seconds": round(wall, 2), "stage_seconds": round(stages, 2), "overhead_fraction": round((wall - stages) / wall, 4)}
+    return {
+        "flow_seconds": round(wall, 2),
+        "stage_seconds": round(stages, 2),
+        "overhead_fraction": round((wall - stages) / wall, 4),
+    }
 
 
 WORKERS = {
@@ -276,8 +342,12 @@ WORKERS = {
 def run_worker(name: str, workdir: Path, arg: str = "", steps: int = -1) -> dict:
     """One measurement in a fresh process; its last stdout line is the result."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--workdir", str(workdir), "--arg", arg, "--steps", str(steps)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", name, "--workdir", str(workdir), "--arg", arg, "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker '{name} {arg}' failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -314,7 +384,12 @@ def main() -> None:
     steps = GPU_STEPS if torch.cuda.is_available() else CPU_STEPS
     with tempfile.TemporaryDirectory(prefix="codetune-bench-") as tmp:
         workdir = Path(tmp)
-        results = {"machine": machine_name(), "device": device(), "model": Config().model.name, "torch": torch.__version__}
+        results = {
+            "machine": machine_name(),
+            "device": device(),
+            "model": Config().model.name,
+            "torch": torch.__version__,
+        }
         results["matmul_peak"] = {dtype: run_worker("matmul", workdir, dtype) for dtype in ("float32", "bfloat16")}
         results["data_stage"] = run_worker("data", workdir)
         results["train_baseline"] = run_worker("train-baseline", workdir, steps=steps)
@@ -342,9 +417,15 @@ def summarise(r: dict) -> dict:
     s = {
         "train_speedup": round(ours["samples_per_second"] / base["samples_per_second"], 2),
         "loss_gap": round(abs(ours["validation_loss"] - base["validation_loss"]) / base["validation_loss"], 4),
-        "eval_speedup": round(r["evaluation"]["codetune_examples_per_second"] / r["evaluation"]["baseline_examples_per_second"], 2),
-        "checkpointing_memory_ratio": round(r["memory_checkpointing"]["peak_memory_mb"] / r["memory_plain"]["peak_memory_mb"], 3),
-        "checkpointing_time_ratio": round(r["memory_checkpointing"]["train_seconds"] / r["memory_plain"]["train_seconds"], 2),
+        "eval_speedup": round(
+            r["evaluation"]["codetune_examples_per_second"] / r["evaluation"]["baseline_examples_per_second"], 2
+        ),
+        "checkpointing_memory_ratio": round(
+            r["memory_checkpointing"]["peak_memory_mb"] / r["memory_plain"]["peak_memory_mb"], 3
+        ),
+        "checkpointing_time_ratio": round(
+            r["memory_checkpointing"]["train_seconds"] / r["memory_plain"]["train_seconds"], 2
+        ),
         "data_rerun_speedup": round(r["data_stage"]["first_seconds"] / r["data_stage"]["rerun_seconds"], 1),
         # MFU: useful FLOP/s against the measured matmul peak of the dtype each recipe computes in.
         "baseline_mfu": round(base["flops_per_second"] / peaks[base["dtype"]]["flops_per_second"], 4),
@@ -359,33 +440,83 @@ def table(r: dict) -> str:
     s, base, ours, ev = r["summary"], r["train_baseline"], r["train_codetune"], r["evaluation"]
     mfu_target = verdict(s["codetune_mfu"] >= TARGETS["gpu_mfu"]) if r["device"] == "cuda" else "GPU target only"
     rows = [
-        (f"training samples/s ({ours['steps']} steps)", base["samples_per_second"], ours["samples_per_second"], f"{s['train_speedup']}x",
-         verdict(s["train_speedup"] >= TARGETS["train_speedup"])),
+        (
+            f"training samples/s ({ours['steps']} steps)",
+            base["samples_per_second"],
+            ours["samples_per_second"],
+            f"{s['train_speedup']}x",
+            verdict(s["train_speedup"] >= TARGETS["train_speedup"]),
+        ),
         ("training non-padding tokens/s", base["tokens_per_second"], ours["tokens_per_second"], "", ""),
-        ("final validation loss", base["validation_loss"], ours["validation_loss"], f"gap {100 * s['loss_gap']:.2f}%",
-         verdict(s["loss_gap"] <= TARGETS["loss_gap"], "loss differs")),
+        (
+            "final validation loss",
+            base["validation_loss"],
+            ours["validation_loss"],
+            f"gap {100 * s['loss_gap']:.2f}%",
+            verdict(s["loss_gap"] <= TARGETS["loss_gap"], "loss differs"),
+        ),
         ("final training loss (last window)", base["train_loss"], ours["train_loss"], "", ""),
         ("compute dtype", base["dtype"], ours["dtype"], "", ""),
-        ("MFU: useful FLOP/s / that dtype's matmul peak", f"{100 * s['baseline_mfu']:.1f}%", f"{100 * s['codetune_mfu']:.1f}%", "", mfu_target),
+        (
+            "MFU: useful FLOP/s / that dtype's matmul peak",
+            f"{100 * s['baseline_mfu']:.1f}%",
+            f"{100 * s['codetune_mfu']:.1f}%",
+            "",
+            mfu_target,
+        ),
         ("peak memory, training (MB)", base["peak_memory_mb"], ours["peak_memory_mb"], "", ""),
-        (f"evaluation examples/s ({ev['examples']} examples)", ev["baseline_examples_per_second"], ev["codetune_examples_per_second"],
-         f"{s['eval_speedup']}x", verdict(s["eval_speedup"] >= TARGETS["eval_speedup"])),
+        (
+            f"evaluation examples/s ({ev['examples']} examples)",
+            ev["baseline_examples_per_second"],
+            ev["codetune_examples_per_second"],
+            f"{s['eval_speedup']}x",
+            verdict(s["eval_speedup"] >= TARGETS["eval_speedup"]),
+        ),
         ("  same predictions as one at a time", "", f"{100 * ev['same_predictions']:.0f}%", "", ""),
-        ("activation checkpointing off vs on: peak MB", r["memory_plain"]["peak_memory_mb"], r["memory_checkpointing"]["peak_memory_mb"],
-         f"{s['checkpointing_memory_ratio']}x", ""),
-        ("  8 steps (s)", r["memory_plain"]["train_seconds"], r["memory_checkpointing"]["train_seconds"], f"{s['checkpointing_time_ratio']}x", ""),
-        ("data stage, first vs unchanged re-run (s)", r["data_stage"]["first_seconds"], r["data_stage"]["rerun_seconds"],
-         f"{s['data_rerun_speedup']}x", verdict(s["data_rerun_speedup"] >= TARGETS["data_rerun_speedup"])),
+        (
+            "activation checkpointing off vs on: peak MB",
+            r["memory_plain"]["peak_memory_mb"],
+            r["memory_checkpointing"]["peak_memory_mb"],
+            f"{s['checkpointing_memory_ratio']}x",
+            "",
+        ),
+        (
+            "  8 steps (s)",
+            r["memory_plain"]["train_seconds"],
+            r["memory_checkpointing"]["train_seconds"],
+            f"{s['checkpointing_time_ratio']}x",
+            "",
+        ),
+        (
+            "data stage, first vs unchanged re-run (s)",
+            r["data_stage"]["first_seconds"],
+            r["data_stage"]["rerun_seconds"],
+            f"{s['data_rerun_speedup']}x",
+            verdict(s["data_rerun_speedup"] >= TARGETS["data_rerun_speedup"]),
+        ),
     ]
     if "flow_overhead" in s:
-        rows.append(("flow wall vs stages' own time, twin (s)", r["flow"]["flow_seconds"], r["flow"]["stage_seconds"],
-                     f"{100 * s['flow_overhead']:.1f}% overhead", verdict(s["flow_overhead"] < TARGETS["flow_overhead"])))
+        rows.append(
+            (
+                "flow wall vs stages' own time, twin (s)",
+                r["flow"]["flow_seconds"],
+                r["flow"]["stage_seconds"],
+                f"{100 * s['flow_overhead']:.1f}% overhead",
+                verdict(s["flow_overhead"] < TARGETS["flow_overhead"]),
+            )
+        )
     else:
         rows.append(("flow overhead", "", "", r["flow"]["skipped"], "not measured"))
     header = ("measure", "plain recipe", "codetune", "ratio", "target")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
     line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths))
-    return "\n".join([f"{r['machine']} ({r['device']}, {r['model']}, {ours['parameters']:,} parameters)", line(header), *map(line, rows)])
+    return "\n".join(
+        [
+            f"{r['machine']} ({r['device']}, {r['model']}, {ours['parameters']:,} parameters)",
+            line(header),
+            *map(line, rows),
+        ]
+    )
 
 
 if __name__ == "__main__":

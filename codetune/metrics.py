@@ -1,4 +1,5 @@
-"""Metrics: smoothed BLEU-4 exactly as CodeXGLUE/CodeT5 compute it, corpus BLEU, ROUGE-L, exact match; classification and retrieval scores."""
+"""Metrics: smoothed BLEU-4 exactly as CodeXGLUE/CodeT5 compute it, corpus BLEU, ROUGE-L, exact match; classification
+and retrieval scores."""
 
 from __future__ import annotations
 
@@ -81,7 +82,9 @@ def rouge_l(references: list[str], hypotheses: list[str]) -> float:
 
 def exact_match(references: list[str], hypotheses: list[str]) -> float:
     """Share (x100) of predictions equal to the reference after whitespace and case normalisation."""
-    same = sum(" ".join(r.lower().split()) == " ".join(h.lower().split()) for r, h in zip(references, hypotheses, strict=True))
+    same = sum(
+        " ".join(r.lower().split()) == " ".join(h.lower().split()) for r, h in zip(references, hypotheses, strict=True)
+    )
     return 100 * same / max(len(references), 1)
 
 
@@ -119,7 +122,9 @@ def classification_metrics(references: list[str], predictions: list[str]) -> dic
         denominator = true_counts[label] + predicted_counts[label]
         f1s.append(2 * tp / denominator if denominator else 0.0)
     covariance = correct * n - sum(true_counts[l] * predicted_counts[l] for l in labels)
-    spread = math.sqrt((n * n - sum(c * c for c in predicted_counts.values())) * (n * n - sum(c * c for c in true_counts.values())))
+    spread = math.sqrt(
+        (n * n - sum(c * c for c in predicted_counts.values())) * (n * n - sum(c * c for c in true_counts.values()))
+    )
     return {
         "accuracy": round(100 * correct / max(n, 1), 2),
         "f1_macro": round(100 * sum(f1s) / max(len(f1s), 1), 2),
@@ -128,7 +133,8 @@ def classification_metrics(references: list[str], predictions: list[str]) -> dic
 
 
 def retrieval_metrics(ranks: list[float]) -> dict[str, float]:
-    """MRR (CodeSearchNet's and CodeXGLUE's code-search metric) and recall at 1 and 10, each x100, from 1-based ranks."""
+    """MRR (CodeSearchNet's and CodeXGLUE's code-search metric) and recall at 1 and 10, each x100, from 1-based
+    ranks."""
     n = max(len(ranks), 1)
     return {
         "mrr": round(100 * sum(1 / r for r in ranks) / n, 2),
@@ -152,7 +158,9 @@ def code_metrics(references: list[str], hypotheses: list[str]) -> dict[str, floa
     # matches none of the references' data flow (a stub) a free quarter. Only the first case earns it.
     if not dataflow and not corpus_dataflow_match([[r] for r in references], references, "python"):
         dataflow = 1.0
-    codebleu = (scores["ngram_match_score"] + scores["weighted_ngram_match_score"] + scores["syntax_match_score"] + dataflow) / 4
+    codebleu = (
+        scores["ngram_match_score"] + scores["weighted_ngram_match_score"] + scores["syntax_match_score"] + dataflow
+    ) / 4
     same = sum(" ".join(r.split()) == " ".join(h.split()) for r, h in zip(references, hypotheses, strict=True))
     return {
         "codebleu": round(100 * codebleu, 2),

@@ -1,4 +1,5 @@
-"""Model and tokenizer: load from the Hub or a directory, or build the family's architecture from scratch; LoRA wrap and merge."""
+"""Model and tokenizer: load from the Hub or a directory, or build the family's architecture from scratch; LoRA wrap
+and merge."""
 
 from __future__ import annotations
 
@@ -27,9 +28,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
-    )
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
         pad_token="<pad>",
@@ -49,7 +48,9 @@ def build_scratch_model(
     return stamp(family.build_scratch(cfg.scratch, tokenizer, labels), family)
 
 
-def load_pretrained(cfg: ModelConfig, labels: list[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def load_pretrained(
+    cfg: ModelConfig, labels: list[str] | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """from_pretrained(cfg.name): a Hub id (downloaded once, then cached) or a local directory."""
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     name = cfg.name

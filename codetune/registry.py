@@ -40,7 +40,19 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     # Explicit: the default inference imports torchvision, which the model does not need.
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors", "omegaconf", "sacrebleu", "rouge-score", "mlflow")]
+    return [
+        f"{pkg}=={version(pkg)}"
+        for pkg in (
+            "torch",
+            "transformers",
+            "tokenizers",
+            "safetensors",
+            "omegaconf",
+            "sacrebleu",
+            "rouge-score",
+            "mlflow",
+        )
+    ]
 
 
 def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
@@ -65,7 +77,8 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
 
 
 def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict]) -> float:
-    """The champion's primary metric on this test split: its recorded one if scored on the same split, else re-scored now."""
+    """The champion's primary metric on this test split: its recorded one if scored on the same split, else re-scored
+    now."""
     import mlflow
 
     metric = family_of(cfg.model).primary_metric

@@ -25,9 +25,20 @@ TRAINER_STATE = "trainer_state.json"
 EXAMPLES_FILE = "examples.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 ADAPTER_DIR = "adapter"
+EXPORT = "export"
+"""Staged as .export, then moved into the run directory itself: the model files from_pretrained reads."""
 CHECKPOINTS = "checkpoints"
 RECORDS = frozenset(
-    {TRAINING_RECORD, FITTED_RECORD, TRAINER_STATE, CONFIG_FILE, DATA_MANIFEST, METRICS_FILE, EXAMPLES_FILE, PREDICTIONS_FILE}
+    {
+        TRAINING_RECORD,
+        FITTED_RECORD,
+        TRAINER_STATE,
+        CONFIG_FILE,
+        DATA_MANIFEST,
+        METRICS_FILE,
+        EXAMPLES_FILE,
+        PREDICTIONS_FILE,
+    }
 )
 
 
@@ -93,8 +104,9 @@ class RunDir:
         shutil.rmtree(self.path / name, ignore_errors=True)
         os.replace(staged, self.path / name)
 
-    def install_export(self, staged: Path) -> None:
+    def install_export(self) -> None:
         """Move the staged export's files (weights, config, tokenizer, trainer state) into the run directory."""
+        staged = self.path / f".{EXPORT}"
         for item in staged.iterdir():
             target = self.path / item.name
             if target.is_dir():

@@ -16,7 +16,12 @@ from codetune.rundir import CONFIG_FILE, DATA_MANIFEST, EXAMPLES_FILE, METRICS_F
 ARTIFACTS = (METRICS_FILE, EXAMPLES_FILE, CONFIG_FILE, DATA_MANIFEST, TRAINER_STATE)
 
 # trainer_state log_history key -> MLflow metric name
-CURVES = {"loss": "train_loss", "eval_loss": "validation_loss", "learning_rate": "learning_rate", "tokens_per_second": "tokens_per_second"}
+CURVES = {
+    "loss": "train_loss",
+    "eval_loss": "validation_loss",
+    "learning_rate": "learning_rate",
+    "tokens_per_second": "tokens_per_second",
+}
 
 
 class TrackingError(CodetuneError):
@@ -32,7 +37,9 @@ def _curve_metrics(trainer_state: dict, timestamp_ms: int):
                 yield Metric(name, float(entry[key]), timestamp_ms, int(entry["step"]))
 
 
-def log_run(cfg: Config, run_dir: str | Path, summary: dict[str, float], tags: dict[str, str], base_weights: dict | None = None) -> str:
+def log_run(
+    cfg: Config, run_dir: str | Path, summary: dict[str, float], tags: dict[str, str], base_weights: dict | None = None
+) -> str:
     """Log a finished run directory to MLflow; returns the MLflow run id.
 
     A retried call reuses the unfinished MLflow run of the same run directory instead of making another.

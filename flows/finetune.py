@@ -53,7 +53,13 @@ def finetune(
         use_lora: train LoRA adapters instead of all weights (peft.use_peft).
         lora_r: LoRA rank (peft.r).
     """
-    form = {"model_name": model_name, "num_train_epochs": num_train_epochs, "learning_rate": learning_rate, "use_lora": use_lora, "lora_r": lora_r}
+    form = {
+        "model_name": model_name,
+        "num_train_epochs": num_train_epochs,
+        "learning_rate": learning_rate,
+        "use_lora": use_lora,
+        "lora_r": lora_r,
+    }
     form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None]
     cfg = load_config(config, [*(overrides or []), *form_overrides])
     data = load_data(cfg.data, labelled=cfg.model.task.labelled)
@@ -74,15 +80,25 @@ def release(cfg, data, trained, report) -> dict:
     if cfg.registry.dry_run:
         summary["plan"] = publication_plan(cfg, trained)
         print(summary["plan"])
-        create_markdown_artifact(f"Dry run; nothing registered or uploaded.\n\n{summary['plan']}", key="finetune-summary")
+        create_markdown_artifact(
+            f"Dry run; nothing registered or uploaded.\n\n{summary['plan']}", key="finetune-summary"
+        )
         return summary
     if not cfg.mlflow.enabled:
         return summary
     summary["mlflow_run_id"] = track(cfg, trained, report, origin)
     registration = register(cfg, data, trained, report, summary["mlflow_run_id"], origin)
-    summary["registration"] = {"model": registration.model_name, "version": registration.version, "alias": registration.alias, "reason": registration.reason}
+    summary["registration"] = {
+        "model": registration.model_name,
+        "version": registration.version,
+        "alias": registration.alias,
+        "reason": registration.reason,
+    }
     summary["published"] = publish(cfg, trained, report, registration, origin)
-    links = "\n".join(f"- {k}: {v}" for k, v in summary["published"].items()) or "- not published (no registry.s3.bucket or registry.huggingface.repo_id)"
+    links = (
+        "\n".join(f"- {k}: {v}" for k, v in summary["published"].items())
+        or "- not published (no registry.s3.bucket or registry.huggingface.repo_id)"
+    )
     create_markdown_artifact(
         f"- MLflow run: `{summary['mlflow_run_id']}`\n"
         f"- model version: `{registration.model_uri}` → **{registration.alias}** ({registration.reason})\n{links}\n\n"
@@ -90,4 +106,3 @@ def release(cfg, data, trained, report) -> dict:
         key="finetune-summary",
     )
     return summary
-

@@ -6,7 +6,13 @@ from codetune.data import PreparedData, prepare_data
 from tasks.retry import retry_unless_user_error
 
 
-@task(name="load-data", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, persist_result=True)
+@task(
+    name="load-data",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_user_error,
+    persist_result=True,
+)
 def load_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
     """Prepared splits; the core caches them by source content, so an unchanged source is not read again."""
     data = prepare_data(cfg, labelled)

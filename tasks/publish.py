@@ -14,7 +14,8 @@ from tasks.retry import retry_unless_user_error
 
 
 def s3_client(cfg: S3Config):
-    """From the named S3Bucket block's AwsCredentials, else from the AWS environment; 5xx and throttling are retried with back-off."""
+    """From the named S3Bucket block's AwsCredentials, else from the AWS environment; 5xx and throttling are retried
+    with back-off."""
     from botocore.config import Config as BotoConfig
 
     retries = BotoConfig(retries={"mode": "standard", "max_attempts": 6})
@@ -56,13 +57,24 @@ def publication_plan(cfg: Config, trained: TrainedModel) -> str:
         lines.append(f"- upload to s3://{s3.bucket}/{s3_prefix(cfg, '<version>')}/: {', '.join(names)}")
     if hub.repo_id:
         names = [n for _, n in publish_files(run_dir, hub.weights)] + ["README.md"]
-        lines.append(f"- push to the Hub repo {hub.repo_id} ({'private' if hub.private else 'public'}): {', '.join(names)}")
+        lines.append(
+            f"- push to the Hub repo {hub.repo_id} ({'private' if hub.private else 'public'}): {', '.join(names)}"
+        )
     return "\n".join(lines)
 
 
-@task(name="publish", retries=3, retry_delay_seconds=[10, 30, 90], retry_condition_fn=retry_unless_user_error, persist_result=True)
-def publish(cfg: Config, trained: TrainedModel, report: EvalReport, registration: Registration, lineage: dict) -> dict[str, str]:
-    """Upload to S3 and/or the Hub as configured; returns {destination: location}. Re-running re-sends nothing unchanged."""
+@task(
+    name="publish",
+    retries=3,
+    retry_delay_seconds=[10, 30, 90],
+    retry_condition_fn=retry_unless_user_error,
+    persist_result=True,
+)
+def publish(
+    cfg: Config, trained: TrainedModel, report: EvalReport, registration: Registration, lineage: dict
+) -> dict[str, str]:
+    """Upload to S3 and/or the Hub as configured; returns {destination: location}. Re-running re-sends nothing
+    unchanged."""
     run_dir = Path(trained.run_dir)
     locations: dict[str, str] = {}
     s3, hub = cfg.registry.s3, cfg.registry.huggingface
@@ -75,7 +87,13 @@ def publish(cfg: Config, trained: TrainedModel, report: EvalReport, registration
         card = model_card(cfg, report, data_description(cfg), trained.base_weights)
         message = f"{registration.model_name} v{registration.version} ({registration.alias})"
         locations["huggingface"] = push_to_hub(
-            hub.repo_id, hub_token(hub.token_block), hub.private, publish_files(run_dir, hub.weights), card, message, hub.endpoint
+            hub.repo_id,
+            hub_token(hub.token_block),
+            hub.private,
+            publish_files(run_dir, hub.weights),
+            card,
+            message,
+            hub.endpoint,
         )
     if locations:
         create_markdown_artifact("\n".join(f"- {k}: {v}" for k, v in locations.items()), key="published")

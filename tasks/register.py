@@ -27,12 +27,26 @@ def promotion_slot(model_name: str):
     return concurrency(name, occupy=1, strict=True)
 
 
-@task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, persist_result=True)
-def register(cfg: Config, data: PreparedData, trained: TrainedModel, report: EvalReport, mlflow_run_id: str, lineage: dict) -> Registration:
+@task(
+    name="register",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_user_error,
+    persist_result=True,
+)
+def register(
+    cfg: Config, data: PreparedData, trained: TrainedModel, report: EvalReport, mlflow_run_id: str, lineage: dict
+) -> Registration:
     test_rows = data.load("test")[: cfg.evaluation.max_examples]
     test_split = f"{data.sha256['test']}:{len(test_rows)}"
     registration = register_model(
-        cfg, trained.run_dir, mlflow_run_id, report.metrics, test_rows, test_split, lineage,
+        cfg,
+        trained.run_dir,
+        mlflow_run_id,
+        report.metrics,
+        test_rows,
+        test_split,
+        lineage,
         promotion_lock=promotion_slot(cfg.registry.model_name),
     )
     create_markdown_artifact(

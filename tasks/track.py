@@ -29,7 +29,13 @@ def lineage(cfg: Config, data: PreparedData) -> dict[str, str]:
     }
 
 
-@task(name="track", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_unless_user_error, persist_result=True)
+@task(
+    name="track",
+    retries=3,
+    retry_delay_seconds=[5, 20, 60],
+    retry_condition_fn=retry_unless_user_error,
+    persist_result=True,
+)
 def track(cfg: Config, trained: TrainedModel, report: EvalReport, lineage: dict[str, str]) -> str:
     """Log the run to MLflow; returns the MLflow run id."""
     summary = {

@@ -73,7 +73,11 @@ def labelled_jsonl(stdlib_cache, tmp_path_factory) -> Path:
     from codetune.config import DataConfig
     from codetune.data import prepare_data
 
-    rows = [r for split in ("train", "validation", "test") for r in prepare_data(DataConfig(cache_dir=str(stdlib_cache))).load(split)]
+    rows = [
+        r
+        for split in ("train", "validation", "test")
+        for r in prepare_data(DataConfig(cache_dir=str(stdlib_cache))).load(split)
+    ]
     kind = lambda code: "method" if code.split("\n", 1)[0].split("(", 1)[-1].startswith(("self", "cls")) else "function"
     labelled = [{"code": r["code"], "label": kind(r["code"])} for r in rows]
     return write_jsonl(tmp_path_factory.mktemp("labelled") / "returns.jsonl", labelled[:600])
@@ -85,7 +89,8 @@ def code_tree(tmp_path) -> Path:
     root = tmp_path / "src"
     (root / "pkg").mkdir(parents=True)
     (root / "tests").mkdir()
-    (root / "pkg" / "geometry.py").write_text(textwrap.dedent('''
+    (root / "pkg" / "geometry.py").write_text(
+        textwrap.dedent('''
         def area(width, height):
             """Return the area of a rectangle.
 
@@ -105,9 +110,12 @@ def code_tree(tmp_path) -> Path:
 
         def only_doc():
             """A function that is nothing but its docstring."""
-        '''))
+        ''')
+    )
     (root / "pkg" / "broken.py").write_text("def f(:\n    pass\n")
-    (root / "tests" / "test_geometry.py").write_text('def test_area():\n    """Area works for squares."""\n    assert 1\n')
+    (root / "tests" / "test_geometry.py").write_text(
+        'def test_area():\n    """Area works for squares."""\n    assert 1\n'
+    )
     return root
 
 

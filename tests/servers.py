@@ -78,16 +78,26 @@ class _HubHandler(BaseHTTPRequestHandler):
         parts = self.path.split("?")[0].strip("/").split("/")
         if parts[:3] == ["api", "repos", "create"]:
             name = json.loads(body)
-            return self._reply(200, {"url": f"{self.server.url}/{name.get('organization')}/{name['name']}", "name": name["name"]})
+            return self._reply(
+                200, {"url": f"{self.server.url}/{name.get('organization')}/{name['name']}", "name": name["name"]}
+            )
         if parts[:2] == ["api", "validate-yaml"]:
             return self._reply(200, {})
         if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "preupload":
             files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+            return self._reply(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
             repo = f"{parts[2]}/{parts[3]}"
             state.commits.append([json.loads(line) for line in body.splitlines() if line.strip()])
-            return self._reply(200, {"commitUrl": f"{self.server.url}/{repo}/commit/0123456789abcdef", "commitOid": "0123456789abcdef" * 2 + "01234567"})
+            return self._reply(
+                200,
+                {
+                    "commitUrl": f"{self.server.url}/{repo}/commit/0123456789abcdef",
+                    "commitOid": "0123456789abcdef" * 2 + "01234567",
+                },
+            )
         return self._reply(404, {"error": f"not implemented in the test hub: {self.path}"})
 
 
@@ -98,6 +108,7 @@ class RecordingHub(_Server):
 
 class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue` at once
+
     def log_message(self, *args):
         pass
 
@@ -111,7 +122,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        request = urllib.request.Request(self.server.target + self.path, data=body if body else None, method=self.command)
+        request = urllib.request.Request(
+            self.server.target + self.path, data=body if body else None, method=self.command
+        )
         for key, value in self.headers.items():
             if key.lower() not in ("host", "content-length", "expect"):
                 request.add_header(key, value)

@@ -125,8 +125,10 @@ def split_examples(examples: list[dict], cfg: DataConfig, dropped: Counter) -> d
         published = example.pop("published_split", None)
         bucket = int(key[:8], 16) / 16**8
         if not use_published:
-            split = "test" if bucket < cfg.test_fraction else (
-                "validation" if bucket < cfg.test_fraction + cfg.validation_fraction else "train"
+            split = (
+                "test"
+                if bucket < cfg.test_fraction
+                else ("validation" if bucket < cfg.test_fraction + cfg.validation_fraction else "train")
             )
         elif published == "train" and lend_validation and bucket < cfg.validation_fraction:
             split = "validation"  # a source without a validation split lends some of train
@@ -153,7 +155,9 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
     labelled: examples are {code, label} (classification) instead of {code, summary}.
     """
     # A hub dataset cannot be hashed without downloading it; its name and the settings stand in.
-    fingerprint = source_fingerprint(cfg, labelled) if cfg.source is not DataSource.hub else _settings_hash(cfg, labelled)
+    fingerprint = (
+        source_fingerprint(cfg, labelled) if cfg.source is not DataSource.hub else _settings_hash(cfg, labelled)
+    )
     directory = Path(cfg.cache_dir) / fingerprint[:16]
     manifest_path = directory / "manifest.json"
     if manifest_path.exists():
@@ -196,5 +200,11 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
         os.rename(staging, directory)
     except OSError:  # another process prepared the same data first
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("data: read %d, kept %s (split by %s), dropped %s", read, counts["kept"], manifest["split_by"], counts["dropped"])
+    log.info(
+        "data: read %d, kept %s (split by %s), dropped %s",
+        read,
+        counts["kept"],
+        manifest["split_by"],
+        counts["dropped"],
+    )
     return PreparedData(str(directory), fingerprint, counts, manifest["sha256"])

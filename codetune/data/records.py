@@ -89,20 +89,24 @@ def code_without_docstring(code: str, docstring: str) -> str:
 
 
 def to_example(row: Any, input_field: str, target_field: str, labelled: bool = False) -> dict:
-    """A raw row as {code, summary}, or {code, label} when labelled; raises ValueError naming what is wrong with the row."""
+    """A raw row as {code, summary}, or {code, label} when labelled; raises ValueError naming what is wrong with the
+    row."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object with fields, got {type(row).__name__}")
     missing = [f for f in (input_field, target_field) if f not in row]
     if missing:
         raise ValueError(
-            f"missing field {', '.join(repr(m) for m in missing)} (row has {', '.join(map(repr, row)) or 'no fields'}); "
+            f"missing field {', '.join(repr(m) for m in missing)} "
+            f"(row has {', '.join(map(repr, row)) or 'no fields'}); "
             "set data.input_field / data.target_field"
         )
     if labelled:
         code, label = _text(row[input_field]), row[target_field]
         if code is None or not isinstance(label, (str, int, bool)) or label == "":
             bad = input_field if code is None else target_field
-            raise ValueError(f"field '{bad}' must be {'text' if code is None else 'a label (text or integer)'}, got {row[bad]!r:.40}")
+            raise ValueError(
+                f"field '{bad}' must be {'text' if code is None else 'a label (text or integer)'}, got {row[bad]!r:.40}"
+            )
         return {"code": code, "label": str(label)}
     code, target = _text(row[input_field]), _text(row[target_field])
     if code is None or target is None:
@@ -112,10 +116,15 @@ def to_example(row: Any, input_field: str, target_field: str, labelled: bool = F
 
 
 def read_examples(
-    rows: Iterable[tuple[str, str | None, Any]], input_field: str, target_field: str, skip_invalid: bool, dropped: Counter,
+    rows: Iterable[tuple[str, str | None, Any]],
+    input_field: str,
+    target_field: str,
+    skip_invalid: bool,
+    dropped: Counter,
     labelled: bool = False,
 ) -> Iterator[dict]:
-    """Examples from (origin, published split, raw row) triples; a bad row fails the run or, with skip_invalid, is counted."""
+    """Examples from (origin, published split, raw row) triples; a bad row fails the run or, with skip_invalid, is
+    counted."""
     for origin, split, row in rows:
         try:
             if isinstance(row, Exception):
@@ -139,7 +148,8 @@ SPLIT_NAMES = {"train": "train", "valid": "validation", "validation": "validatio
 
 
 def split_of(name: str) -> str | None:
-    """The split a file or Hub split name stands for: test.jsonl, python_valid_0.jsonl.gz, jsonl/train/... ; None if none."""
+    """The split a file or Hub split name stands for: test.jsonl, python_valid_0.jsonl.gz, jsonl/train/... ; None if
+    none."""
     for part in reversed(Path(name).parts):
         for token in reversed(re.split(r"[^a-z]+", part.lower())):
             if token in SPLIT_NAMES:

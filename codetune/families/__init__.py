@@ -50,6 +50,6 @@ def family_of_model(config) -> Family:
     if task is None:
         raise ModelError(
             f"the model's config.json has no '{FAMILY_KEY}': it was not exported by codetune (or by one older than "
-            f"model families); re-export it with `codetune run`, or add \"{FAMILY_KEY}\": \"<model.task>\" to config.json"
+            f'model families); re-export it with `codetune run`, or add "{FAMILY_KEY}": "<model.task>" to config.json'
         )
     return FAMILIES[ModelTask(task)](Direction(getattr(config, DIRECTION_KEY, Direction.code_to_text.value)))

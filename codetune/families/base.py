@@ -52,7 +52,8 @@ class Card:
 
 @dataclass
 class Scored:
-    """A family's outcome on the test rows: metrics beside the baseline's, and one record per row for predictions.jsonl."""
+    """A family's outcome on the test rows: metrics beside the baseline's, and one record per row for
+    predictions.jsonl."""
 
     metrics: dict[str, float]
     baseline: dict[str, float]
@@ -96,7 +97,9 @@ class Family(Protocol):
     def modules_to_save(self, model: PreTrainedModel) -> list[str] | None:
         """Modules trained whole beside the adapters."""
 
-    def tokenize(self, rows: list[dict], tokenizer, settings: InferenceSettings, label2id: dict | None) -> list[dict]: ...
+    def tokenize(
+        self, rows: list[dict], tokenizer, settings: InferenceSettings, label2id: dict | None
+    ) -> list[dict]: ...
 
     def collator(self, tokenizer, model: PreTrainedModel, pad_to_multiple_of: int | None) -> Callable: ...
 
@@ -177,7 +180,8 @@ def scored_predictions(
             for r, ref, pred, base in zip(rows, references, predictions, baseline_predictions)
         ],
         examples=[
-            {"input": text, "reference": ref, "prediction": pred} for text, ref, pred in zip(inputs, references, predictions)
+            {"input": text, "reference": ref, "prediction": pred}
+            for text, ref, pred in zip(inputs, references, predictions)
         ],
     )
 

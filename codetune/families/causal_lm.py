@@ -10,7 +10,9 @@ from codetune.families.base import Card, InferenceSettings, lora_layers
 from codetune.families.generative import CODE_GENERATION_CARD, SUMMARY_SCORING, Generative, encode_prompt
 
 SUMMARY_CARD = Card(
-    "text-generation", "Writes a one-sentence summary (a docstring summary) after a function's source code.", SUMMARY_SCORING
+    "text-generation",
+    "Writes a one-sentence summary (a docstring summary) after a function's source code.",
+    SUMMARY_SCORING,
 )
 
 
@@ -98,7 +100,9 @@ class CausalLM(Generative):
     def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
         source, target = self.objective.source, self.objective.target
         return [
-            causal_example(tokenizer, settings.prompt, r[source], r[target], settings.max_source_length, settings.max_target_length)
+            causal_example(
+                tokenizer, settings.prompt, r[source], r[target], settings.max_source_length, settings.max_target_length
+            )
             for r in rows
         ]
 

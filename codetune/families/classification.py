@@ -81,7 +81,9 @@ class Classification:
     def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id):
         unknown = sorted({r["label"] for r in rows} - set(label2id))
         if unknown:
-            raise DataError(f"labels {unknown} are not in the train split ({sorted(label2id)}): add training examples for them")
+            raise DataError(
+                f"labels {unknown} are not in the train split ({sorted(label2id)}): add training examples for them"
+            )
         encoded = tokenizer([r["code"] for r in rows], max_length=settings.max_source_length, truncation=True)
         return [
             {"input_ids": ids, "attention_mask": mask, "labels": label2id[r["label"]]}

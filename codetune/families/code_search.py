@@ -26,14 +26,16 @@ SIDES = ("query", "code")
 
 
 def embed(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states over real tokens, unit length (sentence-transformers' pooling): cosine is a dot product."""
+    """Mean of the token states over real tokens, unit length (sentence-transformers' pooling): cosine is a dot
+    product."""
     states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     mask = attention_mask.unsqueeze(-1).to(states.dtype)
     return F.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
 
 class BiEncoder(torch.nn.Module):
-    """The training view of an encoder: a forward pass over a batch of (query, code) pairs returns the contrastive loss."""
+    """The training view of an encoder: a forward pass over a batch of (query, code) pairs returns the contrastive
+    loss."""
 
     main_input_name = "code_input_ids"  # the tokens the Trainer counts for tokens/s
 
@@ -41,7 +43,9 @@ class BiEncoder(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, query_input_ids, query_attention_mask, code_input_ids, code_attention_mask, return_loss: bool = True):
+    def forward(
+        self, query_input_ids, query_attention_mask, code_input_ids, code_attention_mask, return_loss: bool = True
+    ):
         # return_loss=True tells the Trainer this model computes its loss without a `labels` input.
         queries = embed(self.encoder, query_input_ids, query_attention_mask)
         codes = embed(self.encoder, code_input_ids, code_attention_mask)
@@ -58,7 +62,8 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_query_length: int, max_code_
 
 @dataclass
 class PairCollator:
-    """Pads the query and the code side of a batch separately, each to its longest (rounded up to pad_to_multiple_of)."""
+    """Pads the query and the code side of a batch separately, each to its longest (rounded up to
+    pad_to_multiple_of)."""
 
     tokenizer: object
     pad_to_multiple_of: int | None = None
@@ -67,7 +72,9 @@ class PairCollator:
         batch = {}
         for side in SIDES:
             padded = self.tokenizer.pad(
-                [{"input_ids": f[f"{side}_input_ids"]} for f in features], pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
+                [{"input_ids": f[f"{side}_input_ids"]} for f in features],
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                return_tensors="pt",
             )
             batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = padded["input_ids"], padded["attention_mask"]
         return batch
@@ -80,27 +87,35 @@ def embed_texts(model, tokenizer, texts: list[str], batch_size: int, max_length:
     out = torch.empty(len(texts), model.config.hidden_size)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = tokenizer([texts[i] for i in index], max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+        batch = tokenizer(
+            [texts[i] for i in index], max_length=max_length, truncation=True, padding=True, return_tensors="pt"
+        )
         batch = batch.to(model.device)
         out[index] = embed(model, batch["input_ids"], batch["attention_mask"]).float().cpu()
     return out
 
 
-def _embed_distinct(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> tuple[torch.Tensor, list[int]]:
+def _embed_distinct(
+    model, tokenizer, texts: list[str], batch_size: int, max_length: int
+) -> tuple[torch.Tensor, list[int]]:
     """(embeddings of the distinct texts, the row of each text): repeated texts are embedded once."""
     distinct = sorted(set(texts))
     row = {t: i for i, t in enumerate(distinct)}
     return embed_texts(model, tokenizer, distinct, batch_size, max_length), [row[t] for t in texts]
 
 
-def similarity(model, tokenizer, queries: list[str], codes: list[str], batch_size: int, max_query_length: int, max_code_length: int) -> torch.Tensor:
+def similarity(
+    model, tokenizer, queries: list[str], codes: list[str], batch_size: int, max_query_length: int, max_code_length: int
+) -> torch.Tensor:
     """[len(queries), len(codes)]: the cosine similarity of every query with every code."""
     q, q_rows = _embed_distinct(model, tokenizer, queries, batch_size, max_query_length)
     c, c_rows = _embed_distinct(model, tokenizer, codes, batch_size, max_code_length)
     return q[q_rows] @ c[c_rows].T
 
 
-def pair_similarity(model, tokenizer, queries: list[str], codes: list[str], batch_size: int, max_query_length: int, max_code_length: int) -> list[float]:
+def pair_similarity(
+    model, tokenizer, queries: list[str], codes: list[str], batch_size: int, max_query_length: int, max_code_length: int
+) -> list[float]:
     """The cosine similarity of each (query, code) pair; all-pairs input costs one pass per distinct text."""
     q, q_rows = _embed_distinct(model, tokenizer, queries, batch_size, max_query_length)
     c, c_rows = _embed_distinct(model, tokenizer, codes, batch_size, max_code_length)
@@ -120,7 +135,8 @@ def _words(text: str) -> set[str]:
 
 
 def lexical_similarity(queries: list[str], codes: list[str]) -> torch.Tensor:
-    """The baseline a search model must beat: the cosine of the query's words and the code's identifier words as sets."""
+    """The baseline a search model must beat: the cosine of the query's words and the code's identifier words as
+    sets."""
     code_words = [_words(c) for c in codes]
     scores = torch.zeros(len(queries), len(codes))
     for i, query in enumerate(queries):
@@ -132,7 +148,8 @@ def lexical_similarity(queries: list[str], codes: list[str]) -> torch.Tensor:
 
 
 def match_ranks(scores: torch.Tensor) -> tuple[list[float], list[int]]:
-    """(rank of each query's own code, index of the top-scored code) for scores[query i, code j], code i matching query i.
+    """(rank of each query's own code, index of the top-scored code) for scores[query i, code j], code i matching
+    query i.
 
     A tie counts half, the expected rank under random tie-breaking, so a baseline that scores
     everything alike is not rewarded for it.
@@ -155,7 +172,8 @@ class CodeSearch:
     primary_metric = "mrr"
     card = Card(
         "sentence-similarity",
-        "Embeds natural-language queries and function source code in one space (mean of the token states, unit length): "
+        "Embeds natural-language queries and function source code in one space "
+        "(mean of the token states, unit length): "
         "a query's cosine similarity with a function scores how well the query describes it.",
         "each test summary is a query ranked against every test function; MRR and recall at 1 and 10, x100",
     )
@@ -200,13 +218,21 @@ class CodeSearch:
         if not hasattr(model_input, "columns") or not {"query", "code"} <= set(model_input.columns):
             raise ValueError("a code-search model scores pairs: pass a DataFrame with 'query' and 'code' columns")
         queries, codes = model_input["query"].astype(str).tolist(), model_input["code"].astype(str).tolist()
-        batch, query_length, code_length = settings.generation.batch_size, settings.max_target_length, settings.max_source_length
+        batch, query_length, code_length = (
+            settings.generation.batch_size,
+            settings.max_target_length,
+            settings.max_source_length,
+        )
         return pair_similarity(model, tokenizer, queries, codes, batch, query_length, code_length)
 
     def score(self, model, tokenizer, rows: list[dict], settings: InferenceSettings) -> Scored:
         """Each row's summary as a query over all the rows' code; MRR of the row's own code, beside lexical matching."""
         queries, codes = [r["summary"] for r in rows], [r["code"] for r in rows]
-        batch, query_length, code_length = settings.generation.batch_size, settings.max_target_length, settings.max_source_length
+        batch, query_length, code_length = (
+            settings.generation.batch_size,
+            settings.max_target_length,
+            settings.max_source_length,
+        )
         ranks, top = match_ranks(similarity(model, tokenizer, queries, codes, batch, query_length, code_length))
         baseline_ranks, _ = match_ranks(lexical_similarity(queries, codes))
         return Scored(

@@ -44,12 +44,22 @@ class Objective:
 
 OBJECTIVES = {
     Direction.code_to_text: Objective(
-        "code", "summary", False, "bleu4_smoothed", summary_metrics,
-        "function name split into words", lambda row: function_name_words(row["code"]),
+        "code",
+        "summary",
+        False,
+        "bleu4_smoothed",
+        summary_metrics,
+        "function name split into words",
+        lambda row: function_name_words(row["code"]),
     ),
     Direction.text_to_code: Objective(
-        "summary", "code", True, "codebleu", code_metrics,
-        "a stub named after the summary", lambda row: stub_function(row["summary"]),
+        "summary",
+        "code",
+        True,
+        "codebleu",
+        code_metrics,
+        "a stub named after the summary",
+        lambda row: stub_function(row["summary"]),
     ),
 }
 
@@ -88,13 +98,20 @@ def generate(
             batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
         else:
             batch = tokenizer(
-                [texts[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt"
+                [texts[i] for i in index],
+                max_length=max_source_length,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
             )
         batch = batch.to(model.device)
         try:
             with torch.inference_mode():
                 out = model.generate(
-                    **batch, num_beams=gen.num_beams, max_new_tokens=gen.max_new_tokens, pad_token_id=tokenizer.pad_token_id
+                    **batch,
+                    num_beams=gen.num_beams,
+                    max_new_tokens=gen.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
                 )
         except torch.OutOfMemoryError:
             if batch_size == 1:
@@ -144,7 +161,13 @@ class Generative:
     def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[str]:
         texts = input_texts(model_input)
         return generate(
-            model, tokenizer, texts, settings.generation, settings.max_source_length, settings.prompt, self.objective.writes_code
+            model,
+            tokenizer,
+            texts,
+            settings.generation,
+            settings.max_source_length,
+            settings.prompt,
+            self.objective.writes_code,
         )
 
     def score(self, model, tokenizer, rows: list[dict], settings: InferenceSettings) -> Scored:

@@ -8,7 +8,9 @@ from codetune.config import ModelTask
 from codetune.families.base import Card, InferenceSettings, lora_layers
 from codetune.families.generative import CODE_GENERATION_CARD, SUMMARY_SCORING, Generative
 
-SUMMARY_CARD = Card("summarization", "Summarises a function's source code in one sentence (a docstring summary).", SUMMARY_SCORING)
+SUMMARY_CARD = Card(
+    "summarization", "Summarises a function's source code in one sentence (a docstring summary).", SUMMARY_SCORING
+)
 
 
 class Seq2Seq(Generative):
@@ -51,11 +53,15 @@ class Seq2Seq(Generative):
     def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
         source, target = self.objective.source, self.objective.target
         sources = tokenizer([r[source] for r in rows], max_length=settings.max_source_length, truncation=True)
-        targets = tokenizer(text_target=[r[target] for r in rows], max_length=settings.max_target_length, truncation=True)
+        targets = tokenizer(
+            text_target=[r[target] for r in rows], max_length=settings.max_target_length, truncation=True
+        )
         return [
             {"input_ids": ids, "attention_mask": mask, "labels": labels}
             for ids, mask, labels in zip(sources["input_ids"], sources["attention_mask"], targets["input_ids"])
         ]
 
     def collator(self, tokenizer, model, pad_to_multiple_of):
-        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)
+        return DataCollatorForSeq2Seq(
+            tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of
+        )

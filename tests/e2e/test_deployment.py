@@ -23,8 +23,12 @@ def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api"
     wait_until_healthy(f"{url}/health", server, "prefect server")
     yield {"PREFECT_HOME": str(home), "PREFECT_API_URL": url}
@@ -39,25 +43,50 @@ def _run(env, *command, timeout=300) -> str:
 
 
 @pytest.mark.timeout(900)
-def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(prefect_api, tmp_path, moto_url, stdlib_cache):
-    env = {**os.environ, **prefect_api, "CODETUNE_WORKDIR": str(REPO),
-           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
+def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(
+    prefect_api, tmp_path, moto_url, stdlib_cache
+):
+    env = {
+        **os.environ,
+        **prefect_api,
+        "CODETUNE_WORKDIR": str(REPO),
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     prefect = [sys.executable, "-m", "prefect"]
     _run(env, sys.executable, "-m", "flows.cli", "deploy-flows")  # the team's command: pools + every deployment
     _run(env, *prefect, "work-pool", "create", "test-pool", "--type", "process", "--overwrite")
     _run(env, *prefect, "--no-prompt", "deploy", "-n", "main", "--pool", "test-pool")
 
     with FlakyProxy(moto_url) as proxy:
-        boto3.client("s3", endpoint_url=moto_url, aws_access_key_id="k", aws_secret_access_key="s",
-                     region_name="us-east-1").create_bucket(Bucket="deployed-models")
+        boto3.client(
+            "s3", endpoint_url=moto_url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+        ).create_bucket(Bucket="deployed-models")
         # More 503s than botocore's 6 attempts: only the publish task's own retry can get the model up.
         proxy.state.fail_next = 7
         db = tmp_path / "mlflow.db"
-        overrides = TINY + [f"data.cache_dir={stdlib_cache}", f"training.output_dir={tmp_path / 'runs'}",
-                            f"mlflow.tracking_uri=sqlite:///{db}", "registry.model_name=deployed",
-                            "registry.s3.bucket=deployed-models", f"registry.s3.endpoint_url={proxy.url}"]
-        out = _run(env, *prefect, "deployment", "run", "finetune/main", "--param", "config=configs/tiny-seq2seq.yaml",
-                   "--param", f"overrides={json.dumps(overrides)}", "--param", "learning_rate=0.002")
+        overrides = TINY + [
+            f"data.cache_dir={stdlib_cache}",
+            f"training.output_dir={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{db}",
+            "registry.model_name=deployed",
+            "registry.s3.bucket=deployed-models",
+            f"registry.s3.endpoint_url={proxy.url}",
+        ]
+        out = _run(
+            env,
+            *prefect,
+            "deployment",
+            "run",
+            "finetune/main",
+            "--param",
+            "config=configs/tiny-seq2seq.yaml",
+            "--param",
+            f"overrides={json.dumps(overrides)}",
+            "--param",
+            "learning_rate=0.002",
+        )
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
         _run(env, *prefect, "worker", "start", "--pool", "test-pool", "--run-once", timeout=600)
         assert proxy.state.fail_next == 0
@@ -70,8 +99,12 @@ def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(
     run = client.get_run(champion.run_id)
     assert run.data.params["training.learning_rate"] == "0.002"  # the UI field reached the training config
     assert champion.tags["prefect_flow_run_id"] == flow_run_id
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=moto_url, aws_access_key_id="k", aws_secret_access_key="s",
-                                            region_name="us-east-1").list_objects_v2(Bucket="deployed-models")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in boto3.client(
+            "s3", endpoint_url=moto_url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+        ).list_objects_v2(Bucket="deployed-models")["Contents"]
+    ]
     assert f"models/deployed/{champion.version}/model.safetensors" in keys
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1 and (run_dirs[0] / "metrics.json").exists()

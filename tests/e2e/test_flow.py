@@ -21,8 +21,17 @@ def test_finetune_flow_trains_evaluates_tracks_and_registers(prefect_server, tin
     result = finetune(config=TWIN, overrides=overrides)
 
     run_dir = Path(result["run_dir"])
-    for name in ["model.safetensors", "config.json", "tokenizer.json", "metrics.json", "examples.json",
-                 "trainer_state.json", "predictions.jsonl", "config.yaml", "data_manifest.json"]:
+    for name in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "metrics.json",
+        "examples.json",
+        "trainer_state.json",
+        "predictions.jsonl",
+        "config.yaml",
+        "data_manifest.json",
+    ]:
         assert (run_dir / name).exists(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"] == result["metrics"]
@@ -43,11 +52,15 @@ def test_finetune_flow_trains_evaluates_tracks_and_registers(prefect_server, tin
     assert again["run_dir"] == result["run_dir"] and again["metrics"] == result["metrics"]
     assert again["registration"]["alias"] == "challenger" and "does not beat" in again["registration"]["reason"]
     version = client.get_model_version("flow-e2e", again["registration"]["version"])
-    assert {"prefect_flow_run_id", "git_commit", "data_fingerprint", "config_hash", "base_model", "test_split"} <= set(version.tags)
+    assert {"prefect_flow_run_id", "git_commit", "data_fingerprint", "config_hash", "base_model", "test_split"} <= set(
+        version.tags
+    )
 
 
 @pytest.mark.timeout(600)
-def test_flow_publishes_to_s3_and_the_hub_and_never_leaks_secrets(prefect_server, tiny_overrides, tmp_path, monkeypatch, moto_url, caplog):
+def test_flow_publishes_to_s3_and_the_hub_and_never_leaks_secrets(
+    prefect_server, tiny_overrides, tmp_path, monkeypatch, moto_url, caplog
+):
     import boto3
 
     canary_hf, canary_aws = "hf_canary_7f3a9c2e41", "aws-canary-secret-55e1b0"
@@ -59,17 +72,30 @@ def test_flow_publishes_to_s3_and_the_hub_and_never_leaks_secrets(prefect_server
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="team-models")
     with RecordingHub() as hub, caplog.at_level("DEBUG"):
         hub.state.valid_token = canary_hf
-        result = finetune(config=TWIN, overrides=tiny_overrides + [
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "registry.model_name=published",
-            "registry.s3.bucket=team-models", f"registry.s3.endpoint_url={moto_url}", "registry.s3.archive=true",
-            "registry.huggingface.repo_id=team/summarizer", f"registry.huggingface.endpoint={hub.url}",
-        ])
+        result = finetune(
+            config=TWIN,
+            overrides=tiny_overrides
+            + [
+                f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                "registry.model_name=published",
+                "registry.s3.bucket=team-models",
+                f"registry.s3.endpoint_url={moto_url}",
+                "registry.s3.archive=true",
+                "registry.huggingface.repo_id=team/summarizer",
+                f"registry.huggingface.endpoint={hub.url}",
+            ],
+        )
         commit = hub.state.commits[-1]
 
     version = result["registration"]["version"]
     assert result["published"]["s3"] == f"s3://team-models/models/published/{version}/"
-    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=moto_url).list_objects_v2(Bucket="team-models")["Contents"]}
-    assert {f"models/published/{version}/{n}" for n in ["model.safetensors", "metadata.json", "model.tar.gz", "model.tar.gz.sha256"]} <= keys
+    keys = {
+        o["Key"] for o in boto3.client("s3", endpoint_url=moto_url).list_objects_v2(Bucket="team-models")["Contents"]
+    }
+    assert {
+        f"models/published/{version}/{n}"
+        for n in ["model.safetensors", "metadata.json", "model.tar.gz", "model.tar.gz.sha256"]
+    } <= keys
     assert "README.md" in {line["value"]["path"] for line in commit if line["key"] == "file"}
 
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -91,9 +117,15 @@ def test_flow_reports_a_config_typo_without_training(prefect_server):
 @pytest.mark.timeout(600)
 def test_dry_run_prints_the_plan_and_registers_nothing(prefect_server, tiny_overrides, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    result = finetune(config=TWIN, overrides=tiny_overrides + [
-        "registry.dry_run=true", "registry.s3.bucket=somewhere", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"
-    ])
+    result = finetune(
+        config=TWIN,
+        overrides=tiny_overrides
+        + [
+            "registry.dry_run=true",
+            "registry.s3.bucket=somewhere",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        ],
+    )
     assert "upload to s3://somewhere/models/codetune-code-summarizer/<version>/" in result["plan"]
     assert "registration" not in result and not (tmp_path / "m.db").exists()
 
@@ -122,7 +154,9 @@ def test_promotion_slot_serialises_concurrent_runs(prefect_server):
 
 
 @pytest.mark.timeout(600)
-def test_deploy_publishes_an_existing_run_without_retraining(prefect_server, tiny_cfg, tiny_overrides, tmp_path, monkeypatch, moto_url):
+def test_deploy_publishes_an_existing_run_without_retraining(
+    prefect_server, tiny_cfg, tiny_overrides, tmp_path, monkeypatch, moto_url
+):
     import boto3
 
     from codetune.data import prepare_data
@@ -140,18 +174,27 @@ def test_deploy_publishes_an_existing_run_without_retraining(prefect_server, tin
     weights = (Path(trained.run_dir) / "model.safetensors").stat().st_mtime_ns
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="deployed")
 
-    result = deploy(model_path=trained.run_dir, overrides=tiny_overrides + [
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "registry.model_name=deployed",
-        "registry.s3.bucket=deployed", f"registry.s3.endpoint_url={moto_url}",
-    ])
+    result = deploy(
+        model_path=trained.run_dir,
+        overrides=tiny_overrides
+        + [
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "registry.model_name=deployed",
+            "registry.s3.bucket=deployed",
+            f"registry.s3.endpoint_url={moto_url}",
+        ],
+    )
     assert result["registration"]["alias"] == "champion"
     assert result["published"]["s3"].startswith("s3://deployed/models/deployed/")
     assert (Path(trained.run_dir) / "model.safetensors").stat().st_mtime_ns == weights
 
 
 @pytest.mark.timeout(600)
-def test_retried_flow_run_does_not_redo_finished_stages(prefect_server, tiny_overrides, tmp_path, monkeypatch, moto_url):
-    """Publishing is refused once (403) after registration; the flow's retry publishes without registering or tracking again."""
+def test_retried_flow_run_does_not_redo_finished_stages(
+    prefect_server, tiny_overrides, tmp_path, monkeypatch, moto_url
+):
+    """Publishing is refused once (403) after registration; the flow's retry publishes without registering or tracking
+    again."""
     import boto3
 
     from tests.servers import FlakyProxy
@@ -164,10 +207,16 @@ def test_retried_flow_run_does_not_redo_finished_stages(prefect_server, tiny_ove
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="retried")
     with FlakyProxy(moto_url) as proxy:
         proxy.state.fail_next, proxy.state.fail_status = 1, 403  # a permission error: the task fails at once
-        result = finetune.with_options(retries=1, retry_delay_seconds=1)(config=TWIN, overrides=tiny_overrides + [
-            f"mlflow.tracking_uri={uri}", "registry.model_name=retried",
-            "registry.s3.bucket=retried", f"registry.s3.endpoint_url={proxy.url}",
-        ])
+        result = finetune.with_options(retries=1, retry_delay_seconds=1)(
+            config=TWIN,
+            overrides=tiny_overrides
+            + [
+                f"mlflow.tracking_uri={uri}",
+                "registry.model_name=retried",
+                "registry.s3.bucket=retried",
+                f"registry.s3.endpoint_url={proxy.url}",
+            ],
+        )
         assert proxy.state.fail_next == 0
     client = mlflow.MlflowClient(uri)
     assert result["published"]["s3"].startswith("s3://retried/")
@@ -181,8 +230,10 @@ def test_other_summarisation_families_end_to_end(family, prefect_server, tiny_ov
     """Decoder-only and warm-started encoder-decoder models: trained, evaluated, registered and served like CodeT5."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = finetune(config=str(Path(__file__).parents[2] / "configs" / f"{family}.yaml"),
-                      overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "registry.model_name=causal"])
+    result = finetune(
+        config=str(Path(__file__).parents[2] / "configs" / f"{family}.yaml"),
+        overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "registry.model_name=causal"],
+    )
     assert set(result["metrics"]) == {"bleu4_smoothed", "bleu_corpus", "rouge_l", "exact_match", "distinct_predictions"}
     assert result["registration"]["alias"] == "champion"
     summaries = champion_predicts(uri, "causal", ["def add(a, b): return a + b"])
@@ -199,8 +250,12 @@ def test_publishing_credentials_come_from_prefect_blocks(prefect_server, moto_ur
     from codetune.publishing import upload_to_s3
     from tasks.publish import hub_token, s3_client
 
-    credentials = AwsCredentials(aws_access_key_id="block-key", aws_secret_access_key="block-secret", region_name="us-east-1",
-                                 aws_client_parameters=AwsClientParameters(endpoint_url=moto_url))
+    credentials = AwsCredentials(
+        aws_access_key_id="block-key",
+        aws_secret_access_key="block-secret",
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=moto_url),
+    )
     S3Bucket(bucket_name="from-block", credentials=credentials).save("team-models", overwrite=True)
     Secret(value="hf_from_block").save("hf-token", overwrite=True)
 
@@ -217,8 +272,10 @@ def test_classifier_family_end_to_end(prefect_server, labelled_jsonl, tiny_overr
     """model.task=classification: the registered model's consumer gets labels, not summaries."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = finetune(config=str(Path(__file__).parents[2] / "configs" / "tiny-classifier.yaml"),
-                      overrides=tiny_overrides + [f"data.path={labelled_jsonl}", f"mlflow.tracking_uri={uri}"])
+    result = finetune(
+        config=str(Path(__file__).parents[2] / "configs" / "tiny-classifier.yaml"),
+        overrides=tiny_overrides + [f"data.path={labelled_jsonl}", f"mlflow.tracking_uri={uri}"],
+    )
     assert set(result["metrics"]) == {"accuracy", "f1_macro", "mcc"}
     assert result["registration"]["alias"] == "champion" and "accuracy" in result["registration"]["reason"]
     labels = champion_predicts(uri, "codetune-code-classifier", ["def f(x):\n    return x\n"])
@@ -253,9 +310,17 @@ def test_code_generation_direction_end_to_end(prefect_server, tiny_overrides, tm
     """model.direction=text_to_code: a decoder-only model writes functions from summaries, scored with CodeBLEU."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = finetune(config=str(Path(__file__).parents[2] / "configs" / "tiny-code-generation.yaml"),
-                      overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "training.max_target_length=48"])
-    assert set(result["metrics"]) == {"codebleu", "syntax_match", "dataflow_match", "exact_match", "distinct_predictions"}
+    result = finetune(
+        config=str(Path(__file__).parents[2] / "configs" / "tiny-code-generation.yaml"),
+        overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "training.max_target_length=48"],
+    )
+    assert set(result["metrics"]) == {
+        "codebleu",
+        "syntax_match",
+        "dataflow_match",
+        "exact_match",
+        "distinct_predictions",
+    }
     assert result["registration"]["alias"] == "champion" and "codebleu" in result["registration"]["reason"]
     records = [json.loads(line) for line in (Path(result["run_dir"]) / "predictions.jsonl").read_text().splitlines()]
     assert all(r["reference"].startswith(("def ", "async def ")) for r in records)  # the function is the reference

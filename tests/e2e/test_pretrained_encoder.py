@@ -18,17 +18,27 @@ minilm = pytest.importorskip(
 
 
 def minilm_config(tmp_path, stdlib_cache, *overrides):
-    return load_config(None, [
-        f"model.name={minilm.get_model_path()}", "model.init=pretrained", "peft.use_peft=true",
-        f"data.cache_dir={stdlib_cache}", f"training.output_dir={tmp_path / 'runs'}",
-        "training.max_source_length=64", "training.learning_rate=5e-4", "training.per_device_train_batch_size=32",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.name={minilm.get_model_path()}",
+            "model.init=pretrained",
+            "peft.use_peft=true",
+            f"data.cache_dir={stdlib_cache}",
+            f"training.output_dir={tmp_path / 'runs'}",
+            "training.max_source_length=64",
+            "training.learning_rate=5e-4",
+            "training.per_device_train_batch_size=32",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.timeout(900)
 def test_lora_raises_code_search_mrr_over_the_untuned_encoder(tmp_path, stdlib_cache):
-    cfg = minilm_config(tmp_path, stdlib_cache, "model.task=code_search", "training.max_steps=60", "training.max_target_length=32")
+    cfg = minilm_config(
+        tmp_path, stdlib_cache, "model.task=code_search", "training.max_steps=60", "training.max_target_length=32"
+    )
     data = prepare_data(cfg.data)
     test = data.load("test")
     model, tokenizer = load_pretrained(cfg.model)
@@ -43,16 +53,32 @@ def test_lora_raises_code_search_mrr_over_the_untuned_encoder(tmp_path, stdlib_c
 
 @pytest.mark.timeout(900)
 def test_lora_classifier_beats_nearest_centroid_on_the_untuned_encoder(tmp_path, stdlib_cache, labelled_jsonl):
-    """The untuned encoder classifies by the nearest mean embedding of each train label; LoRA and a new head must do better."""
-    cfg = minilm_config(tmp_path, stdlib_cache, "model.task=classification", "data.source=files", f"data.path={labelled_jsonl}",
-                        "data.validation_fraction=0.1", "data.test_fraction=0.2", "training.max_steps=40", "training.learning_rate=3e-3")
+    """The untuned encoder classifies by the nearest mean embedding of each train label; LoRA and a new head must do
+    better."""
+    cfg = minilm_config(
+        tmp_path,
+        stdlib_cache,
+        "model.task=classification",
+        "data.source=files",
+        f"data.path={labelled_jsonl}",
+        "data.validation_fraction=0.1",
+        "data.test_fraction=0.2",
+        "training.max_steps=40",
+        "training.learning_rate=3e-3",
+    )
     data = prepare_data(cfg.data, labelled=True)
     train, test = data.load("train"), data.load("test")
-    encoder, tokenizer = load_pretrained(load_config(None, [f"model.name={minilm.get_model_path()}", "model.init=pretrained", "model.task=code_search"]).model)
+    encoder, tokenizer = load_pretrained(
+        load_config(
+            None, [f"model.name={minilm.get_model_path()}", "model.init=pretrained", "model.task=code_search"]
+        ).model
+    )
     embed = lambda rows: embed_texts(encoder.eval(), tokenizer, [r["code"] for r in rows], 32, 64)
     labels = sorted({r["label"] for r in train})
     train_embeddings = embed(train)
-    centroids = torch.stack([train_embeddings[[i for i, r in enumerate(train) if r["label"] == label]].mean(0) for label in labels])
+    centroids = torch.stack(
+        [train_embeddings[[i for i, r in enumerate(train) if r["label"] == label]].mean(0) for label in labels]
+    )
     nearest = (embed(test) @ centroids.T).argmax(1).tolist()
     centroid_accuracy = 100 * sum(labels[k] == r["label"] for k, r in zip(nearest, test)) / len(test)
 

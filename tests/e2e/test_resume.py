@@ -13,15 +13,24 @@ import pytest
 from tests.conftest import TINY, TWIN
 
 RESUME = TINY + [
-    "model.scratch.d_model=64", "model.scratch.d_ff=128", "training.max_source_length=128",
-    "training.max_steps=60", "training.save_steps=10", "training.logging_steps=5", "training.run_name=resume",
+    "model.scratch.d_model=64",
+    "model.scratch.d_ff=128",
+    "training.max_source_length=128",
+    "training.max_steps=60",
+    "training.save_steps=10",
+    "training.logging_steps=5",
+    "training.run_name=resume",
     "data.max_examples=600",
 ]
 
 
 def _train(output_dir: Path, cache: Path) -> subprocess.Popen:
     args = RESUME + [f"training.output_dir={output_dir}", f"data.cache_dir={cache}"]
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--config", TWIN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "--config", TWIN, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -49,7 +58,9 @@ def test_killed_training_resumes_at_the_same_step_and_loss(tmp_path, stdlib_cach
 
     record = json.loads((killed_dir / "resume" / "training.json").read_text())
     assert record["resumed_from_step"] >= 10
-    assert record["global_step"] == 60 == json.loads((clean_dir / "resume" / "training.json").read_text())["global_step"]
+    assert (
+        record["global_step"] == 60 == json.loads((clean_dir / "resume" / "training.json").read_text())["global_step"]
+    )
     resumed_losses, clean_losses = _losses(killed_dir / "resume"), _losses(clean_dir / "resume")
     assert set(resumed_losses) == set(clean_losses)  # the curve is whole: steps before the kill kept
     assert resumed_losses[60] == pytest.approx(clean_losses[60], rel=0.02)

@@ -28,7 +28,10 @@ def test_ranks_count_ties_as_half_so_a_constant_scorer_ranks_at_the_middle():
 
 def test_lexical_baseline_matches_query_words_to_identifiers():
     queries = ["Return the file size.", "Parse a URL into parts."]
-    codes = ["def parse_url(text):\n    return urlsplit(text)", "def getFileSize(path):\n    return os.stat(path).st_size"]
+    codes = [
+        "def parse_url(text):\n    return urlsplit(text)",
+        "def getFileSize(path):\n    return os.stat(path).st_size",
+    ]
     assert lexical_similarity(queries, codes).argmax(1).tolist() == [1, 0]
 
 
@@ -36,8 +39,12 @@ def test_pair_collator_pads_each_side_to_a_multiple_of_8(tiny_cfg):
     from codetune.model import train_tokenizer
 
     tokenizer = train_tokenizer(["def f(x): return x", "Return x."] * 20, vocab_size=300)
-    batch = PairCollator(tokenizer, pad_to_multiple_of=8)([{"query_input_ids": [1, 5, 2], "code_input_ids": list(range(3, 14))},
-                                     {"query_input_ids": [1, 2], "code_input_ids": [1, 2]}])
+    batch = PairCollator(tokenizer, pad_to_multiple_of=8)(
+        [
+            {"query_input_ids": [1, 5, 2], "code_input_ids": list(range(3, 14))},
+            {"query_input_ids": [1, 2], "code_input_ids": [1, 2]},
+        ]
+    )
     assert batch["query_input_ids"].shape == (2, 8) and batch["code_input_ids"].shape == (2, 16)
     assert batch["code_attention_mask"].sum().item() == 11 + 2
 
@@ -87,7 +94,13 @@ def test_bi_encoder_loss_is_lower_when_queries_meet_their_own_code():
     from codetune.model import build_scratch_model, train_tokenizer
 
     tokenizer = train_tokenizer(["def f(x): return x", "Return x."] * 20, vocab_size=300)
-    encoder = build_scratch_model(ModelConfig(task=ModelTask.code_search, scratch=ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_heads=2)), tokenizer, seed=0)
+    encoder = build_scratch_model(
+        ModelConfig(
+            task=ModelTask.code_search, scratch=ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_heads=2)
+        ),
+        tokenizer,
+        seed=0,
+    )
     ids = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2], [1, 9, 10, 2]])
     mask = torch.ones_like(ids)
     model = BiEncoder(encoder).eval()

@@ -36,7 +36,9 @@ def test_overrides_are_typed():
 
 
 def test_unknown_key_suggests_the_closest():
-    with pytest.raises(ConfigError, match=r"unknown key 'training.lerning_rate'.*did you mean 'training.learning_rate'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'training.lerning_rate'.*did you mean 'training.learning_rate'"
+    ):
         load_config(None, ["training.lerning_rate=1e-4"])
 
 
@@ -51,7 +53,13 @@ def test_all_problems_are_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, ["generation.num_beams=x", "novalue"])
     message = str(err.value)
-    for expected in ["model.init", "one of pretrained, scratch", "did you mean 'training.seed'", "generation.num_beams", "'novalue' is not key=value"]:
+    for expected in [
+        "model.init",
+        "one of pretrained, scratch",
+        "did you mean 'training.seed'",
+        "generation.num_beams",
+        "'novalue' is not key=value",
+    ]:
         assert expected in message
 
 
@@ -100,9 +108,16 @@ def test_code_generation_needs_a_generative_task_and_its_placeholder():
     cfg = load_config(None, ["model.task=causal_lm", "model.direction=text_to_code"])
     assert cfg.model.prompt == "# {summary}\n"
     with pytest.raises(ConfigError) as error:
-        load_config(None, ["model.task=causal_lm", "model.direction=text_to_code", "model.prompt_template={code} writes"])
+        load_config(
+            None, ["model.task=causal_lm", "model.direction=text_to_code", "model.prompt_template={code} writes"]
+        )
     assert "quote the value: model.prompt_template='...'" in str(error.value)
     with pytest.raises(ConfigError, match="must contain {summary} exactly once"):
-        load_config(None, ["model.task=causal_lm", "model.direction=text_to_code", "model.prompt_template='{code} writes'"])
+        load_config(
+            None, ["model.task=causal_lm", "model.direction=text_to_code", "model.prompt_template='{code} writes'"]
+        )
     with pytest.raises(ConfigError, match="needs a generative model.task"):
-        load_config(None, ["model.task=classification", "data.source=files", "data.path=x.jsonl", "model.direction=text_to_code"])
+        load_config(
+            None,
+            ["model.task=classification", "data.source=files", "data.path=x.jsonl", "model.direction=text_to_code"],
+        )

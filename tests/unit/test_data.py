@@ -35,8 +35,13 @@ def test_codesearchnet_code_has_its_docstring_stripped():
 
 
 def _cfg(tmp_path, **kw) -> DataConfig:
-    base = dict(source=DataSource.files, cache_dir=str(tmp_path / "cache"), min_summary_words=1,
-                validation_fraction=0.2, test_fraction=0.2)
+    base = dict(
+        source=DataSource.files,
+        cache_dir=str(tmp_path / "cache"),
+        min_summary_words=1,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+    )
     return DataConfig(**(base | kw))
 
 
@@ -45,7 +50,13 @@ def _rows(n):
 
 
 def test_reads_codesearchnet_token_fields(tmp_path):
-    rows = [{"code_tokens": ["def", "f", "(", ")", ":", "return", str(i)], "docstring_tokens": ["Return", "the", "number", str(i)]} for i in range(40)]
+    rows = [
+        {
+            "code_tokens": ["def", "f", "(", ")", ":", "return", str(i)],
+            "docstring_tokens": ["Return", "the", "number", str(i)],
+        }
+        for i in range(40)
+    ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     data = prepare_data(_cfg(tmp_path, path=str(path), input_field="code_tokens", target_field="docstring_tokens"))
     example = data.load("train")[0]
@@ -59,6 +70,7 @@ def test_csv_and_parquet_read_like_jsonl(tmp_path):
     rows = _rows(40)
     with open(tmp_path / "a.csv", "w", newline="") as f:
         import csv
+
         w = csv.DictWriter(f, fieldnames=["code", "docstring"])
         w.writeheader()
         w.writerows(rows[:20])
@@ -96,7 +108,10 @@ def test_split_is_independent_of_order_and_drops_duplicates_and_leaks():
     examples = [{"code": f"def f{i}():\n    return {i}\n", "summary": f"Return {i}."} for i in range(200)]
     shuffled = examples[:]
     random.Random(1).shuffle(shuffled)
-    first, second = split_examples(examples + examples[:5], cfg, c1 := Counter()), split_examples(shuffled, cfg, Counter())
+    first, second = (
+        split_examples(examples + examples[:5], cfg, c1 := Counter()),
+        split_examples(shuffled, cfg, Counter()),
+    )
     assert first == second
     assert c1["duplicate"] == 5
     assert all(len(first[s]) > 20 for s in first)
@@ -136,10 +151,17 @@ def test_labelled_rows_read_codexglue_defect_format(tmp_path):
     assert sum(data.counts["kept"].values()) == 60
 
 
-@pytest.mark.parametrize("name, split", [
-    ("python/final/jsonl/train/python_train_0.jsonl.gz", "train"), ("code-to-text/python/valid.jsonl", "validation"),
-    ("test.jsonl", "test"), ("dev", "validation"), ("functions.jsonl", None), ("contest/data.jsonl", None),
-])
+@pytest.mark.parametrize(
+    "name, split",
+    [
+        ("python/final/jsonl/train/python_train_0.jsonl.gz", "train"),
+        ("code-to-text/python/valid.jsonl", "validation"),
+        ("test.jsonl", "test"),
+        ("dev", "validation"),
+        ("functions.jsonl", None),
+        ("contest/data.jsonl", None),
+    ],
+)
 def test_split_names_of_published_datasets(name, split):
     from codetune.data.records import split_of
 
@@ -147,19 +169,25 @@ def test_split_names_of_published_datasets(name, split):
 
 
 def test_published_splits_are_kept_and_leakage_still_removed(tmp_path):
-    """CodeXGLUE ships train/valid/test files: its test split stays the test split, so scores compare with published ones."""
+    """CodeXGLUE ships train/valid/test files: its test split stays the test split, so scores compare with published
+    ones."""
     rows = _rows(90)
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "train.jsonl", rows[:60])
     write_jsonl(tmp_path / "data" / "valid.jsonl", rows[60:70])
     # The last test row repeats a train function under another summary: it would be scored on recall.
-    write_jsonl(tmp_path / "data" / "test.jsonl", rows[70:] + [{"code": rows[0]["code"], "docstring": "Another wording of it."}])
+    write_jsonl(
+        tmp_path / "data" / "test.jsonl", rows[70:] + [{"code": rows[0]["code"], "docstring": "Another wording of it."}]
+    )
     data = prepare_data(_cfg(tmp_path, path=str(tmp_path / "data")))
     codes = {split: {r["code"] for r in data.load(split)} for split in ("train", "validation", "test")}
     assert codes["test"] == {r["code"] for r in rows[70:]}
     assert codes["validation"] == {r["code"] for r in rows[60:70]} and codes["train"] == {r["code"] for r in rows[:60]}
     assert data.counts["dropped"]["test_code_in_train"] == 1
-    assert json.loads((tmp_path / "cache" / data.fingerprint[:16] / "manifest.json").read_text())["split_by"] == "published splits"
+    assert (
+        json.loads((tmp_path / "cache" / data.fingerprint[:16] / "manifest.json").read_text())["split_by"]
+        == "published splits"
+    )
 
     # Without a test file there is nothing published to keep: content-hash splitting, as for any other source.
     (tmp_path / "data" / "test.jsonl").unlink()

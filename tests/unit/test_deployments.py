@@ -18,7 +18,9 @@ PREFECT_YAML = yaml.safe_load(Path("prefect.yaml").read_text())
 DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"]}
 FLOW_PARAMS = inspect.signature(finetune.fn).parameters
 FLOW_TYPES = typing.get_type_hints(finetune.fn)
-TEMPLATES = {kind: json.loads(Path(f"deployments/{kind}-gpu-pool.json").read_text()) for kind in ("docker", "kubernetes")}
+TEMPLATES = {
+    kind: json.loads(Path(f"deployments/{kind}-gpu-pool.json").read_text()) for kind in ("docker", "kubernetes")
+}
 
 
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
@@ -43,7 +45,9 @@ def test_gpu_deployment_requests_a_gpu_and_runs_one_training_at_a_time():
     assert main["work_pool"]["name"] == "gpu-pool" and main["concurrency_limit"] == 1
     for kind, template in TEMPLATES.items():
         assert set(main["work_pool"]["job_variables"]) <= set(template["variables"]["properties"]), kind
-    container = TEMPLATES["kubernetes"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    container = TEMPLATES["kubernetes"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][
+        0
+    ]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     device = TEMPLATES["docker"]["job_configuration"]["container_create_kwargs"]["device_requests"][0]
     assert device["count"] == "{{ gpu_count }}" and device["capabilities"] == [["gpu"]]

@@ -11,7 +11,9 @@ from tests.conftest import TWIN
 
 
 @pytest.mark.parametrize(
-    "config", [TWIN, "configs/tiny-encoder-decoder.yaml", "configs/tiny-causal-lm.yaml"], ids=["seq2seq", "encoder_decoder", "causal_lm"]
+    "config",
+    [TWIN, "configs/tiny-encoder-decoder.yaml", "configs/tiny-causal-lm.yaml"],
+    ids=["seq2seq", "encoder_decoder", "causal_lm"],
 )
 def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
     """Padding (right for the encoder, left for a decoder-only prompt) must not change what is generated.

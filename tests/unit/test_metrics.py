@@ -67,7 +67,11 @@ def test_classification_metrics_match_hand_computed_values():
 def test_retrieval_metrics_from_ranks():
     from codetune.metrics import retrieval_metrics
 
-    assert retrieval_metrics([1, 2, 4, 20]) == {"mrr": round(100 * (1 + 0.5 + 0.25 + 0.05) / 4, 2), "recall_at_1": 25.0, "recall_at_10": 75.0}
+    assert retrieval_metrics([1, 2, 4, 20]) == {
+        "mrr": round(100 * (1 + 0.5 + 0.25 + 0.05) / 4, 2),
+        "recall_at_1": 25.0,
+        "recall_at_10": 75.0,
+    }
 
 
 def test_codebleu_parses_python_with_the_pinned_tree_sitter():
@@ -87,4 +91,6 @@ def test_codebleu_parses_python_with_the_pinned_tree_sitter():
     from codebleu import calc_codebleu
 
     no_flow = ["def f():\n    pass"]
-    assert code_metrics(no_flow, no_flow)["codebleu"] == round(100 * calc_codebleu(no_flow, no_flow, lang="python")["codebleu"], 2)
+    assert code_metrics(no_flow, no_flow)["codebleu"] == round(
+        100 * calc_codebleu(no_flow, no_flow, lang="python")["codebleu"], 2
+    )

@@ -22,7 +22,9 @@ def s3(moto_url, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     with FlakyProxy(moto_url) as proxy:
-        client = boto3.client("s3", endpoint_url=proxy.url, config=BotoConfig(retries={"mode": "standard", "max_attempts": 6}))
+        client = boto3.client(
+            "s3", endpoint_url=proxy.url, config=BotoConfig(retries={"mode": "standard", "max_attempts": 6})
+        )
         client.create_bucket(Bucket="models")
         yield client, proxy
         for obj in client.list_objects_v2(Bucket="models").get("Contents", []):
@@ -50,7 +52,17 @@ def test_s3_upload_layout_metadata_checksums_and_archive(s3, run_dir, tmp_path):
     uploaded = publish_to_s3(client, cfg, run_dir, {"metrics": {"bleu4_smoothed": 9.1}}, "3", tmp_path)
     keys = {u.key for u in uploaded}
     prefix = "models/summ/3/"
-    assert keys == {prefix + n for n in ["config.json", "model.safetensors", "tokenizer.json", "metadata.json", "model.tar.gz", "model.tar.gz.sha256"]}
+    assert keys == {
+        prefix + n
+        for n in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "metadata.json",
+            "model.tar.gz",
+            "model.tar.gz.sha256",
+        ]
+    }
     body = client.get_object(Bucket="models", Key=prefix + "model.safetensors")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
     metadata = json.loads(client.get_object(Bucket="models", Key=prefix + "metadata.json")["Body"].read())
@@ -75,7 +87,9 @@ def test_s3_rerun_transfers_nothing(s3, run_dir, tmp_path):
 def test_s3_large_files_go_multipart_and_server_errors_are_retried(s3, run_dir):
     client, proxy = s3
     proxy.state.fail_next = 3  # the next three PUTs get 503
-    uploaded = upload_to_s3(client, "models", "p", [(run_dir / "model.safetensors", "model.safetensors")], multipart_bytes=1024 * 1024)
+    uploaded = upload_to_s3(
+        client, "models", "p", [(run_dir / "model.safetensors", "model.safetensors")], multipart_bytes=1024 * 1024
+    )
     assert uploaded[0].transferred and proxy.state.fail_next == 0
     assert any("uploads" in r.path for r in proxy.state.requests if r.method == "POST")  # CreateMultipartUpload
     head = client.head_object(Bucket="models", Key="p/model.safetensors")
@@ -90,11 +104,20 @@ def test_s3_missing_bucket_is_a_clear_error(s3, run_dir):
 
 def test_hub_push_creates_private_repo_and_one_commit_with_card(run_dir):
     cfg = load_config(TWIN, ["registry.huggingface.repo_id=org/summ"])
-    report = EvalReport(metrics={"bleu4_smoothed": 9.1}, baseline={"bleu4_smoothed": 4.2}, baseline_name="function name split into words",
-                        num_examples=100, examples_per_second=1.0, examples=[], untuned={"bleu4_smoothed": 5.8})
+    report = EvalReport(
+        metrics={"bleu4_smoothed": 9.1},
+        baseline={"bleu4_smoothed": 4.2},
+        baseline_name="function name split into words",
+        num_examples=100,
+        examples_per_second=1.0,
+        examples=[],
+        untuned={"bleu4_smoothed": 5.8},
+    )
     card = model_card(cfg, report, "code_tree (stdlib)")
     with RecordingHub() as hub:
-        url = push_to_hub("org/summ", hub.state.valid_token, True, publish_files(run_dir, HubWeights.merged), card, "v1", hub.url)
+        url = push_to_hub(
+            "org/summ", hub.state.valid_token, True, publish_files(run_dir, HubWeights.merged), card, "v1", hub.url
+        )
         create = next(r for r in hub.state.requests if r.path == "/api/repos/create")
         assert json.loads(create.body)["visibility"] == "private"
         [commit] = hub.state.commits
@@ -111,7 +134,9 @@ def test_hub_push_creates_private_repo_and_one_commit_with_card(run_dir):
 def test_hub_server_errors_are_retried(run_dir):
     with RecordingHub() as hub:
         hub.state.fail_next = 2
-        url = push_to_hub("org/summ", hub.state.valid_token, True, [(run_dir / "config.json", "config.json")], "card", "v1", hub.url)
+        url = push_to_hub(
+            "org/summ", hub.state.valid_token, True, [(run_dir / "config.json", "config.json")], "card", "v1", hub.url
+        )
         assert url and len(hub.state.commits) == 1
         assert [r.path for r in hub.state.requests[:3]] == ["/api/repos/create"] * 3
 

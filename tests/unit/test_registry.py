@@ -1,4 +1,3 @@
-
 import mlflow
 import pytest
 
@@ -38,7 +37,9 @@ def tracked(tiny_cfg, tmp_path, monkeypatch):
     def register(bleu: float, split: str = "split-a"):
         with mlflow.start_run() as run:
             pass
-        return register_model(cfg, trained.run_dir, run.info.run_id, {"bleu4_smoothed": bleu}, rows, split, {"git_commit": "abc"})
+        return register_model(
+            cfg, trained.run_dir, run.info.run_id, {"bleu4_smoothed": bleu}, rows, split, {"git_commit": "abc"}
+        )
 
     yield register
     mlflow.set_tracking_uri(None)

@@ -15,7 +15,16 @@ from tests.conftest import TWIN
 def test_training_exports_a_complete_run_directory(trained_run):
     cfg, data, result = trained_run
     run_dir = Path(result.run_dir)
-    for name in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "config.yaml", "data_manifest.json", "training.json"]:
+    for name in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_state.json",
+        "config.yaml",
+        "data_manifest.json",
+        "training.json",
+    ]:
         assert (run_dir / name).exists(), name
     assert not (run_dir / "checkpoints").exists() and not (run_dir / ".export").exists()
     assert result.global_step == 12 and result.resumed_from_step == 0
@@ -45,10 +54,17 @@ def test_same_seed_gives_identical_weights(trained_run, tiny_overrides, tmp_path
 
 def test_lora_on_a_local_pretrained_model_saves_adapter_and_merged_model(trained_run, tiny_overrides, tmp_path):
     _, data, base = trained_run
-    cfg = load_config(TWIN, tiny_overrides + [
-        "model.init=pretrained", f"model.name={base.run_dir}", "peft.use_peft=true", "peft.r=4",
-        f"training.output_dir={tmp_path / 'lora'}",
-    ])
+    cfg = load_config(
+        TWIN,
+        tiny_overrides
+        + [
+            "model.init=pretrained",
+            f"model.name={base.run_dir}",
+            "peft.use_peft=true",
+            "peft.r=4",
+            f"training.output_dir={tmp_path / 'lora'}",
+        ],
+    )
     result = train_model(cfg, data)
     run_dir = Path(result.run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
@@ -94,7 +110,10 @@ def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
 
 @pytest.mark.parametrize(
     "config, auto_class, model_type",
-    [("tiny-causal-lm", "AutoModelForCausalLM", "qwen2"), ("tiny-encoder-decoder", "AutoModelForSeq2SeqLM", "encoder-decoder")],
+    [
+        ("tiny-causal-lm", "AutoModelForCausalLM", "qwen2"),
+        ("tiny-encoder-decoder", "AutoModelForSeq2SeqLM", "encoder-decoder"),
+    ],
 )
 def test_every_family_exports_a_model_plain_transformers_loads(config, auto_class, model_type, tiny_overrides):
     import transformers
@@ -108,11 +127,22 @@ def test_every_family_exports_a_model_plain_transformers_loads(config, auto_clas
 def test_classifier_beats_the_majority_class_on_a_real_stdlib_task(labelled_jsonl, stdlib_cache, tmp_path):
     from codetune.evaluation import evaluate_model
 
-    cfg = load_config("configs/tiny-classifier.yaml", [
-        f"data.path={labelled_jsonl}", f"data.cache_dir={stdlib_cache}", f"training.output_dir={tmp_path}",
-        "training.max_steps=100", "training.max_source_length=48", "training.learning_rate=3e-3", "model.scratch.vocab_size=1000",
-        "model.scratch.d_model=64", "model.scratch.d_ff=128", "model.scratch.num_layers=1", "data.test_fraction=0.2",
-    ])
+    cfg = load_config(
+        "configs/tiny-classifier.yaml",
+        [
+            f"data.path={labelled_jsonl}",
+            f"data.cache_dir={stdlib_cache}",
+            f"training.output_dir={tmp_path}",
+            "training.max_steps=100",
+            "training.max_source_length=48",
+            "training.learning_rate=3e-3",
+            "model.scratch.vocab_size=1000",
+            "model.scratch.d_model=64",
+            "model.scratch.d_ff=128",
+            "model.scratch.num_layers=1",
+            "data.test_fraction=0.2",
+        ],
+    )
     data = prepare_data(cfg.data, labelled=True)
     report = evaluate_model(train_model(cfg, data).run_dir, data.load("test"), cfg)
     assert report.baseline_name == "majority class"
@@ -140,7 +170,9 @@ def test_dynamic_padding_gives_the_loss_of_max_length_padding(tiny_cfg):
     model, tokenizer = load_model(tiny_cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
     examples = tokenize(rows, tokenizer, tiny_cfg)
     dynamic = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)(examples)
-    full = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, padding="max_length", max_length=128)(examples)
+    full = DataCollatorForSeq2Seq(
+        tokenizer, model=model, label_pad_token_id=-100, padding="max_length", max_length=128
+    )(examples)
     assert dynamic["labels"].shape[1] < full["labels"].shape[1]
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**dynamic).loss, model(**full).loss, atol=1e-5, rtol=1e-5)
@@ -150,28 +182,50 @@ def test_length_grouped_batches_train_as_well_as_random_ones(tiny_overrides, tmp
     """Batches of similar length (little padding) see the same examples per epoch; the model they give is as good."""
     losses = {}
     for grouped in (True, False):
-        cfg = load_config(TWIN, tiny_overrides + ["training.max_steps=60", f"training.group_by_length={grouped}",
-                                                  f"training.output_dir={tmp_path / str(grouped)}"])
+        cfg = load_config(
+            TWIN,
+            tiny_overrides
+            + [
+                "training.max_steps=60",
+                f"training.group_by_length={grouped}",
+                f"training.output_dir={tmp_path / str(grouped)}",
+            ],
+        )
         losses[grouped] = train_model(cfg, prepare_data(cfg.data)).validation_loss
     assert abs(losses[True] - losses[False]) / losses[False] < 0.05, losses
 
 
-def test_activation_checkpointing_under_lora_changes_memory_not_the_model(trained_run, tiny_overrides, tmp_path, monkeypatch):
+def test_activation_checkpointing_under_lora_changes_memory_not_the_model(
+    trained_run, tiny_overrides, tmp_path, monkeypatch
+):
     """training.gradient_checkpointing=true recomputes activations; the adapters it trains are the same."""
     from transformers import PreTrainedModel
 
     _, data, base = trained_run
     enabled = []
     real_enable = PreTrainedModel.activation_checkpointing_enable
-    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable",
-                        lambda self, *a, **k: (enabled.append(True), real_enable(self, *a, **k))[1])
+    monkeypatch.setattr(
+        PreTrainedModel,
+        "activation_checkpointing_enable",
+        lambda self, *a, **k: (enabled.append(True), real_enable(self, *a, **k))[1],
+    )
     adapters = {}
     for checkpointing in ("true", "false"):
-        cfg = load_config(TWIN, tiny_overrides + [
-            "model.init=pretrained", f"model.name={base.run_dir}", "peft.use_peft=true", "peft.r=4",
-            f"training.gradient_checkpointing={checkpointing}", f"training.output_dir={tmp_path / checkpointing}",
-        ])
-        adapters[checkpointing] = load_file(Path(train_model(cfg, data).run_dir) / "adapter" / "adapter_model.safetensors")
+        cfg = load_config(
+            TWIN,
+            tiny_overrides
+            + [
+                "model.init=pretrained",
+                f"model.name={base.run_dir}",
+                "peft.use_peft=true",
+                "peft.r=4",
+                f"training.gradient_checkpointing={checkpointing}",
+                f"training.output_dir={tmp_path / checkpointing}",
+            ],
+        )
+        adapters[checkpointing] = load_file(
+            Path(train_model(cfg, data).run_dir) / "adapter" / "adapter_model.safetensors"
+        )
     assert enabled == [True]  # the run with it on recomputed activations; the one with it off did not
     recomputed, stored = adapters["true"], adapters["false"]
     assert recomputed.keys() == stored.keys()
@@ -215,7 +269,11 @@ def test_bf16_autocast_trains_to_the_fp32_loss(tiny_overrides, tmp_path):
         pytest.skip("this CPU has no bf16 instructions: codetune trains in fp32 here")
     losses = {}
     for bf16 in ("true", "false"):
-        cfg = load_config(TWIN, tiny_overrides + ["training.max_steps=40", f"training.bf16={bf16}", f"training.output_dir={tmp_path / bf16}"])
+        cfg = load_config(
+            TWIN,
+            tiny_overrides
+            + ["training.max_steps=40", f"training.bf16={bf16}", f"training.output_dir={tmp_path / bf16}"],
+        )
         losses[bf16] = train_model(cfg, prepare_data(cfg.data)).validation_loss
     assert losses["true"] != losses["false"], "bf16 changed nothing: autocast never ran"
     assert abs(losses["true"] - losses["false"]) / losses["false"] < 0.02, losses

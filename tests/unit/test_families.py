@@ -1,0 +1,75 @@
+import ast
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+
+from codetune.config import Direction, ModelConfig, ModelTask, ScratchArchitecture
+from codetune.errors import ModelError
+from codetune.families import FAMILIES, Family, family_of, family_of_model
+from codetune.model import build_scratch_model, load_exported, train_tokenizer
+
+PROTOCOL = [name for name in dir(Family) if not name.startswith("_")] + list(Family.__annotations__)
+ARCH = ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2)
+
+
+def test_every_task_has_one_family_module_implementing_the_protocol():
+    for task in ModelTask:
+        family = FAMILIES[task](Direction.code_to_text)
+        assert inspect.getmodule(FAMILIES[task]).__name__ == f"codetune.families.{task.value}"
+        missing = [name for name in PROTOCOL if not hasattr(family, name)]
+        assert not missing, f"{task.value} lacks {missing}"
+        assert family.task is task
+
+
+def test_direction_picks_what_a_generative_family_reads_writes_and_is_gated_on():
+    summariser = family_of(ModelConfig(task=ModelTask.causal_lm, direction=Direction.code_to_text))
+    generator = family_of(ModelConfig(task=ModelTask.causal_lm, direction=Direction.text_to_code))
+    assert (summariser.objective.source, summariser.primary_metric) == ("code", "bleu4_smoothed")
+    assert (generator.objective.source, generator.primary_metric) == ("summary", "codebleu")
+
+
+def test_the_family_is_read_from_the_exported_config_not_guessed_from_the_class_name(tmp_path):
+    """GPT2LMHeadModel-style names once passed for a search encoder ('...Model'); the stamp decides now."""
+    tokenizer = train_tokenizer([f"def f{i}(x):\n    return x * {i}" for i in range(30)], vocab_size=300)
+    cfg = ModelConfig(task=ModelTask.causal_lm, direction=Direction.text_to_code, scratch=ARCH)
+    model = build_scratch_model(cfg, tokenizer, seed=0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["codetune_family"], config["codetune_direction"]) == ("causal_lm", "text_to_code")
+    config["architectures"] = ["LookLikeAnEncoderModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded, _ = load_exported(tmp_path)
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM"
+    assert family_of_model(reloaded.config).primary_metric == "codebleu"
+
+
+def test_a_model_without_a_family_stamp_is_refused_with_the_fix(tmp_path):
+    tokenizer = train_tokenizer([f"def f{i}(x):\n    return x * {i}" for i in range(30)], vocab_size=300)
+    build_scratch_model(ModelConfig(task=ModelTask.seq2seq, scratch=ARCH), tokenizer, seed=0).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["codetune_family"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="no 'codetune_family'.*re-export it with `codetune run`"):
+        load_exported(tmp_path)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_core_never_imports_the_orchestration_layer():
+    offenders = {
+        str(path): sorted(m for m in _imported_modules(path) if m.split(".")[0] in ("flows", "tasks", "prefect"))
+        for path in Path("codetune").rglob("*.py")
+    }
+    assert not {path: modules for path, modules in offenders.items() if modules}
