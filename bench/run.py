@@ -143,21 +143,18 @@ def train_baseline(workdir: Path, steps: int) -> dict:
             for e in tokenize(examples, tokenizer, cfg)
         ]
 
+    # Only what the recipe shares with codetune's run comes from the config; the rest is the Trainer's defaults.
+    shared = ["max_steps", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size"]
+    shared += ["lr_scheduler_type", "logging_steps", "seed"]
     args = TrainingArguments(
         output_dir=str(workdir / "baseline"),
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
         warmup_steps=t.warmup_ratio,
-        lr_scheduler_type=t.lr_scheduler_type,
-        logging_steps=t.logging_steps,
         save_strategy="no",
-        seed=t.seed,
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         prediction_loss_only=True,
+        **{key: getattr(t, key) for key in shared},
     )
     trainer = Trainer(
         model=model,

@@ -1,18 +1,11 @@
-from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from codetune.config import DataConfig
 from codetune.data import PreparedData, prepare_data
-from tasks.retry import retry_unless_user_error
+from tasks.retry import stage_task
 
 
-@task(
-    name="load-data",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_unless_user_error,
-    persist_result=True,
-)
+@stage_task("load-data", retry_delays=[5, 30])
 def load_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
     """Prepared splits; the core caches them by source content, so an unchanged source is not read again."""
     data = prepare_data(cfg, labelled)

@@ -2,7 +2,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from codetune.config import Config, HubWeights, S3Config
@@ -10,7 +9,7 @@ from codetune.evaluation import EvalReport
 from codetune.publishing import model_card, model_metadata, publish_files, publish_to_s3, push_to_hub, s3_prefix
 from codetune.registry import Registration
 from codetune.training import TrainedModel
-from tasks.retry import retry_unless_user_error
+from tasks.retry import stage_task
 
 
 def s3_client(cfg: S3Config):
@@ -63,13 +62,7 @@ def publication_plan(cfg: Config, trained: TrainedModel) -> str:
     return "\n".join(lines)
 
 
-@task(
-    name="publish",
-    retries=3,
-    retry_delay_seconds=[10, 30, 90],
-    retry_condition_fn=retry_unless_user_error,
-    persist_result=True,
-)
+@stage_task("publish", retry_delays=[10, 30, 90])
 def publish(
     cfg: Config, trained: TrainedModel, report: EvalReport, registration: Registration, lineage: dict
 ) -> dict[str, str]:

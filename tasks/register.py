@@ -1,4 +1,3 @@
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -10,7 +9,7 @@ from codetune.data import PreparedData
 from codetune.evaluation import EvalReport
 from codetune.registry import Registration, register_model
 from codetune.training import TrainedModel
-from tasks.retry import retry_unless_user_error
+from tasks.retry import stage_task
 
 
 def promotion_slot(model_name: str):
@@ -27,13 +26,7 @@ def promotion_slot(model_name: str):
     return concurrency(name, occupy=1, strict=True)
 
 
-@task(
-    name="register",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_unless_user_error,
-    persist_result=True,
-)
+@stage_task("register", retry_delays=[5, 30])
 def register(
     cfg: Config, data: PreparedData, trained: TrainedModel, report: EvalReport, mlflow_run_id: str, lineage: dict
 ) -> Registration:

@@ -1,6 +1,5 @@
 import subprocess
 
-from prefect import task
 from prefect.runtime import flow_run
 
 from codetune.config import Config, ModelInit, content_hash
@@ -8,7 +7,7 @@ from codetune.data import PreparedData
 from codetune.evaluation import EvalReport
 from codetune.tracking import log_run
 from codetune.training import TrainedModel
-from tasks.retry import retry_unless_user_error
+from tasks.retry import stage_task
 
 
 def git_commit() -> str:
@@ -29,13 +28,7 @@ def lineage(cfg: Config, data: PreparedData) -> dict[str, str]:
     }
 
 
-@task(
-    name="track",
-    retries=3,
-    retry_delay_seconds=[5, 20, 60],
-    retry_condition_fn=retry_unless_user_error,
-    persist_result=True,
-)
+@stage_task("track", retry_delays=[5, 20, 60])
 def track(cfg: Config, trained: TrainedModel, report: EvalReport, lineage: dict[str, str]) -> str:
     """Log the run to MLflow; returns the MLflow run id."""
     summary = {

@@ -145,6 +145,31 @@ def lora_layers(model_type: str) -> list[str]:
     return LORA_LAYERS[model_type]
 
 
+class FamilyDefaults:
+    """The members most families implement alike; a family overrides the ones it does differently."""
+
+    auto_class: type
+    """The transformers Auto class that loads this family's models."""
+
+    def __init__(self, direction: Direction = Direction.code_to_text):
+        self.direction = direction
+
+    def load_base(self, name: str, tokenizer, labels: list[str] | None = None, **hub: Any) -> PreTrainedModel:
+        return self.auto_class.from_pretrained(name, **hub)
+
+    def load_export(self, model_dir: Path) -> PreTrainedModel:
+        return self.auto_class.from_pretrained(model_dir)
+
+    def lora_targets(self, model: PreTrainedModel) -> list[str] | str:
+        return lora_layers(model.config.model_type)
+
+    def modules_to_save(self, model: PreTrainedModel) -> list[str] | None:
+        return None
+
+    def trainable(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
 def roberta_config(arch: ScratchArchitecture, tokenizer, layers: int, **extra) -> RobertaConfig:
     """A from-scratch RoBERTa (CodeBERT's architecture) shaped by model.scratch."""
     return RobertaConfig(

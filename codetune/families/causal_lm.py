@@ -6,14 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from codetune.config import ModelTask
-from codetune.families.base import Card, InferenceSettings, lora_layers
-from codetune.families.generative import CODE_GENERATION_CARD, SUMMARY_SCORING, Generative, encode_prompt
-
-SUMMARY_CARD = Card(
-    "text-generation",
-    "Writes a one-sentence summary (a docstring summary) after a function's source code.",
-    SUMMARY_SCORING,
-)
+from codetune.families.base import Card, InferenceSettings
+from codetune.families.generative import SUMMARY_SCORING, Generative, encode_prompt
 
 
 def causal_example(tokenizer, template: str, source: str, target: str, max_source: int, max_target: int) -> dict:
@@ -62,13 +56,18 @@ class CausalLMCollator:
 
 
 class CausalLM(Generative):
+    """The output continues the prompt in one sequence: the loss sees only the output, the LM head runs
+    only where a next token carries loss, and generation pads prompts on the left."""
+
     task = ModelTask.causal_lm
     architecture = "Qwen2"
     peft_task_type = "CAUSAL_LM"
-
-    @property
-    def card(self) -> Card:
-        return CODE_GENERATION_CARD if self.objective.writes_code else SUMMARY_CARD
+    summary_card = Card(
+        "text-generation",
+        "Writes a one-sentence summary (a docstring summary) after a function's source code.",
+        SUMMARY_SCORING,
+    )
+    auto_class = AutoModelForCausalLM
 
     def build_scratch(self, arch, tokenizer, labels=None):
         """Qwen2: the Llama-style decoder today's small code LMs (Qwen2.5-Coder, CodeLlama) use."""
@@ -87,15 +86,6 @@ class CausalLM(Generative):
                 tie_word_embeddings=True,
             )
         )
-
-    def load_base(self, name, tokenizer, labels=None, **hub):
-        return AutoModelForCausalLM.from_pretrained(name, **hub)
-
-    def load_export(self, model_dir):
-        return AutoModelForCausalLM.from_pretrained(model_dir)
-
-    def lora_targets(self, model):
-        return lora_layers(model.config.model_type)
 
     def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
         source, target = self.objective.source, self.objective.target

@@ -7,14 +7,14 @@ from collections import Counter
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, RobertaForSequenceClassification
 
-from codetune.config import Direction, ModelTask
+from codetune.config import ModelTask
 from codetune.errors import DataError
 from codetune.families.base import (
     Card,
+    FamilyDefaults,
     InferenceSettings,
     Scored,
     input_texts,
-    lora_layers,
     roberta_config,
     scored_predictions,
 )
@@ -46,10 +46,11 @@ def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_len
     return predictions
 
 
-class Classification:
+class Classification(FamilyDefaults):
     task = ModelTask.classification
     architecture = "RoBERTa"
     peft_task_type = "SEQ_CLS"  # peft keeps the new classification head trainable
+    auto_class = AutoModelForSequenceClassification
     primary_metric = "accuracy"
     card = Card(
         "text-classification",
@@ -59,24 +60,12 @@ class Classification:
     scores_untuned = False
     batches_by_length = True
 
-    def __init__(self, direction: Direction = Direction.code_to_text):
-        self.direction = direction
-
     def build_scratch(self, arch, tokenizer, labels):
         return RobertaForSequenceClassification(roberta_config(arch, tokenizer, arch.num_layers, **label_maps(labels)))
 
     def load_base(self, name, tokenizer, labels, **hub):
         """A new head, sized to the labels in the data."""
         return AutoModelForSequenceClassification.from_pretrained(name, **label_maps(labels), **hub)
-
-    def load_export(self, model_dir):
-        return AutoModelForSequenceClassification.from_pretrained(model_dir)
-
-    def lora_targets(self, model):
-        return lora_layers(model.config.model_type)
-
-    def modules_to_save(self, model):
-        return None
 
     def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id):
         unknown = sorted({r["label"] for r in rows} - set(label2id))
@@ -92,9 +81,6 @@ class Classification:
 
     def collator(self, tokenizer, model, pad_to_multiple_of):
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-
-    def trainable(self, model):
-        return model
 
     def probe_inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k != "labels"}

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, RobertaModel
 
-from codetune.config import Direction, ModelTask
-from codetune.families.base import Card, InferenceSettings, Scored, lora_layers, roberta_config
+from codetune.config import ModelTask
+from codetune.families.base import Card, FamilyDefaults, InferenceSettings, Scored, roberta_config
 from codetune.metrics import retrieval_metrics
 
 # 1/temperature of the contrastive softmax: sentence-transformers' MultipleNegativesRankingLoss default.
@@ -165,10 +165,11 @@ def _first_line(code: str) -> str:
     return code.split("\n", 1)[0]
 
 
-class CodeSearch:
+class CodeSearch(FamilyDefaults):
     task = ModelTask.code_search
     architecture = "RoBERTa"
     peft_task_type = "FEATURE_EXTRACTION"
+    auto_class = AutoModel
     primary_metric = "mrr"
     card = Card(
         "sentence-similarity",
@@ -181,9 +182,6 @@ class CodeSearch:
     # A code-search batch is its own negatives: batches of look-alike code would be a different, harder task.
     batches_by_length = False
 
-    def __init__(self, direction: Direction = Direction.code_to_text):
-        self.direction = direction
-
     def build_scratch(self, arch, tokenizer, labels=None):
         return RobertaModel(roberta_config(arch, tokenizer, arch.num_layers), add_pooling_layer=False)
 
@@ -193,12 +191,6 @@ class CodeSearch:
 
     def load_export(self, model_dir):
         return AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
-
-    def lora_targets(self, model):
-        return lora_layers(model.config.model_type)
-
-    def modules_to_save(self, model):
-        return None
 
     def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
         return tokenize_pairs(rows, tokenizer, settings.max_target_length, settings.max_source_length)

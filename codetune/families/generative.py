@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from codetune.config import Direction, GenerationConfig
-from codetune.families.base import Card, InferenceSettings, Scored, input_texts, scored_predictions
+from codetune.families.base import Card, FamilyDefaults, InferenceSettings, Scored, input_texts, scored_predictions
 from codetune.metrics import code_metrics, function_name_words, stub_function, summary_metrics
 
 log = logging.getLogger(__name__)
@@ -128,25 +128,26 @@ def generate(
     return predictions
 
 
-class Generative:
+class Generative(FamilyDefaults):
     """The generation half of a generative family; subclasses say how the model is built, tokenised and batched."""
 
     scores_untuned = True
     batches_by_length = True
 
-    def __init__(self, direction: Direction):
-        self.direction = direction
+    def __init__(self, direction: Direction = Direction.code_to_text):
+        super().__init__(direction)
         self.objective = OBJECTIVES[direction]
+
+    summary_card: Card
+    """How the model card describes the family's summarisers; code generators share CODE_GENERATION_CARD."""
+
+    @property
+    def card(self) -> Card:
+        return CODE_GENERATION_CARD if self.objective.writes_code else self.summary_card
 
     @property
     def primary_metric(self) -> str:
         return self.objective.primary_metric
-
-    def modules_to_save(self, model) -> list[str] | None:
-        return None
-
-    def trainable(self, model):
-        return model
 
     def probe_inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k not in ("labels", "shift_labels", "logits_to_keep")}

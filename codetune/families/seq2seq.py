@@ -5,22 +5,20 @@ from __future__ import annotations
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, T5Config, T5ForConditionalGeneration
 
 from codetune.config import ModelTask
-from codetune.families.base import Card, InferenceSettings, lora_layers
-from codetune.families.generative import CODE_GENERATION_CARD, SUMMARY_SCORING, Generative
-
-SUMMARY_CARD = Card(
-    "summarization", "Summarises a function's source code in one sentence (a docstring summary).", SUMMARY_SCORING
-)
+from codetune.families.base import Card, InferenceSettings
+from codetune.families.generative import SUMMARY_SCORING, Generative
 
 
 class Seq2Seq(Generative):
+    """The encoder reads the input, the decoder writes the output; labels are the output's tokens."""
+
     task = ModelTask.seq2seq
     architecture = "CodeT5"
     peft_task_type = "SEQ_2_SEQ_LM"
-
-    @property
-    def card(self) -> Card:
-        return CODE_GENERATION_CARD if self.objective.writes_code else SUMMARY_CARD
+    summary_card = Card(
+        "summarization", "Summarises a function's source code in one sentence (a docstring summary).", SUMMARY_SCORING
+    )
+    auto_class = AutoModelForSeq2SeqLM
 
     def build_scratch(self, arch, tokenizer, labels=None):
         """CodeT5's architecture: T5 with a byte-level BPE vocabulary."""
@@ -40,15 +38,6 @@ class Seq2Seq(Generative):
             tie_word_embeddings=True,
         )
         return T5ForConditionalGeneration(config)
-
-    def load_base(self, name, tokenizer, labels=None, **hub):
-        return AutoModelForSeq2SeqLM.from_pretrained(name, **hub)
-
-    def load_export(self, model_dir):
-        return AutoModelForSeq2SeqLM.from_pretrained(model_dir)
-
-    def lora_targets(self, model):
-        return lora_layers(model.config.model_type)
 
     def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
         source, target = self.objective.source, self.objective.target

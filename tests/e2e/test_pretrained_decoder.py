@@ -104,8 +104,8 @@ def test_lora_on_smollm2_merges_to_what_base_plus_adapter_computes(few_steps):
 def test_a_failed_merge_keeps_the_training_and_a_rerun_merges_without_training(
     few_steps, tmp_path, monkeypatch, capsys, caplog
 ):
-    from codetune import cli
     from codetune.rundir import ADAPTER_DIR, FITTED_RECORD, TRAINING_RECORD
+    from flows import cli
 
     monkeypatch.setattr("codetune.model.MERGE_RTOL", 0.0)  # no float sum survives a zero tolerance
     overrides = few_steps + ["training.run_name=merge"]

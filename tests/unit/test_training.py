@@ -52,19 +52,20 @@ def test_same_seed_gives_identical_weights(trained_run, tiny_overrides, tmp_path
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def lora_on(base, output_dir: Path) -> list[str]:
+    """Overrides for LoRA on a model trained earlier in the test session, as a local pretrained model."""
+    return [
+        "model.init=pretrained",
+        f"model.name={base.run_dir}",
+        "peft.use_peft=true",
+        "peft.r=4",
+        f"training.output_dir={output_dir}",
+    ]
+
+
 def test_lora_on_a_local_pretrained_model_saves_adapter_and_merged_model(trained_run, tiny_overrides, tmp_path):
     _, data, base = trained_run
-    cfg = load_config(
-        TWIN,
-        tiny_overrides
-        + [
-            "model.init=pretrained",
-            f"model.name={base.run_dir}",
-            "peft.use_peft=true",
-            "peft.r=4",
-            f"training.output_dir={tmp_path / 'lora'}",
-        ],
-    )
+    cfg = load_config(TWIN, tiny_overrides + lora_on(base, tmp_path / "lora"))
     result = train_model(cfg, data)
     run_dir = Path(result.run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
@@ -211,18 +212,8 @@ def test_activation_checkpointing_under_lora_changes_memory_not_the_model(
     )
     adapters = {}
     for checkpointing in ("true", "false"):
-        cfg = load_config(
-            TWIN,
-            tiny_overrides
-            + [
-                "model.init=pretrained",
-                f"model.name={base.run_dir}",
-                "peft.use_peft=true",
-                "peft.r=4",
-                f"training.gradient_checkpointing={checkpointing}",
-                f"training.output_dir={tmp_path / checkpointing}",
-            ],
-        )
+        overrides = [*lora_on(base, tmp_path / checkpointing), f"training.gradient_checkpointing={checkpointing}"]
+        cfg = load_config(TWIN, tiny_overrides + overrides)
         adapters[checkpointing] = load_file(
             Path(train_model(cfg, data).run_dir) / "adapter" / "adapter_model.safetensors"
         )
