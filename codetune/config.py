@@ -12,12 +12,14 @@ import difflib
 import hashlib
 import importlib.util
 import json
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from codetune.errors import ConfigError
 from codetune.weights import is_packaged, reference_problem
@@ -440,6 +442,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if key not in SCHEMA_KEYS:
                 problems.append(_unknown_key_message(key, where))
                 continue
+            if isinstance(value, str) and "${" in value:
+                problems.append(
+                    f"'{key}' ({where}) is an interpolation (${{...}}); codetune takes values as written, so a secret "
+                    "in the environment is never copied into config.yaml, MLflow, S3 metadata or a model card: "
+                    "write the value itself"
+                )
+                continue
             try:
                 OmegaConf.update(merged, key, value, merge=False)
             except OmegaConfBaseException:
@@ -467,6 +476,11 @@ def validate(cfg: Config) -> None:
         )
     if d.source is not DataSource.code_tree and not d.path:
         problems.append(f"data.path is required for data.source={d.source.value}")
+    if t.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", t.run_name):
+        problems.append(
+            "training.run_name must be one directory name (letters, digits, '.', '_', '-'; no '/' or '..'): "
+            "runs are written under training.output_dir"
+        )
     if t.bf16 and t.fp16:
         problems.append("choose one of training.bf16 and training.fp16")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
@@ -499,10 +513,35 @@ def validate(cfg: Config) -> None:
         problems.append(
             f"model.prompt_template must contain {placeholder} exactly once (model.direction={direction.value})"
         )
+    for key, url in service_urls(cfg).items():
+        if url and (urlsplit(url).username or urlsplit(url).password):
+            problems.append(
+                f"{key} has credentials in it (user:password@host); it would be written to config.yaml, MLflow and "
+                "logs: give the URL without them and the credentials through the environment or a Prefect block"
+            )
+    if cfg.evaluation.max_examples is not None and cfg.evaluation.max_examples < 1:
+        problems.append("evaluation.max_examples must be >= 1 (null evaluates on the whole test split)")
     if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:
         problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def service_urls(cfg: Config) -> dict[str, Optional[str]]:
+    """The settings that hold service URLs."""
+    return {
+        "mlflow.tracking_uri": cfg.mlflow.tracking_uri,
+        "registry.s3.endpoint_url": cfg.registry.s3.endpoint_url,
+        "registry.huggingface.endpoint": cfg.registry.huggingface.endpoint,
+    }
+
+
+def without_credentials(url: str) -> str:
+    """url with any user:password@ removed, for messages and logs."""
+    parts = urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Errors caused by user input; each message names the problem and how to fix it."""
+"""Errors caused by user input, each message naming the problem and how to fix it; and which errors are transient."""
 
 
 class CodetuneError(Exception):
@@ -15,3 +15,38 @@ class DataError(CodetuneError):
 
 class ModelError(CodetuneError):
     pass
+
+
+# Raised by the HTTP and AWS clients for a dropped connection or a timeout, whichever library's they are.
+TRANSIENT_TYPES = {
+    "TransportError",  # httpx (huggingface_hub)
+    "ConnectionError",  # requests (MLflow's client), botocore, builtin
+    "Timeout",  # requests
+    "ConnectionClosedError",  # botocore
+}
+TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED"}
+TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "RequestTimeout", "ServiceUnavailable", "InternalError"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another try can succeed: 5xx and 429 answers, dropped connections, timeouts, a busy database.
+
+    Everything else, the user's mistakes first, fails the same way again: retrying only delays the message.
+    """
+    if isinstance(exc, CodetuneError):
+        return False
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is not None:  # requests, httpx
+        return status >= 500 or status == 429
+    if isinstance(response, dict):  # botocore's ClientError
+        error = response.get("Error", {})
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or error.get("Code") in TRANSIENT_S3_CODES
+    if getattr(exc, "error_code", None) in TRANSIENT_MLFLOW_CODES:
+        return True
+    if "database is locked" in str(exc):  # SQLite under concurrent writers
+        return True
+    # TimeoutError covers a task that ran past its timeout: its retry resumes from the last checkpoint.
+    names = {c.__name__ for c in type(exc).__mro__}
+    return isinstance(exc, (ConnectionError, TimeoutError)) or bool(names & TRANSIENT_TYPES)

@@ -109,6 +109,11 @@ def collapse_warning(metrics: dict[str, float]) -> str | None:
 def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) -> EvalReport:
     """Predict and score every test example beside a baseline; write predictions, examples and metrics to the run."""
     run = RunDir(model_dir)
+    with run.lock():  # an identical run evaluating at the same time would delete this one's metrics.json
+        return _evaluate(run, test_rows, cfg)
+
+
+def _evaluate(run: RunDir, test_rows: list[dict], cfg: Config) -> EvalReport:
     # A stale metrics.json would make an interrupted evaluation look finished.
     (run / METRICS_FILE).unlink(missing_ok=True)
     rows = test_rows[: cfg.evaluation.max_examples] if cfg.evaluation.max_examples else test_rows

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codetune.config import Config, HubWeights, ModelInit, to_dict
-from codetune.errors import CodetuneError
+from codetune.errors import CodetuneError, is_transient
 from codetune.evaluation import EvalReport
 from codetune.families import family_of
 from codetune.rundir import ADAPTER_DIR, RunDir
@@ -250,17 +250,6 @@ only on data like its training data ({data_source}); measure it on yours before 
 """
 
 
-def is_transient(exc: Exception) -> bool:
-    """5xx, 429, connection resets and timeouts: worth another try."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status is not None:
-        return status >= 500 or status == 429
-    # huggingface_hub's HTTP client is a vendored httpx; its TransportError covers resets and timeouts.
-    return isinstance(exc, (ConnectionError, TimeoutError)) or any(
-        c.__name__ == "TransportError" for c in type(exc).__mro__
-    )
-
-
 def with_backoff(call, attempts: int = 4, first_delay: float = 1.0):
     """call(), retried with exponential back-off while it fails transiently."""
     for attempt in range(attempts):
@@ -282,8 +271,12 @@ def push_to_hub(
     card: str,
     message: str,
     endpoint: str | None = None,
+    branch: str | None = None,
 ) -> str:
-    """Create the repo if needed and push the files and model card in one commit; returns the commit URL."""
+    """Create the repo if needed and push the files and model card in one commit to branch (None: main).
+
+    A repo whose visibility is not `private` is refused rather than published into. Returns the commit URL.
+    """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -293,7 +286,15 @@ def push_to_hub(
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name in files]
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=io.BytesIO(card.encode())))
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.create_commit(repo_id, operations, commit_message=message)
+        if api.repo_info(repo_id).private != private:
+            visibility = "public" if private else "private"
+            raise PublishError(
+                f"the Hub repo '{repo_id}' is {visibility}, but registry.huggingface.private={str(private).lower()}: "
+                "change the repo's visibility on the Hub, or the setting"
+            )
+        if branch:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        return api.create_commit(repo_id, operations, commit_message=message, revision=branch)
 
     try:
         commit = with_backoff(push)

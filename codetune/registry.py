@@ -8,6 +8,7 @@ and the reason is recorded. mlflow is imported inside the functions (the core ru
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -19,10 +20,14 @@ import codetune
 from codetune.config import Config
 from codetune.families import InferenceSettings, family_of
 from codetune.rundir import RunDir
+from codetune.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+DIGEST_TAG = "codetune.model_sha256"
+PROMOTION_TAG = "promotion"
+UNDECIDED = "undecided"
 SERVING_CODE = Path(__file__).with_name("serving.py")
 
 
@@ -100,6 +105,20 @@ def decide_alias(metric: str, value: float, min_score: float, champion_value: fl
     return CHALLENGER, f"{metric} {value:.2f} does not beat the champion's {champion_value:.2f} on the same test split"
 
 
+def model_digest(run_dir: str | Path) -> str:
+    """SHA-256 over the model's files (names and contents): the same model, the same digest."""
+    digest = hashlib.sha256()
+    for path in RunDir(run_dir).model_files():
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _registered_version(client, name: str, digest: str):
+    """The version this model was registered as before (a retried task, a second `codetune deploy`), or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{DIGEST_TAG}` = '{digest}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
 def register_model(
     cfg: Config,
     run_dir: str | Path,
@@ -110,29 +129,54 @@ def register_model(
     lineage: dict[str, str],
     promotion_lock: AbstractContextManager | None = None,
 ) -> Registration:
-    """Register the run's model as a new version and decide its alias.
+    """Register the run's model as a version, once, and decide its alias.
 
+    Registering the same model again returns the version (and decision) it got the first time.
     `promotion_lock` serialises the read-compare-move of the champion alias across concurrent
     runs (the flow passes a Prefect global concurrency slot), so two runs cannot both win.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     name = cfg.registry.model_name
     client = mlflow.MlflowClient()
-    with mlflow.start_run(run_id=mlflow_run_id):
-        model_uri = log_pyfunc_model(cfg, Path(run_dir))
-    tags = {**lineage, "test_split": test_split, **{f"metric.{k}": str(v) for k, v in metrics.items()}}
-    version = mlflow.register_model(model_uri, name, tags=tags).version
+    digest = model_digest(run_dir)
+    registered = _registered_version(client, name, digest)
+    if registered is None:
+        with mlflow.start_run(run_id=mlflow_run_id):
+            model_uri = log_pyfunc_model(cfg, Path(run_dir))
+        tags = {
+            **lineage,
+            "test_split": test_split,
+            DIGEST_TAG: digest,
+            **{f"metric.{k}": str(v) for k, v in metrics.items()},
+        }
+        version = mlflow.register_model(model_uri, name, tags=tags).version
+    else:
+        version = registered.version
+        if PROMOTION_TAG in registered.tags and not registered.tags[PROMOTION_TAG].startswith(UNDECIDED):
+            alias, reason = registered.tags[PROMOTION_TAG].split(": ", 1)
+            log.info("%s v%s is this model, registered before (%s: %s)", name, version, alias, reason)
+            return Registration(name, str(version), alias, reason, f"models:/{name}/{version}")
+    try:
+        alias, reason = _promote(cfg, client, version, metrics, test_split, test_rows, promotion_lock)
+    except Exception as exc:  # fail closed: the version keeps no alias, and says why
+        with contextlib.suppress(Exception):
+            client.set_model_version_tag(name, version, PROMOTION_TAG, f"{UNDECIDED}: {type(exc).__name__}: {exc}")
+        raise
+    client.set_model_version_tag(name, version, PROMOTION_TAG, f"{alias}: {reason}")
+    log.info("%s v%s -> %s: %s", name, version, alias, reason)
+    return Registration(name, str(version), alias, reason, f"models:/{name}/{version}")
+
+
+def _promote(cfg: Config, client, version: str, metrics, test_split: str, test_rows, promotion_lock) -> tuple[str, str]:
+    """Compare the version with the champion and move the alias; any registry error propagates (no champion is
+    assumed because the registry could not be read)."""
+    name = cfg.registry.model_name
     with promotion_lock or contextlib.nullcontext():
-        try:
-            champion = client.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException:
-            champion = None
+        champion_version = client.get_registered_model(name).aliases.get(CHAMPION)
+        champion = client.get_model_version(name, champion_version) if champion_version else None
         champion_value = _champion_score(cfg, champion, test_split, test_rows) if champion else None
         metric = family_of(cfg.model).primary_metric
         alias, reason = decide_alias(metric, metrics[metric], cfg.registry.min_score, champion_value)
         client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, "promotion", f"{alias}: {reason}")
-    log.info("%s v%s -> %s: %s", name, version, alias, reason)
-    return Registration(name, str(version), alias, reason, f"models:/{name}/{version}")
+    return alias, reason

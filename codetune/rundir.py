@@ -7,11 +7,20 @@ records written last mark a stage complete: training.json for training, metrics.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from codetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training.json"
 """Written last by training: the export is complete."""
@@ -28,6 +37,9 @@ ADAPTER_DIR = "adapter"
 EXPORT = "export"
 """Staged as .export, then moved into the run directory itself: the model files from_pretrained reads."""
 CHECKPOINTS = "checkpoints"
+RUN_KEY_FILE = "run_key.txt"
+"""The hash of everything that determines the weights: a run directory belongs to one configuration."""
+LOCK_FILE = ".lock"
 RECORDS = frozenset(
     {
         TRAINING_RECORD,
@@ -38,6 +50,7 @@ RECORDS = frozenset(
         METRICS_FILE,
         EXAMPLES_FILE,
         PREDICTIONS_FILE,
+        RUN_KEY_FILE,
     }
 )
 
@@ -77,6 +90,37 @@ class RunDir:
     def evaluated(self) -> bool:
         return (self.path / METRICS_FILE).exists()
 
+    def claim(self, key: str) -> None:
+        """Make this directory the run of `key`, refusing one that another configuration made."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        recorded = self.path / RUN_KEY_FILE
+        if recorded.exists() and recorded.read_text().strip() != key:
+            raise ConfigError(
+                f"{self.path} holds a run of a different configuration (model, LoRA, training or data settings "
+                "differ): choose another training.run_name, or leave it null to name the run from its settings"
+            )
+        self.write(RUN_KEY_FILE, key)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory alone: an identical run started meanwhile waits here, then finds the work done."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                log.warning("%s is in use by %s; waiting for it", self.path, handle.read().strip() or "another run")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def write(self, name: str, text: str) -> None:
         write_atomic(self.path / name, text)
 
@@ -89,7 +133,9 @@ class RunDir:
     def model_files(self) -> list[Path]:
         """The files from_pretrained needs (weights, config, tokenizer): not the run's records, not the adapter."""
         return sorted(
-            p for p in self.path.iterdir() if p.is_file() and p.name not in RECORDS and not p.name.endswith(".tmp")
+            p
+            for p in self.path.iterdir()
+            if p.is_file() and p.name not in RECORDS and not p.name.endswith(".tmp") and not p.name.startswith(".")
         )
 
     def staging(self, name: str) -> Path:

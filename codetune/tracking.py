@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from codetune.config import Config, flatten
+from codetune.config import Config, flatten, without_credentials
 from codetune.errors import CodetuneError
 from codetune.rundir import CONFIG_FILE, DATA_MANIFEST, EXAMPLES_FILE, METRICS_FILE, TRAINER_STATE, RunDir
 
@@ -61,7 +61,8 @@ def log_run(
         )
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(
-            f"cannot use MLflow at {uri}: {exc}. Fix mlflow.tracking_uri (or $MLFLOW_TRACKING_URI), "
+            f"cannot use MLflow at {without_credentials(uri)}: {exc}. "
+            "Fix mlflow.tracking_uri (or $MLFLOW_TRACKING_URI), "
             f"or set mlflow.enabled=false; the trained model is safe in {run_dir}"
         ) from exc
 

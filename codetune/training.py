@@ -73,22 +73,30 @@ class TrainedModel:
         return cls(**run.read_json(TRAINING_RECORD))
 
 
+# Settings that change how a run is watched or stored, never its weights: left out of its key, so
+# raising a timeout after a timed-out run resumes that run instead of starting another.
+NOT_IN_RUN_KEY = (
+    "output_dir",
+    "run_name",
+    "logging_steps",
+    "dataloader_num_workers",
+    "save_total_limit",
+    "timeout_minutes",
+)
+
+
+def run_key(cfg: Config, data: PreparedData) -> str:
+    """Hash of everything that determines the trained weights: model, LoRA and training settings, data."""
+    training = {k: v for k, v in dataclasses.asdict(cfg.training).items() if k not in NOT_IN_RUN_KEY}
+    model, peft = dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.peft)
+    return content_hash({"model": model, "peft": peft, "training": training, "data": data.fingerprint})
+
+
 def run_name(cfg: Config, data: PreparedData) -> str:
     if cfg.training.run_name:
         return cfg.training.run_name
-    training = dataclasses.asdict(cfg.training)
-    for key in ("output_dir", "run_name", "logging_steps", "dataloader_num_workers", "save_total_limit"):
-        training.pop(key)
-    key = content_hash(
-        {
-            "model": dataclasses.asdict(cfg.model),
-            "peft": dataclasses.asdict(cfg.peft),
-            "training": training,
-            "data": data.fingerprint,
-        }
-    )
     slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name.rsplit("/", 1)[-1]).strip("-").lower()
-    return f"{slug}-{key[:10]}"
+    return f"{slug}-{run_key(cfg, data)[:10]}"
 
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
@@ -191,10 +199,16 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
     then merged into the export. A failed merge keeps both, and a re-run merges again without training.
     """
     run = RunDir(Path(cfg.training.output_dir) / run_name(cfg, data))
-    if run.trained:
-        log.info("training already finished in %s; not redoing it", run)
-        return TrainedModel.load(run.path)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.claim(run_key(cfg, data))
+    with run.lock():
+        if run.trained:
+            log.info("training already finished in %s; not redoing it", run)
+            return TrainedModel.load(run.path)
+        return _train(cfg, data, run)
+
+
+def _train(cfg: Config, data: PreparedData, run: RunDir) -> TrainedModel:
+    """Fit (or take the adapter an earlier attempt fitted), export, and mark the run trained."""
     weights = base_weights(cfg.model)
     run.write(CONFIG_FILE, f"# base weights: {json.dumps(weights)}\n" + to_yaml(cfg))
     shutil.copyfile(Path(data.directory) / "manifest.json", run / DATA_MANIFEST)

@@ -41,11 +41,30 @@ def _parser() -> argparse.ArgumentParser:
         "--gpu-pool-type", choices=["docker", "kubernetes"], default="docker", help="kind of GPU work pool"
     )
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
+    _add_config_args(
+        commands.add_parser("check", help="pre-flight: config, model, data and disk, every problem at once (no server)")
+    )
     commands.add_parser("keys", help="list every config key with its type, default and meaning")
     return parser
 
 
+def _checked(args):
+    """The config, after the pre-flight check: a mistake is reported before Prefect or a model is loaded."""
+    from codetune.config import load_config
+    from codetune.preflight import check
+
+    cfg = load_config(args.config, args.overrides + args.assignments)
+    check(cfg)
+    return cfg
+
+
+def _check(args) -> dict:
+    cfg = _checked(args)
+    return {"check": "passed", "model": cfg.model.name, "task": cfg.model.task.value}
+
+
 def _run(args) -> dict:
+    _checked(args)
     from flows.finetune import finetune
 
     return finetune(config=args.config, overrides=args.overrides + args.assignments)
@@ -88,12 +107,11 @@ def _deploy_flows(args) -> dict:
 
 
 def _train(args) -> dict:
-    from codetune.config import load_config
     from codetune.data import prepare_data
     from codetune.evaluation import evaluate_model
     from codetune.training import train_model
 
-    cfg = load_config(args.config, args.overrides + args.assignments)
+    cfg = _checked(args)
     data = prepare_data(cfg.data, labelled=cfg.model.task.labelled)
     trained = train_model(cfg, data)
     report = evaluate_model(trained.run_dir, data.load("test"), cfg)
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(load_config(args.config, args.overrides + args.assignments)), end="")
             return 0
-        commands = {"run": _run, "train": _train, "deploy": _deploy, "deploy-flows": _deploy_flows}
+        commands = {"run": _run, "check": _check, "train": _train, "deploy": _deploy, "deploy-flows": _deploy_flows}
         result = commands[args.command](args)
     except CodetuneError as exc:
         print(f"codetune: error: {exc}", file=sys.stderr)

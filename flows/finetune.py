@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from codetune.config import load_config
 from tasks.data import load_data
 from tasks.evaluate import evaluate
+from tasks.preflight import preflight
 from tasks.publish import publication_plan, publish
 from tasks.register import register
 from tasks.track import lineage, track
@@ -29,9 +30,10 @@ FORM_FIELDS = {
 }
 
 
-# A retried flow run (automatic, or from the UI) gets the persisted results of the tasks that
-# finished; the ones that did not find their partial work on disk (checkpoints) and go on from it.
-@flow(name="finetune", retries=1, retry_delay_seconds=30, log_prints=True)
+# Not retried as a whole: each task retries its own transient failures, and what is left fails the
+# same way again. A flow run retried by hand (the UI, `prefect flow-run retry`) gets the persisted
+# results of the tasks that finished; the others find their partial work on disk and go on from it.
+@flow(name="finetune", log_prints=True)
 def finetune(
     config: Optional[str] = None,
     overrides: Optional[list[str]] = None,
@@ -62,6 +64,7 @@ def finetune(
     }
     form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None]
     cfg = load_config(config, [*(overrides or []), *form_overrides])
+    preflight(cfg)
     data = load_data(cfg.data, labelled=cfg.model.task.labelled)
     timeout = cfg.training.timeout_minutes
     trained = train.with_options(timeout_seconds=timeout * 60 if timeout else None)(cfg, data)

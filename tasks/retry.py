@@ -1,30 +1,30 @@
-"""How a core stage becomes a Prefect task: when it is retried, and that its result is kept."""
+"""How a core stage becomes a Prefect task: retried only when another try can succeed, its result kept."""
 
 from prefect import task
 
-from codetune.errors import CodetuneError
+from codetune.errors import is_transient
 
 
-def retry_unless_user_error(task, task_run, state) -> bool:
-    """A config, data or credential mistake fails the same way every time: retrying only delays the message."""
+def retry_if_transient(task, task_run, state) -> bool:
+    """A 5xx, a dropped connection or a timeout may pass; a config, data or credential mistake fails the same way."""
     try:
         state.result()
-    except CodetuneError:
-        return False
-    except Exception:
-        return True
-    return True
+    except Exception as exc:
+        return is_transient(exc)
+    return False
 
 
 def stage_task(name: str, retry_delays: list[int]):
-    """A core stage as a Prefect task, retried after each of retry_delays (seconds) unless the error is the user's.
+    """A core stage as a Prefect task, retried after each of retry_delays (seconds) when its failure is transient.
 
+    The client libraries retry a single call (botocore's standard mode, codetune's Hub back-off);
+    these retries re-run the stage, whose work on disk makes the rerun go on rather than start over.
     Its result is persisted, so a retried flow run takes a finished stage's result instead of redoing it.
     """
     return task(
         name=name,
         retries=len(retry_delays),
         retry_delay_seconds=retry_delays,
-        retry_condition_fn=retry_unless_user_error,
+        retry_condition_fn=retry_if_transient,
         persist_result=True,
     )

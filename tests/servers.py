@@ -27,6 +27,11 @@ class _State:
     requests: list[Recorded] = field(default_factory=list)
     commits: list[list[dict]] = field(default_factory=list)
     """The NDJSON lines of each accepted commit."""
+    revisions: list[str] = field(default_factory=list)
+    """The branch each accepted commit went to."""
+    repos: dict[str, bool] = field(default_factory=dict)
+    """repo id -> private, as created (an existing repo keeps its visibility, as on the Hub)."""
+    branches: set[str] = field(default_factory=set)
     valid_token: str = "hf_test_token"
     fail_next: int = 0
     """Answer this many upcoming requests (the proxy: PUTs) with fail_status before behaving."""
@@ -78,6 +83,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         parts = self.path.split("?")[0].strip("/").split("/")
         if parts[:3] == ["api", "repos", "create"]:
             name = json.loads(body)
+            private = name.get("visibility", "private" if name.get("private") else "public") == "private"
+            state.repos.setdefault(f"{name.get('organization')}/{name['name']}", private)
             return self._reply(
                 200, {"url": f"{self.server.url}/{name.get('organization')}/{name['name']}", "name": name["name"]}
             )
@@ -88,8 +95,12 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._reply(
                 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
             )
+        if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "branch":
+            state.branches.add(parts[5])
+            return self._reply(200, {})
         if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
             repo = f"{parts[2]}/{parts[3]}"
+            state.revisions.append(parts[5])
             state.commits.append([json.loads(line) for line in body.splitlines() if line.strip()])
             return self._reply(
                 200,
@@ -99,6 +110,14 @@ class _HubHandler(BaseHTTPRequestHandler):
                 },
             )
         return self._reply(404, {"error": f"not implemented in the test hub: {self.path}"})
+
+    def do_GET(self):  # reads only: not recorded among the requests a push sends
+        state = self.server.state
+        parts = self.path.split("?")[0].strip("/").split("/")
+        repo = "/".join(parts[2:4])
+        if parts[:2] == ["api", "models"] and len(parts) == 4 and repo in state.repos:
+            return self._reply(200, {"id": repo, "private": state.repos[repo], "sha": "0" * 40})
+        return self._reply(404, {"error": f"not found in the test hub: {self.path}"})
 
 
 class RecordingHub(_Server):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from codetune.config import Config, ModelInit, load_config, to_dict
+from codetune.config import Config, ModelInit, load_config, to_dict, without_credentials
 from codetune.errors import ConfigError
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
@@ -121,3 +121,32 @@ def test_code_generation_needs_a_generative_task_and_its_placeholder():
             None,
             ["model.task=classification", "data.source=files", "data.path=x.jsonl", "model.direction=text_to_code"],
         )
+
+
+def test_interpolation_is_refused_so_no_secret_is_copied_from_the_environment(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("registry:\n  huggingface:\n    license: ${oc.env:AWS_SECRET_ACCESS_KEY}\n")
+    for path, overrides in ((config, []), (None, ["model.name=${oc.env:HF_TOKEN}"])):
+        with pytest.raises(
+            ConfigError, match=r"is an interpolation \(\$\{\.\.\.\}\); codetune takes values as written"
+        ):
+            load_config(path, overrides)
+
+
+def test_credentials_in_service_urls_are_refused_and_never_echoed():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["registry.s3.endpoint_url=https://AKIAKEY:s3cr3t@minio:9000"])
+    assert "registry.s3.endpoint_url has credentials in it" in str(error.value) and "s3cr3t" not in str(error.value)
+    assert without_credentials("http://user:pw@mlflow:5000/x") == "http://mlflow:5000/x"
+
+
+def test_run_name_must_stay_inside_output_dir():
+    for name in ("../elsewhere", "/tmp/abs", "a/b", ".."):
+        with pytest.raises(ConfigError, match="training.run_name must be one directory name"):
+            load_config(None, [f"training.run_name={name}"])
+    assert load_config(None, ["training.run_name=lora-r8.v2"]).training.run_name == "lora-r8.v2"
+
+
+def test_evaluation_needs_at_least_one_example():
+    with pytest.raises(ConfigError, match="evaluation.max_examples must be >= 1"):
+        load_config(None, ["evaluation.max_examples=0"])

@@ -151,3 +151,19 @@ def test_hub_rejected_token_fails_at_once_naming_the_credential(run_dir):
         with pytest.raises(PublishError, match="refused the token.*HF_TOKEN"):
             push_to_hub("org/summ", "hf_wrong", True, [], "card", "v1", hub.url)
         assert len(hub.state.requests) == 1  # no retries on an auth error
+
+
+def test_a_challenger_goes_to_its_version_branch_never_to_main(run_dir):
+    with RecordingHub() as hub:
+        files = [(run_dir / "config.json", "config.json")]
+        push_to_hub("org/summ", hub.state.valid_token, True, files, "card", "v1", hub.url)
+        push_to_hub("org/summ", hub.state.valid_token, True, files, "card", "v2", hub.url, branch="v2")
+        assert hub.state.revisions == ["main", "v2"] and hub.state.branches == {"v2"}
+
+
+def test_a_hub_repo_whose_visibility_differs_is_refused(run_dir):
+    with RecordingHub() as hub:
+        hub.state.repos["org/summ"] = False  # created public earlier, by hand or by another tool
+        with pytest.raises(PublishError, match="'org/summ' is public, but registry.huggingface.private=true"):
+            push_to_hub("org/summ", hub.state.valid_token, True, [], "card", "v1", hub.url)
+        assert hub.state.commits == []

@@ -1,3 +1,7 @@
+import json
+import shutil
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -25,7 +29,11 @@ def test_promotion_gate(score, champion, alias, reason):
 
 @pytest.fixture
 def tracked(tiny_cfg, tmp_path, monkeypatch):
-    """A trained tiny model, an MLflow SQLite store, and a function that registers it with given metrics."""
+    """A trained tiny model, an MLflow SQLite store, and a function that registers a model with given metrics.
+
+    Each call registers another model (a copy of the trained one whose config.json says which copy it
+    is), since registering the same model twice gives back its first version.
+    """
     monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under ./mlruns
     data = prepare_data(tiny_cfg.data)
     trained = train_model(tiny_cfg, data)
@@ -33,12 +41,19 @@ def tracked(tiny_cfg, tmp_path, monkeypatch):
     mlflow.set_experiment("registry-test")
     cfg = load_config(TWIN, ["training.max_source_length=64", "registry.min_score=5", "registry.model_name=summarizer"])
     rows = data.load("test")[:4]
+    copies = []
 
-    def register(bleu: float, split: str = "split-a"):
+    def register(bleu: float, split: str = "split-a", run_dir: Path | None = None):
+        if run_dir is None:
+            run_dir = tmp_path / f"copy-{len(copies)}"
+            shutil.copytree(trained.run_dir, run_dir)
+            config = json.loads((run_dir / "config.json").read_text())
+            (run_dir / "config.json").write_text(json.dumps({**config, "copy": len(copies)}))
+            copies.append(run_dir)
         with mlflow.start_run() as run:
             pass
         return register_model(
-            cfg, trained.run_dir, run.info.run_id, {"bleu4_smoothed": bleu}, rows, split, {"git_commit": "abc"}
+            cfg, run_dir, run.info.run_id, {"bleu4_smoothed": bleu}, rows, split, {"git_commit": "abc"}
         )
 
     yield register
@@ -70,3 +85,24 @@ def test_champion_scored_on_another_split_is_rescored_on_this_one(tracked):
     challenger = tracked(6.0, split="new-split")
     # The untrained-looking tiny champion scores far below 6 when re-scored here, so the newcomer wins.
     assert challenger.alias == CHAMPION and "on the same test split" in challenger.reason
+
+
+def test_registering_the_same_model_again_reuses_its_version_and_decision(tracked, tmp_path):
+    first = tracked(8.0)
+    again = tracked(8.0, run_dir=tmp_path / "copy-0")  # a retried task, or a second `codetune deploy`
+    assert (again.version, again.alias, again.reason) == (first.version, first.alias, first.reason)
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'summarizer'")) == 1
+
+
+def test_a_registry_failure_during_promotion_fails_closed(tracked):
+    champion = tracked(8.0, split="old-split")
+    client = mlflow.MlflowClient()
+    # The champion must be re-scored on the new split, and its model can no longer be loaded.
+    source = client.get_model_version("summarizer", champion.version).source
+    shutil.rmtree(mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    with pytest.raises(Exception):  # noqa: B017 - whatever the registry raises, the promotion must fail
+        tracked(9.0, split="new-split")
+    newcomer = client.search_model_versions("name = 'summarizer'", order_by=["version_number DESC"])[0]
+    assert newcomer.version != champion.version and not newcomer.aliases
+    assert newcomer.tags["promotion"].startswith("undecided: ")
+    assert str(client.get_model_version_by_alias("summarizer", CHAMPION).version) == champion.version

@@ -1,0 +1,47 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from codetune.config import load_config
+from codetune.data import PreparedData
+from codetune.errors import ConfigError
+from codetune.rundir import RunDir
+from codetune.training import run_key, run_name
+
+DATA = PreparedData(directory="", fingerprint="f" * 64, counts={}, sha256={})
+
+
+def test_settings_that_do_not_change_the_weights_keep_the_run():
+    base = load_config()
+    assert run_name(load_config(None, ["training.timeout_minutes=90", "training.logging_steps=5"]), DATA) == run_name(
+        base, DATA
+    )
+    assert run_key(load_config(None, ["training.learning_rate=5e-4"]), DATA) != run_key(base, DATA)
+
+
+def test_a_run_directory_belongs_to_one_configuration(tmp_path):
+    run = RunDir(tmp_path / "shared-name")
+    run.claim("key-of-config-a")
+    run.claim("key-of-config-a")  # the same configuration again: a resume
+    with pytest.raises(ConfigError, match="holds a run of a different configuration.*training.run_name"):
+        run.claim("key-of-config-b")
+
+
+def test_a_second_run_of_the_same_directory_waits_for_the_first(tmp_path):
+    holder = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from codetune.rundir import RunDir
+        with RunDir({str(tmp_path)!r}).lock():
+            print("held", flush=True)
+            time.sleep(2)
+            Path({str(tmp_path / "first-done")!r}).touch()
+    """)
+    first = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline().strip() == "held"
+    with RunDir(tmp_path).lock():
+        assert (tmp_path / "first-done").exists()  # entered only after the first run let go
+    first.wait(timeout=30)
+    assert (tmp_path / ".lock").exists() and ".lock" not in [p.name for p in RunDir(tmp_path).model_files()]
