@@ -17,7 +17,8 @@ def s3_client(cfg: S3Config):
     with back-off."""
     from botocore.config import Config as BotoConfig
 
-    retries = BotoConfig(retries={"mode": "standard", "max_attempts": 6})
+    # Bounded: a wrong endpoint fails within a minute instead of hanging on the default 60 s reads x 6 attempts.
+    retries = BotoConfig(retries={"mode": "standard", "max_attempts": 6}, connect_timeout=5, read_timeout=30)
     if cfg.block:
         from prefect_aws import S3Bucket
 

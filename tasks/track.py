@@ -1,3 +1,4 @@
+import os
 import subprocess
 
 from prefect.runtime import flow_run
@@ -11,10 +12,11 @@ from tasks.retry import stage_task
 
 
 def git_commit() -> str:
+    """The checkout's commit; in the worker image, which has no .git, the one it was built from."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("CODETUNE_GIT_COMMIT", "unknown")
 
 
 def lineage(cfg: Config, data: PreparedData) -> dict[str, str]:
