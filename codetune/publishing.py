@@ -85,7 +85,7 @@ def write_archive(files: list[tuple[Path, str]], path: Path) -> None:
                 tar.addfile(info, f)
 
 
-def _s3_error(exc, bucket: str) -> PublishError | None:
+def known_s3_error(exc, bucket: str) -> PublishError | None:
     """A PublishError naming the fix for a credentials or bucket mistake; None for anything else (transient)."""
     code = str(exc.response.get("Error", {}).get("Code", "")) if hasattr(exc, "response") else str(exc)
     if any(c in code for c in AUTH_ERROR_CODES):
@@ -132,7 +132,7 @@ def upload_to_s3(
             "or name an S3Bucket block in registry.s3.block"
         ) from None
     except (ClientError, S3UploadFailedError) as exc:
-        error = _s3_error(exc, bucket)
+        error = known_s3_error(exc, bucket)
         if error is None:
             raise
         raise error from None

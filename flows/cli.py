@@ -59,7 +59,13 @@ def _checked(args):
 
 
 def _check(args) -> dict:
+    from codetune.preflight import PreflightError
+    from tasks.preflight import publishing_problems
+
     cfg = _checked(args)
+    problems = publishing_problems(cfg)  # S3 and Hub credentials, where the config publishes
+    if problems:
+        raise PreflightError("pre-flight check failed:\n  " + "\n  ".join(problems))
     return {"check": "passed", "model": cfg.model.name, "task": cfg.model.task.value}
 
 

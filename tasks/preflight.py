@@ -1,11 +1,77 @@
+"""The pre-flight task: the core's checks, and the publishing destinations' credentials."""
+
+import uuid
+
 from prefect import task
 
-from codetune.config import Config
-from codetune.preflight import check
+from codetune.config import Config, HubConfig, S3Config
+from codetune.preflight import PreflightError
+from codetune.preflight import preflight as core_problems
+from codetune.publishing import known_s3_error
+from tasks.publish import hub_token, s3_client
 
 
-# Not retried: what it finds (a typo, a missing model, a full disk) is there on the next try too.
+def s3_problems(cfg: S3Config) -> list[str]:
+    """The bucket exists and these credentials may write to it: a small object is written under the prefix, then
+    deleted."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    client = s3_client(cfg)
+    key = f"{cfg.prefix.strip('/')}/.codetune-preflight-{uuid.uuid4().hex}"
+    try:
+        client.head_bucket(Bucket=cfg.bucket)
+        client.put_object(Bucket=cfg.bucket, Key=key, Body=b"")
+        client.delete_object(Bucket=cfg.bucket, Key=key)
+    except NoCredentialsError:
+        return [
+            "no AWS credentials for registry.s3: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or registry.s3.block"
+        ]
+    except (ClientError, BotoCoreError) as exc:
+        known = known_s3_error(exc, cfg.bucket)
+        if known is None and getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+            known = f"S3 bucket '{cfg.bucket}' does not exist: create it or fix registry.s3.bucket"
+        return [str(known or f"cannot write to s3://{cfg.bucket}/{cfg.prefix}: {exc}")]
+    return []
+
+
+def hub_problems(cfg: HubConfig) -> list[str]:
+    """The token is accepted and may write, and an existing repo has the configured visibility."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    api = HfApi(endpoint=cfg.endpoint, token=hub_token(cfg.token_block))
+    try:
+        role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
+    except HfHubHTTPError:
+        return ["the Hugging Face Hub refused the token: set HF_TOKEN, or registry.huggingface.token_block"]
+    if role == "read":
+        return ["the Hugging Face token is read-only: registry.huggingface.repo_id needs a token with write access"]
+    try:
+        private = api.repo_info(cfg.repo_id).private
+    except RepositoryNotFoundError:
+        return []  # created on the first push
+    if private != cfg.private:
+        visibility = "private" if private else "public"
+        return [
+            f"the Hub repo '{cfg.repo_id}' is {visibility}, but registry.huggingface.private={str(cfg.private).lower()}"
+        ]
+    return []
+
+
+def publishing_problems(cfg: Config) -> list[str]:
+    """Where a real run would publish, whether it can: checked before the hours of training, not after."""
+    registry = cfg.registry
+    if registry.dry_run or not cfg.mlflow.enabled:
+        return []
+    return (s3_problems(registry.s3) if registry.s3.bucket else []) + (
+        hub_problems(registry.huggingface) if registry.huggingface.repo_id else []
+    )
+
+
+# Not retried: what it finds (a typo, a missing model, a refused credential) is there on the next try too.
 @task(name="preflight")
 def preflight(cfg: Config) -> None:
-    """The run's pre-flight check, the flow's first task: every problem before data, training or servers."""
-    check(cfg)
+    """The run's pre-flight check, the flow's first task: every problem before data, training or uploads."""
+    problems = core_problems(cfg) + publishing_problems(cfg)
+    if problems:
+        raise PreflightError("pre-flight check failed:\n  " + "\n  ".join(problems))

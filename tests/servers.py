@@ -63,9 +63,11 @@ class _HubHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def _reply(self, status: int, payload: dict) -> None:
+    def _reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -114,10 +116,15 @@ class _HubHandler(BaseHTTPRequestHandler):
     def do_GET(self):  # reads only: not recorded among the requests a push sends
         state = self.server.state
         parts = self.path.split("?")[0].strip("/").split("/")
+        if parts == ["api", "whoami-v2"]:
+            if self.headers.get("Authorization") != f"Bearer {state.valid_token}":
+                return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+            return self._reply(200, {"name": "tester", "auth": {"accessToken": {"role": "write"}}})
         repo = "/".join(parts[2:4])
         if parts[:2] == ["api", "models"] and len(parts) == 4 and repo in state.repos:
             return self._reply(200, {"id": repo, "private": state.repos[repo], "sha": "0" * 40})
-        return self._reply(404, {"error": f"not found in the test hub: {self.path}"})
+        # As the Hub answers for a repo that does not exist (huggingface_hub reads the error code).
+        return self._reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
 
 
 class RecordingHub(_Server):

@@ -48,3 +48,40 @@ def test_a_disk_too_small_for_the_checkpoints_is_reported(tmp_path):
     [problem] = disk_problems(cfg, weights_bytes=10**15)  # a petabyte model
     assert "GB free; this run needs about" in problem
     assert disk_problems(cfg, weights_bytes=1000) == []
+
+
+def test_s3_destination_is_probed_with_a_write_before_training(moto_url, monkeypatch):
+    import boto3
+
+    from tasks.preflight import s3_problems
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=moto_url)
+    client.create_bucket(Bucket="probed")
+    cfg = load_config(None, ["registry.s3.bucket=probed", f"registry.s3.endpoint_url={moto_url}"]).registry.s3
+    assert s3_problems(cfg) == []
+    assert client.list_objects_v2(Bucket="probed").get("KeyCount") == 0  # the probe object is gone again
+    cfg.bucket = "no-such-bucket"
+    assert "S3 bucket 'no-such-bucket' does not exist" in s3_problems(cfg)[0]
+
+
+def test_hub_token_and_repo_visibility_are_checked_before_training(monkeypatch):
+    from tasks.preflight import hub_problems
+    from tests.servers import RecordingHub
+
+    with RecordingHub() as hub:
+        cfg = load_config(None, ["registry.huggingface.repo_id=org/summ", f"registry.huggingface.endpoint={hub.url}"])
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        assert "refused the token" in hub_problems(cfg.registry.huggingface)[0]
+        monkeypatch.setenv("HF_TOKEN", hub.state.valid_token)
+        assert hub_problems(cfg.registry.huggingface) == []  # the repo does not exist yet: the push creates it
+        hub.state.repos["org/summ"] = False
+        assert (
+            "'org/summ' is public, but registry.huggingface.private=true" in hub_problems(cfg.registry.huggingface)[0]
+        )
+        assert hub.state.commits == []
