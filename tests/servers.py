@@ -36,6 +36,8 @@ class _State:
     fail_next: int = 0
     """Answer this many upcoming requests (the proxy: PUTs) with fail_status before behaving."""
     fail_status: int = 503
+    fail_path_contains: str = ""
+    """Only requests whose path contains this are answered with fail_status."""
 
 
 class _Server(ThreadingHTTPServer):
@@ -142,7 +144,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         state = self.server.state
         body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
         state.requests.append(Recorded(self.command, self.path, dict(self.headers), b""))
-        if state.fail_next and self.command == "PUT":
+        if state.fail_next and self.command == "PUT" and state.fail_path_contains in self.path:
             state.fail_next -= 1
             self.send_response(state.fail_status)
             self.send_header("Content-Length", "0")

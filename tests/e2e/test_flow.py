@@ -206,7 +206,8 @@ def test_retried_flow_run_does_not_redo_finished_stages(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="retried")
     with FlakyProxy(moto_url) as proxy:
-        proxy.state.fail_next, proxy.state.fail_status = 1, 403  # a permission error: the task fails at once
+        # A permission error on the model's upload (not the pre-flight probe): the publish task fails at once.
+        proxy.state.fail_next, proxy.state.fail_status, proxy.state.fail_path_contains = 1, 403, "/models/retried/"
         result = finetune.with_options(retries=1, retry_delay_seconds=1)(
             config=TWIN,
             overrides=tiny_overrides
