@@ -39,22 +39,63 @@ def data_files(path: str) -> list[Path]:
     return sorted(files)
 
 
+# The csv module's default (128 KiB) refuses fields that a long function reaches.
+CSV_FIELD_LIMIT = 64 * 1024 * 1024
+
+
+def _decoded_lines(lines: Iterable[bytes], undecodable: set[int]) -> Iterator[str]:
+    """Each line as text; a line that is not UTF-8 is noted in undecodable (by its 1-based number) and replaced."""
+    for number, raw in enumerate(lines, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            undecodable.add(number)
+            yield raw.decode("utf-8", errors="replace")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    undecodable: set[int] = set()
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+        for lineno, line in enumerate(_decoded_lines(f, undecodable), 1):
+            if lineno in undecodable:
+                yield lineno, ValueError("not UTF-8 text")
+            elif line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield lineno, ValueError(f"not valid JSON ({exc.msg})")
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows by the line they start on; a record with a line that is not UTF-8, or that csv refuses, is an error."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    undecodable: set[int] = set()
+    with open(path, "rb") as f:
+        reader = csv.reader(_decoded_lines(f, undecodable))
+        header = next(reader, [])
+        start = reader.line_num
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield start + 1, ValueError(f"not valid CSV ({exc})")
+            else:
+                if undecodable.intersection(range(start + 1, reader.line_num + 1)):
+                    yield start + 1, ValueError("not UTF-8 text")
+                else:
+                    yield start + 1, dict(zip(header, values))
+            start = reader.line_num
+
+
 def _rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line or row number, raw row) pairs; a row that does not parse is yielded as an exception."""
+    """(line number, raw row) pairs; a row that does not parse or decode is yielded as an exception."""
     name = path.name
     if name.endswith((".jsonl", ".jsonl.gz", ".json")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield lineno, json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        yield lineno, ValueError(f"not valid JSON ({exc.msg})")
+        yield from _jsonl_rows(path)
     elif name.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            # line 1 is the header
-            yield from enumerate(csv.DictReader(f), 2)
+        yield from _csv_rows(path)
     else:
         import pyarrow.parquet as pq
 

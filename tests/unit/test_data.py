@@ -85,6 +85,30 @@ def test_malformed_row_names_file_and_line(tmp_path):
         prepare_data(_cfg(tmp_path, path=str(path)))
 
 
+def test_undecodable_and_oversized_rows_name_file_and_line_and_honour_skip_invalid(tmp_path):
+    import csv
+
+    good = _rows(30)
+    lines = [json.dumps(r).encode() for r in good[:10]]
+    (tmp_path / "a.jsonl").write_bytes(
+        b"\n".join(lines[:5] + [b'{"code": "\xff\xfe", "docstring": "Bad bytes."}'] + lines[5:])
+    )
+    with open(tmp_path / "b.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["code", "docstring"])
+        writer.writeheader()
+        writer.writerows(good[10:])
+        long_function = "def f(x):\n" + "    x += 1\n" * 20_000  # 240 KB: over the csv module's default field limit
+        writer.writerow({"code": long_function, "docstring": "Add one many times over."})
+    with open(tmp_path / "b.csv", "ab") as f:
+        f.write(b'"def g(): pass","caf\xe9 is not UTF-8"\n')
+    with pytest.raises(DataError, match=r"a.jsonl:6: not UTF-8 text.*data.skip_invalid=true"):
+        prepare_data(_cfg(tmp_path, path=str(tmp_path / "a.jsonl")))
+    with pytest.raises(DataError, match=r"b.csv:\d+: not UTF-8 text"):
+        prepare_data(_cfg(tmp_path, path=str(tmp_path / "b.csv")))
+    data = prepare_data(_cfg(tmp_path, path=str(tmp_path), skip_invalid=True, max_code_lines=30_000))
+    assert data.counts["dropped"]["invalid_row"] == 2 and data.counts["read"] == 31  # the long function is read
+
+
 def test_missing_field_names_the_field_and_the_setting(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"source": "def f(): pass", "docstring": "Do it."}])
     with pytest.raises(DataError, match=r"d.jsonl:1: missing field 'code'.*data.input_field"):
