@@ -90,8 +90,10 @@ def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict
     if champion.tags.get("test_split") == test_split:
         return float(champion.tags[f"metric.{metric}"])
     log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
-    predictor = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
-    return family_of(cfg.model).champion_metrics(predictor, test_rows)[metric]
+    # The registered model itself, loaded as a consumer loads it, then scored as evaluation scores:
+    # a code-search champion ranks every query in chunks instead of scoring n x n pairs through predict().
+    served = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}").unwrap_python_model()
+    return served.family.score(served.model, served.tokenizer, test_rows, served.settings).metrics[metric]
 
 
 def decide_alias(metric: str, value: float, min_score: float, champion_value: float | None) -> tuple[str, str]:

@@ -114,9 +114,6 @@ class Family(Protocol):
     def predict(self, model, tokenizer, model_input: Any, settings: InferenceSettings) -> list:
         """What a served model returns for a consumer's input (the MLflow pyfunc's predict)."""
 
-    def champion_metrics(self, predictor, rows: list[dict]) -> dict[str, float]:
-        """The metrics of a registered model (an MLflow pyfunc) on rows, through the consumer's interface."""
-
 
 # Llama-style decoders: every linear layer, attention and MLP (QLoRA: adapting them all matches full
 # fine-tuning). On the default, SmolLM2-135M, that is 16.37 smoothed BLEU-4 against 14.77 for q/k/v/o alone (same

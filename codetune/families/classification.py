@@ -95,6 +95,3 @@ class Classification(FamilyDefaults):
         baseline = ("majority class", [majority] * len(rows))
         predictions = self.predict(model, tokenizer, codes, settings)
         return scored_predictions(rows, codes, labels, predictions, baseline, classification_metrics)
-
-    def champion_metrics(self, predictor, rows: list[dict]) -> dict[str, float]:
-        return classification_metrics([r["label"] for r in rows], predictor.predict([r["code"] for r in rows]))

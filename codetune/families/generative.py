@@ -177,7 +177,3 @@ class Generative(FamilyDefaults):
         predictions = self.predict(model, tokenizer, inputs, settings)
         baseline = (self.objective.baseline_name, [self.objective.baseline(r) for r in rows])
         return scored_predictions(rows, inputs, references, predictions, baseline, self.metrics)
-
-    def champion_metrics(self, predictor, rows: list[dict]) -> dict[str, float]:
-        predictions = predictor.predict([r[self.objective.source] for r in rows])
-        return self.metrics([r[self.objective.target] for r in rows], predictions)

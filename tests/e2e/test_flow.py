@@ -286,7 +286,7 @@ def test_classifier_family_end_to_end(prefect_server, labelled_jsonl, tiny_overr
 @pytest.mark.timeout(600)
 def test_code_search_family_end_to_end(prefect_server, tiny_overrides, tmp_path, monkeypatch):
     """model.task=code_search: MRR in the run, a consumer that scores (query, code) pairs, and a champion
-    from another test split re-scored through that consumer."""
+    from another test split re-scored."""
     import pandas as pd
 
     monkeypatch.chdir(tmp_path)

@@ -9,10 +9,12 @@ from codetune.evaluation import evaluate_model
 from codetune.families.code_search import (
     BiEncoder,
     PairCollator,
+    _words,
+    embed_texts,
     lexical_similarity,
     match_ranks,
     pair_similarity,
-    similarity,
+    ranks_in_chunks,
 )
 from codetune.model import load_exported
 from codetune.rundir import METRICS_FILE
@@ -70,6 +72,32 @@ def test_search_model_trains_with_in_batch_negatives_and_is_scored_by_mrr(search
     assert len(records) == report.num_examples and {"query", "rank", "baseline_rank"} <= set(records[0])
     # The MRR is the mean reciprocal of the recorded ranks: nothing is scored twice in different ways.
     assert report.metrics["mrr"] == pytest.approx(100 * sum(1 / r["rank"] for r in records) / len(records), abs=0.01)
+
+
+def similarity(model, tokenizer, queries, codes, batch_size, max_query_length, max_code_length) -> torch.Tensor:
+    """Every query against every code, the reference the pairwise and chunked paths must equal."""
+    return (
+        embed_texts(model, tokenizer, queries, batch_size, max_query_length)
+        @ embed_texts(model, tokenizer, codes, batch_size, max_code_length).T
+    )
+
+
+def test_ranks_in_chunks_equal_ranks_over_the_whole_table(monkeypatch):
+    scores = torch.randn(7, 7).round(decimals=1)  # rounded: ties happen, and count half
+    monkeypatch.setattr("codetune.families.code_search.RANK_CHUNK", 3)
+    assert ranks_in_chunks(lambda start, stop: scores[start:stop], 7) == match_ranks(scores)
+
+
+def test_lexical_similarity_is_the_cosine_of_the_word_sets():
+    queries = ["Return the sum of a and b.", "Open the socket.", "", "zzz"]
+    codes = ["def sum_of(a, b):\n    return a + b", "def open_socket(host):\n    pass", "x = 1"]
+    expected = torch.tensor(
+        [
+            [len(q & c) / (len(q) * len(c)) ** 0.5 if q and c else 0.0 for c in map(_words, codes)]
+            for q in map(_words, queries)
+        ]
+    )
+    torch.testing.assert_close(lexical_similarity(queries, codes), expected)
 
 
 def test_exported_search_encoder_reloads_with_plain_transformers_and_scores_pairs_alike(search_run):
