@@ -1,5 +1,8 @@
 """Pre-flight: what would make a run fail later, found before any server, GPU or hour is spent on it.
 
+Config, model (a weights package, a complete directory, or a Hub id that answers), data source,
+disk for checkpoints and the export, and a memory floor for the weights and optimizer state.
+
 `codetune check` runs it, `codetune run` runs it before it starts Prefect, and the flow runs it as
 its first task. Every problem is gathered and reported at once.
 """
@@ -114,6 +117,38 @@ def disk_problems(cfg: Config, weights_bytes: int | None) -> list[str]:
     return []
 
 
+def available_memory() -> tuple[int | None, str]:
+    """(bytes, where): the GPU's memory when training would use one, else the memory this machine has free."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[1], "GPU memory"
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None, "memory"
+    kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    return (kib * 1024 if kib else None), "free memory"
+
+
+def memory_problems(cfg: Config, weights_bytes: int | None) -> list[str]:
+    """The weights, and for full fine-tuning their gradients and Adam state, fit in memory.
+
+    A floor, not a forecast: activations come on top and grow with the batch and sequence lengths.
+    """
+    available, where = available_memory()
+    if weights_bytes is None or available is None:
+        return []
+    # fp32 weights; LoRA adds little beside them, full fine-tuning adds gradients and two Adam moments.
+    needed = weights_bytes * (1.1 if cfg.peft.use_peft else 4)
+    if needed > available:
+        return [
+            f"the model needs at least {needed / 1e9:.1f} GB to train, before activations; this machine has "
+            f"{available / 1e9:.1f} GB of {where}: use LoRA (peft.use_peft=true), a smaller model, or a bigger machine"
+        ]
+    return []
+
+
 def _weights_bytes(cfg: Config) -> int | None:
     """The model's weights on disk in fp32, where they are on this machine."""
     if cfg.model.init is ModelInit.scratch:
@@ -132,7 +167,13 @@ def _weights_bytes(cfg: Config) -> int | None:
 
 def preflight(cfg: Config) -> list[str]:
     """Every problem a run of cfg would hit on this machine, found without loading the model."""
-    return model_problems(cfg) + data_problems(cfg) + disk_problems(cfg, _weights_bytes(cfg))
+    weights_bytes = _weights_bytes(cfg)
+    return (
+        model_problems(cfg)
+        + data_problems(cfg)
+        + disk_problems(cfg, weights_bytes)
+        + memory_problems(cfg, weights_bytes)
+    )
 
 
 def check(cfg: Config) -> None:

@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 from codetune.config import load_config
-from codetune.preflight import data_problems, disk_problems, model_problems, preflight
+from codetune.preflight import data_problems, disk_problems, memory_problems, model_problems, preflight
 
 
 def test_the_default_run_passes_on_this_machine():
@@ -85,3 +85,10 @@ def test_hub_token_and_repo_visibility_are_checked_before_training(monkeypatch):
             "'org/summ' is public, but registry.huggingface.private=true" in hub_problems(cfg.registry.huggingface)[0]
         )
         assert hub.state.commits == []
+
+
+def test_a_model_too_big_for_this_machines_memory_is_reported():
+    full = load_config(None, ["peft.use_peft=false"])
+    [problem] = memory_problems(full, weights_bytes=10**15)
+    assert "needs at least 4000000.0 GB to train" in problem and "use LoRA (peft.use_peft=true)" in problem
+    assert memory_problems(full, weights_bytes=10**6) == []
