@@ -58,6 +58,17 @@ def moto_url():
 
 
 @pytest.fixture
+def moto_credentials(monkeypatch):
+    """AWS credentials from the environment, as a worker has them; moto takes any."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
 def trained_run(tiny_cfg):
     """(config, prepared data, TrainedModel) of a tiny model trained for a few steps."""
     from codetune.data import prepare_data

@@ -128,7 +128,7 @@ def test_a_failed_merge_keeps_the_training_and_a_rerun_merges_without_training(
 
 @pytest.mark.timeout(900)
 def test_the_registered_champion_reproduces_the_evaluated_predictions_and_deploys(
-    prefect_server, few_steps, tmp_path, monkeypatch, moto_url
+    prefect_server, few_steps, tmp_path, monkeypatch, moto_url, moto_credentials
 ):
     import boto3
     import mlflow
@@ -138,12 +138,6 @@ def test_the_registered_champion_reproduces_the_evaluated_predictions_and_deploy
     from tests.e2e.conftest import champion_predicts
 
     monkeypatch.chdir(tmp_path)
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = few_steps + [f"mlflow.tracking_uri={uri}", "registry.model_name=smollm2"]
     result = finetune(config=None, overrides=overrides)

@@ -50,17 +50,11 @@ def test_a_disk_too_small_for_the_checkpoints_is_reported(tmp_path):
     assert disk_problems(cfg, weights_bytes=1000) == []
 
 
-def test_s3_destination_is_probed_with_a_write_before_training(moto_url, monkeypatch):
+def test_s3_destination_is_probed_with_a_write_before_training(moto_url, moto_credentials):
     import boto3
 
     from tasks.preflight import s3_problems
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
     client = boto3.client("s3", endpoint_url=moto_url)
     client.create_bucket(Bucket="probed")
     cfg = load_config(None, ["registry.s3.bucket=probed", f"registry.s3.endpoint_url={moto_url}"]).registry.s3
