@@ -32,9 +32,15 @@ def is_transient(exc: BaseException) -> bool:
     """Whether another try can succeed: 5xx and 429 answers, dropped connections, timeouts, a busy database.
 
     Everything else, the user's mistakes first, fails the same way again: retrying only delays the message.
+    A wrapper (boto3's S3UploadFailedError around a 503) is judged by the error it wraps.
     """
     if isinstance(exc, CodetuneError):
         return False
+    wrapped = exc.__cause__ or exc.__context__
+    return _is_transient_itself(exc) or (wrapped is not None and wrapped is not exc and is_transient(wrapped))
+
+
+def _is_transient_itself(exc: BaseException) -> bool:
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     if status is not None:  # requests, httpx

@@ -1,14 +1,18 @@
 """The pre-flight task: the core's checks, and the publishing destinations' credentials."""
 
+import logging
 import uuid
 
 from prefect import task
 
 from codetune.config import Config, HubConfig, S3Config
+from codetune.errors import is_transient
 from codetune.preflight import PreflightError
 from codetune.preflight import preflight as core_problems
 from codetune.publishing import known_s3_error
 from tasks.publish import hub_token, s3_client
+
+log = logging.getLogger(__name__)
 
 
 def s3_problems(cfg: S3Config) -> list[str]:
@@ -27,6 +31,9 @@ def s3_problems(cfg: S3Config) -> list[str]:
             "no AWS credentials for registry.s3: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or registry.s3.block"
         ]
     except (ClientError, BotoCoreError) as exc:
+        if is_transient(exc):  # S3 is there but struggling: publishing has its own retries
+            log.warning("could not probe s3://%s (%s); publishing will retry", cfg.bucket, exc)
+            return []
         known = known_s3_error(exc, cfg.bucket)
         if known is None and getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
             known = f"S3 bucket '{cfg.bucket}' does not exist: create it or fix registry.s3.bucket"
@@ -42,7 +49,10 @@ def hub_problems(cfg: HubConfig) -> list[str]:
     api = HfApi(endpoint=cfg.endpoint, token=hub_token(cfg.token_block))
     try:
         role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
-    except HfHubHTTPError:
+    except Exception as exc:
+        if is_transient(exc) or not isinstance(exc, HfHubHTTPError):
+            log.warning("could not reach the Hugging Face Hub (%s); publishing will retry", exc)
+            return []
         return ["the Hugging Face Hub refused the token: set HF_TOKEN, or registry.huggingface.token_block"]
     if role == "read":
         return ["the Hugging Face token is read-only: registry.huggingface.repo_id needs a token with write access"]

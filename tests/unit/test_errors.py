@@ -3,6 +3,7 @@ import sqlite3
 import botocore.exceptions
 import httpx
 import requests
+from boto3.exceptions import S3UploadFailedError
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
@@ -29,6 +30,13 @@ def test_failures_another_try_can_fix_are_transient():
     assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
     assert is_transient(sqlite3.OperationalError("database is locked"))
     assert is_transient(TimeoutError("task ran past its timeout"))
+    try:  # boto3 wraps the 503 it gave up on
+        try:
+            raise _s3_error(503, "ServiceUnavailable")
+        except botocore.exceptions.ClientError:
+            raise S3UploadFailedError("Failed to upload config.json: 503") from None
+    except S3UploadFailedError as wrapper:
+        assert is_transient(wrapper)
 
 
 def test_mistakes_fail_the_same_way_again_and_are_not_retried():

@@ -64,6 +64,20 @@ def test_s3_destination_is_probed_with_a_write_before_training(moto_url, moto_cr
     assert "S3 bucket 'no-such-bucket' does not exist" in s3_problems(cfg)[0]
 
 
+def test_a_struggling_s3_does_not_stop_the_run_before_it_starts(moto_url, moto_credentials):
+    import boto3
+
+    from tasks.preflight import s3_problems
+    from tests.servers import FlakyProxy
+
+    boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="busy")
+    with FlakyProxy(moto_url) as proxy:
+        proxy.state.fail_next = 100  # every write answered 503: transient, so publishing's own retries get their turn
+        cfg = load_config(None, ["registry.s3.bucket=busy", f"registry.s3.endpoint_url={proxy.url}"]).registry.s3
+        assert s3_problems(cfg) == []
+        assert proxy.state.fail_next < 100
+
+
 def test_hub_token_and_repo_visibility_are_checked_before_training(monkeypatch):
     from tasks.preflight import hub_problems
     from tests.servers import RecordingHub
