@@ -176,8 +176,11 @@ def preflight(cfg: Config) -> list[str]:
     )
 
 
-def check(cfg: Config) -> None:
+def fail_on(problems: list[str]) -> None:
     """Raise one PreflightError listing every problem, or return quietly."""
-    problems = preflight(cfg)
     if problems:
         raise PreflightError("pre-flight check failed:\n  " + "\n  ".join(problems))
+
+
+def check(cfg: Config) -> None:
+    fail_on(preflight(cfg))

@@ -26,6 +26,9 @@ from codetune.weights import sha256_file
 log = logging.getLogger(__name__)
 
 MULTIPART_BYTES = 8 * 1024 * 1024
+NO_S3_CREDENTIALS = (
+    "no AWS credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or name an S3Bucket block in registry.s3.block"
+)
 AUTH_ERROR_CODES = {
     "AccessDenied",
     "InvalidAccessKeyId",
@@ -93,7 +96,7 @@ def known_s3_error(exc, bucket: str) -> PublishError | None:
             f"S3 refused the credentials for bucket '{bucket}' ({code}): fix AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
             "or the AwsCredentials of the S3Bucket block named in registry.s3.block"
         )
-    if "NoSuchBucket" in code:
+    if "NoSuchBucket" in code or code == "404":  # 404: HeadBucket's answer for a missing bucket
         return PublishError(f"S3 bucket '{bucket}' does not exist: create it or fix registry.s3.bucket")
     return None
 
@@ -127,10 +130,7 @@ def upload_to_s3(
                     raise PublishError(f"s3://{bucket}/{key} does not match {local} after upload (size or SHA-256)")
             uploaded.append(UploadedObject(key, size, digest, transferred=not same))
     except NoCredentialsError:
-        raise PublishError(
-            "no AWS credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-            "or name an S3Bucket block in registry.s3.block"
-        ) from None
+        raise PublishError(NO_S3_CREDENTIALS) from None
     except (ClientError, S3UploadFailedError) as exc:
         error = known_s3_error(exc, bucket)
         if error is None:
@@ -263,6 +263,16 @@ def with_backoff(call, attempts: int = 4, first_delay: float = 1.0):
             time.sleep(delay)
 
 
+def visibility_problem(repo_id: str, private: bool, wanted_private: bool) -> str | None:
+    """What to tell the user when an existing Hub repo is not as private as registry.huggingface.private says."""
+    if private == wanted_private:
+        return None
+    return (
+        f"the Hub repo '{repo_id}' is {'private' if private else 'public'}, but registry.huggingface.private="
+        f"{str(wanted_private).lower()}: change the repo's visibility on the Hub, or the setting"
+    )
+
+
 def push_to_hub(
     repo_id: str,
     token: str | None,
@@ -286,12 +296,9 @@ def push_to_hub(
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name in files]
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=io.BytesIO(card.encode())))
         api.create_repo(repo_id, private=private, exist_ok=True)
-        if api.repo_info(repo_id).private != private:
-            visibility = "public" if private else "private"
-            raise PublishError(
-                f"the Hub repo '{repo_id}' is {visibility}, but registry.huggingface.private={str(private).lower()}: "
-                "change the repo's visibility on the Hub, or the setting"
-            )
+        mismatch = visibility_problem(repo_id, api.repo_info(repo_id).private, private)
+        if mismatch:
+            raise PublishError(mismatch)
         if branch:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         return api.create_commit(repo_id, operations, commit_message=message, revision=branch)

@@ -59,13 +59,12 @@ def _checked(args):
 
 
 def _check(args) -> dict:
-    from codetune.preflight import PreflightError
+    from codetune.config import load_config
+    from codetune.preflight import fail_on, preflight
     from tasks.preflight import publishing_problems
 
-    cfg = _checked(args)
-    problems = publishing_problems(cfg)  # S3 and Hub credentials, where the config publishes
-    if problems:
-        raise PreflightError("pre-flight check failed:\n  " + "\n  ".join(problems))
+    cfg = load_config(args.config, args.overrides + args.assignments)
+    fail_on(preflight(cfg) + publishing_problems(cfg))  # S3 and Hub credentials too, where the config publishes
     return {"check": "passed", "model": cfg.model.name, "task": cfg.model.task.value}
 
 

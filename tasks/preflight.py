@@ -7,9 +7,9 @@ from prefect import task
 
 from codetune.config import Config, HubConfig, S3Config
 from codetune.errors import is_transient
-from codetune.preflight import PreflightError
+from codetune.preflight import fail_on
 from codetune.preflight import preflight as core_problems
-from codetune.publishing import known_s3_error
+from codetune.publishing import NO_S3_CREDENTIALS, known_s3_error, visibility_problem
 from tasks.publish import hub_token, s3_client
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,12 @@ def s3_problems(cfg: S3Config) -> list[str]:
         client.put_object(Bucket=cfg.bucket, Key=key, Body=b"")
         client.delete_object(Bucket=cfg.bucket, Key=key)
     except NoCredentialsError:
-        return [
-            "no AWS credentials for registry.s3: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or registry.s3.block"
-        ]
+        return [NO_S3_CREDENTIALS]
     except (ClientError, BotoCoreError) as exc:
         if is_transient(exc):  # S3 is there but struggling: publishing has its own retries
             log.warning("could not probe s3://%s (%s); publishing will retry", cfg.bucket, exc)
             return []
         known = known_s3_error(exc, cfg.bucket)
-        if known is None and getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
-            known = f"S3 bucket '{cfg.bucket}' does not exist: create it or fix registry.s3.bucket"
         return [str(known or f"cannot write to s3://{cfg.bucket}/{cfg.prefix}: {exc}")]
     return []
 
@@ -60,12 +56,7 @@ def hub_problems(cfg: HubConfig) -> list[str]:
         private = api.repo_info(cfg.repo_id).private
     except RepositoryNotFoundError:
         return []  # created on the first push
-    if private != cfg.private:
-        visibility = "private" if private else "public"
-        return [
-            f"the Hub repo '{cfg.repo_id}' is {visibility}, but registry.huggingface.private={str(cfg.private).lower()}"
-        ]
-    return []
+    return [p for p in [visibility_problem(cfg.repo_id, private, cfg.private)] if p]
 
 
 def publishing_problems(cfg: Config) -> list[str]:
@@ -82,6 +73,4 @@ def publishing_problems(cfg: Config) -> list[str]:
 @task(name="preflight")
 def preflight(cfg: Config) -> None:
     """The run's pre-flight check, the flow's first task: every problem before data, training or uploads."""
-    problems = core_problems(cfg) + publishing_problems(cfg)
-    if problems:
-        raise PreflightError("pre-flight check failed:\n  " + "\n  ".join(problems))
+    fail_on(core_problems(cfg) + publishing_problems(cfg))
