@@ -7,6 +7,7 @@ data fingerprint), so a retried or re-run training finds its own checkpoints and
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import re
@@ -61,6 +62,9 @@ class TrainedModel:
     train_seconds: float
     base_weights: dict = dataclasses.field(default_factory=dict)
     """Which pretrained weights training started from (base_weights in codetune.model)."""
+    micro_batch_size: int | None = None
+    """Set when the device ran out of memory and training finished at this micro-batch (with the accumulation raised
+    to keep the configured effective batch)."""
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "TrainedModel":
@@ -220,7 +224,8 @@ def _train(cfg: Config, data: PreparedData, run: RunDir) -> TrainedModel:
         log.info("training finished earlier in %s; merging its adapter without training again", run)
         trained = TrainedModel(**run.read_json(FITTED_RECORD))
     else:
-        trained, model, tokenizer, state = _fit(cfg, family, run, train_rows, validation_rows, labels, weights)
+        fit = _fit_in_memory(cfg, family, run, train_rows, validation_rows, labels, weights)
+        trained, model, tokenizer, state = fit
         # LoRA: the adapter alone, kept whatever the merge does; else the whole model, the export itself.
         staged = run.staging(ADAPTER_DIR if cfg.peft.use_peft else EXPORT)
         model.save_pretrained(staged)
@@ -304,6 +309,70 @@ def _training_arguments(cfg: Config, family: Family, checkpoints: Path):
     )
 
 
+def loss_honours_item_count(model: torch.nn.Module, batch: dict) -> bool:
+    """Whether the model's loss divides by the `num_items_in_batch` the Trainer passes it under gradient accumulation.
+
+    T5, EncoderDecoderModel and RoBERTa's heads take the keyword (in **kwargs) and average per micro-batch anyway;
+    the Trainer, told the keyword is accepted, then skips its own division, and gradients and the logged loss come
+    out multiplied by the accumulation steps. Measured, not looked up: any model class may do either.
+    """
+    was_training = model.training
+    model.eval()  # no dropout: the two losses differ only by the count
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            averaged = model(**batch)["loss"]
+            counted = model(**batch, num_items_in_batch=torch.tensor(10**6, device=device))["loss"]
+    finally:
+        model.train(was_training)
+    return not torch.allclose(averaged, counted)
+
+
+def _fit_in_memory(cfg: Config, *fit_args):
+    """_fit; after a device out-of-memory, once more at half the micro-batch and twice the gradient accumulation.
+
+    The effective batch, and so the optimisation, stays the same, and the retry resumes from the last checkpoint.
+    """
+    t = cfg.training
+    try:
+        return _fit(cfg, *fit_args)
+    except torch.OutOfMemoryError:
+        if t.per_device_train_batch_size % 2:
+            raise ModelError(
+                f"out of device memory at training.per_device_train_batch_size={t.per_device_train_batch_size}, "
+                "which cannot be halved at the same effective batch; lower it and raise "
+                "training.gradient_accumulation_steps to match (or set training.gradient_checkpointing=true). "
+                "Checkpoints so far are kept and the next run resumes from them"
+            ) from None
+    halved = dataclasses.replace(
+        t,
+        per_device_train_batch_size=t.per_device_train_batch_size // 2,
+        gradient_accumulation_steps=t.gradient_accumulation_steps * 2,
+    )
+    log.warning(
+        "out of device memory at micro-batch %d: retrying once at micro-batch %d with gradient accumulation %d "
+        "(the same effective batch of %d per device), resuming from the last checkpoint",
+        t.per_device_train_batch_size,
+        halved.per_device_train_batch_size,
+        halved.gradient_accumulation_steps,
+        t.per_device_train_batch_size * t.gradient_accumulation_steps,
+    )
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        trained, *rest = _fit(dataclasses.replace(cfg, training=halved), *fit_args)
+    except torch.OutOfMemoryError:
+        raise ModelError(
+            f"out of device memory at micro-batch {t.per_device_train_batch_size} and again at "
+            f"{halved.per_device_train_batch_size}; set training.gradient_checkpointing=true, lower "
+            "model.max_source_length, or use a smaller model. Checkpoints so far are kept"
+        ) from None
+    trained.micro_batch_size = halved.per_device_train_batch_size
+    return (trained, *rest)
+
+
 def _fit(
     cfg: Config, family: Family, run: RunDir, train_rows: list[dict], validation_rows: list[dict], labels, weights
 ):
@@ -335,6 +404,9 @@ def _fit(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if t.gradient_accumulation_steps > 1 and trainer.model_accepts_loss_kwargs:
+        probe = trainer.data_collator(trainer.eval_dataset[:2])
+        trainer.model_accepts_loss_kwargs = loss_honours_item_count(trainer.model, probe)
     checkpoint = last_complete_checkpoint(run / CHECKPOINTS)
     resumed_from = int(checkpoint.name.split("-")[1]) if checkpoint else 0
     if checkpoint:

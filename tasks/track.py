@@ -41,4 +41,6 @@ def track(cfg: Config, trained: TrainedModel, report: EvalReport, lineage: dict[
         "trainable_parameters": trained.trainable_parameters,
         "eval_examples_per_second": report.examples_per_second,
     }
+    if trained.micro_batch_size:  # halved after an out-of-memory
+        summary["micro_batch_size"] = trained.micro_batch_size
     return log_run(cfg, trained.run_dir, summary, lineage, trained.base_weights)

@@ -268,3 +268,64 @@ def test_bf16_autocast_trains_to_the_fp32_loss(tiny_overrides, tmp_path):
         losses[bf16] = train_model(cfg, prepare_data(cfg.data)).validation_loss
     assert losses["true"] != losses["false"], "bf16 changed nothing: autocast never ran"
     assert abs(losses["true"] - losses["false"]) / losses["false"] < 0.02, losses
+
+
+def test_out_of_memory_retries_at_half_the_micro_batch_with_the_same_effective_batch(
+    trained_run, tiny_overrides, tmp_path, monkeypatch, caplog
+):
+    """A device that holds 8 examples until step 6, then only 4: training resumes from checkpoint-6 at 4 x 2."""
+    from transformers import Seq2SeqTrainer
+
+    cfg, data, uninterrupted = trained_run
+    step = Seq2SeqTrainer.training_step
+    micro_batches = []
+
+    def filling_device(trainer, model, inputs, *args, **kwargs):
+        rows = len(inputs["input_ids"])
+        if rows > 4 and trainer.state.global_step >= 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        micro_batches.append((trainer.state.global_step, rows, trainer.args.gradient_accumulation_steps))
+        return step(trainer, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Seq2SeqTrainer, "training_step", filling_device)
+    squeezed = load_config(TWIN, tiny_overrides + [f"training.output_dir={tmp_path / 'squeezed'}"])
+    with caplog.at_level(logging.WARNING):
+        result = train_model(squeezed, data)
+
+    assert "retrying once at micro-batch 4 with gradient accumulation 2" in caplog.text
+    assert result.global_step == 12 and result.resumed_from_step == 6 and result.micro_batch_size == 4
+    assert {(rows, accumulation) for s, rows, accumulation in micro_batches if s < 6} == {(8, 1)}
+    assert {(rows, accumulation) for s, rows, accumulation in micro_batches if s >= 6} == {(4, 2)}
+    # Each optimiser step saw the same 8 examples, averaged per micro-batch of 4 and with other dropout masks.
+    assert result.validation_loss == pytest.approx(uninterrupted.validation_loss, rel=0.01)
+    # T5 ignores the Trainer's item count: unless told so, accumulation doubles the loss and gradients.
+    assert result.train_loss == pytest.approx(uninterrupted.train_loss, rel=0.05)
+
+
+def test_out_of_memory_at_an_odd_micro_batch_names_the_fix(tiny_overrides, tmp_path, monkeypatch):
+    from transformers import Seq2SeqTrainer
+
+    from codetune.errors import ModelError
+
+    def full_device(trainer, model, inputs, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Seq2SeqTrainer, "training_step", full_device)
+    cfg = load_config(TWIN, tiny_overrides + ["training.per_device_train_batch_size=7"])
+    with pytest.raises(ModelError, match="cannot be halved at the same effective batch"):
+        train_model(cfg, prepare_data(cfg.data))
+
+
+@pytest.mark.parametrize("config, honours", [("tiny-seq2seq", False), ("tiny-causal-lm", True)])
+def test_which_losses_honour_the_trainers_item_count_is_measured(config, honours, tiny_overrides):
+    """T5 averages per micro-batch whatever it is told; Qwen2's loss divides by the count the Trainer passes."""
+    from codetune.families import family_of
+    from codetune.model import load_model
+    from codetune.training import loss_honours_item_count, tokenize
+
+    cfg = load_config(f"configs/{config}.yaml", tiny_overrides)
+    rows = prepare_data(cfg.data).load("train")[:2]
+    model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
+    batch = family_of(cfg.model).collator(tokenizer, model, None)(tokenize(rows, tokenizer, cfg))
+    assert loss_honours_item_count(model, batch) is honours
+    assert model.training  # restored
