@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from codetune.config import DataConfig, DataSource, content_hash
 from codetune.data.code_tree import default_tree, read_code_tree, source_files
@@ -62,7 +64,9 @@ def source_fingerprint(cfg: DataConfig, labelled: bool = False) -> str:
     digest = hashlib.sha256(_settings_hash(cfg, labelled).encode())
     for path in _source_files(cfg):
         digest.update(str(path).encode())
-        digest.update(path.read_bytes())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 16):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -88,36 +92,63 @@ def _drop_reason(example: dict, cfg: DataConfig) -> str | None:
     return None
 
 
+def _filtered(examples: Iterable[dict], cfg: DataConfig, dropped: Counter, tally: Counter) -> Iterator[dict]:
+    """The examples that pass the data.* filters; counts those read and kept in tally."""
+    for example in examples:
+        tally["read"] += 1
+        reason = _drop_reason(example, cfg)
+        if reason:
+            dropped[reason] += 1
+        else:
+            tally["kept"] += 1
+            yield example
+
+
 def normalized_code(code: str) -> str:
     return " ".join(code.split())
 
 
-def uses_published_splits(examples: list[dict]) -> bool:
+def uses_published_splits(examples: Iterable[dict]) -> bool:
     """Every example names the split its source published it in, and those include train and test."""
     published = {ex.get("published_split") for ex in examples}
     return None not in published and {"train", "test"} <= published
 
 
-def split_examples(examples: list[dict], cfg: DataConfig, dropped: Counter) -> dict[str, list[dict]]:
+def select_examples(examples: Iterable[dict], max_examples: int | None, dropped: Counter) -> dict[str, dict]:
+    """Examples by content key, exact duplicates dropped; with max_examples, those whose key ranks lowest by a second
+    slice of the hash.
+
+    Read as a stream: only the chosen examples (a bounded heap) and the digests seen stay in memory. The
+    subset is not the first max_examples read, which would be the first files (often train.jsonl alone).
+    """
+    seen: set[bytes] = set()
+    chosen: list[tuple[int, str, dict]] = []  # a max-heap on rank: (-rank, key, example)
+    for example in examples:
+        digest = hashlib.sha256(f"{example['code']}\0{example.get('summary', example.get('label'))}".encode()).digest()
+        if digest in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(digest)
+        key = digest.hex()
+        entry = (-int(key[16:32], 16), key, example)
+        if max_examples is None or len(chosen) < max_examples:
+            heapq.heappush(chosen, entry)
+        elif entry > chosen[0]:
+            heapq.heapreplace(chosen, entry)
+    if len(seen) > len(chosen):
+        dropped["over_max_examples"] += len(seen) - len(chosen)
+    return {key: example for _, key, example in chosen}
+
+
+def split_examples(keyed: dict[str, dict], cfg: DataConfig, dropped: Counter) -> dict[str, list[dict]]:
     """The source's own train/validation/test split where it publishes one; else a deterministic split by content hash.
 
-    Keeping a published test split keeps scores comparable with published ones (CodeXGLUE). Exact
-    duplicates are dropped, and so are validation/test examples whose whitespace-normalised code also
-    appears in train: a model that saw the code in training would be scored on recall.
+    keyed: select_examples' answer. Keeping a published test split keeps scores comparable with published
+    ones (CodeXGLUE). Validation/test examples whose whitespace-normalised code also appears in train are
+    dropped: a model that saw the code in training would be scored on recall.
     """
-    keyed: dict[str, dict] = {}
-    for ex in examples:
-        key = hashlib.sha256(f"{ex['code']}\0{ex.get('summary', ex.get('label'))}".encode()).hexdigest()
-        if key in keyed:
-            dropped["duplicate"] += 1
-        else:
-            keyed[key] = ex
     keys = sorted(keyed)
-    if cfg.max_examples is not None and len(keys) > cfg.max_examples:
-        # The subset is chosen by a second slice of the hash, so it is not biased towards one split.
-        keys = sorted(sorted(keys, key=lambda k: k[16:32])[: cfg.max_examples])
-        dropped["over_max_examples"] += len(keyed) - len(keys)
-    use_published = uses_published_splits([keyed[k] for k in keys])
+    use_published = uses_published_splits(keyed.values())
     lend_validation = use_published and all(keyed[k]["published_split"] != "validation" for k in keys)
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for key in keys:
@@ -165,20 +196,15 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
         log.info("data unchanged (fingerprint %s): reusing %s", fingerprint[:16], directory)
         return PreparedData(str(directory), fingerprint, manifest["counts"], manifest["sha256"])
 
-    dropped: Counter = Counter()
-    kept, read = [], 0
-    for example in _read(cfg, dropped, labelled):
-        read += 1
-        reason = _drop_reason(example, cfg)
-        if reason:
-            dropped[reason] += 1
-        else:
-            kept.append(example)
-    splits = split_examples(kept, cfg, dropped)
+    dropped, tally = Counter(), Counter()
+    keyed = select_examples(_filtered(_read(cfg, dropped, labelled), cfg, dropped, tally), cfg.max_examples, dropped)
+    split_by = "published splits" if uses_published_splits(keyed.values()) else "content hash"
+    splits = split_examples(keyed, cfg, dropped)
+    read = tally["read"]
     for split in SPLITS:
         if not splits[split]:
             raise DataError(
-                f"the {split} split is empty ({read} examples read, {len(kept)} kept after filters: "
+                f"the {split} split is empty ({read} examples read, {tally['kept']} kept after filters: "
                 f"{dict(dropped)}); point data.path at more data or relax the data.* filters"
             )
 
@@ -191,7 +217,7 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
         "fingerprint": fingerprint,
         "source": cfg.source.value,
         "path": cfg.path or str(default_tree()),
-        "split_by": "published splits" if uses_published_splits(kept) else "content hash",
+        "split_by": split_by,
         "counts": counts,
         "sha256": {s: _write_jsonl(staging / f"{s}.jsonl", splits[s]) for s in SPLITS},
     }

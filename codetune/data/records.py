@@ -99,8 +99,8 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
     else:
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield i, row
+        rows = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=1024) for row in batch.to_pylist())
+        yield from enumerate(rows, 1)
 
 
 def _text(value: Any) -> str | None:

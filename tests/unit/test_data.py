@@ -7,7 +7,7 @@ import pytest
 from codetune.config import DataConfig, DataSource
 from codetune.data import prepare_data
 from codetune.data.code_tree import functions_in_source, read_code_tree
-from codetune.data.prepare import split_examples
+from codetune.data.prepare import select_examples, split_examples
 from codetune.data.records import code_without_docstring
 from codetune.errors import DataError
 from tests.conftest import write_jsonl
@@ -133,8 +133,8 @@ def test_split_is_independent_of_order_and_drops_duplicates_and_leaks():
     shuffled = examples[:]
     random.Random(1).shuffle(shuffled)
     first, second = (
-        split_examples(examples + examples[:5], cfg, c1 := Counter()),
-        split_examples(shuffled, cfg, Counter()),
+        split_examples(select_examples(examples + examples[:5], None, c1 := Counter()), cfg, c1),
+        split_examples(select_examples(shuffled, None, c2 := Counter()), cfg, c2),
     )
     assert first == second
     assert c1["duplicate"] == 5
@@ -142,7 +142,7 @@ def test_split_is_independent_of_order_and_drops_duplicates_and_leaks():
     # Same code, reworded summary: a different example, but its code would leak into evaluation.
     leak = {"code": first["test"][0]["code"].replace("\n", "\n\n"), "summary": "Another wording of it."}
     counts = Counter()
-    again = split_examples(examples + [leak] * 1, cfg, counts)
+    again = split_examples(select_examples(examples + [leak], None, counts), cfg, counts)
     in_train = [e for e in again["train"] if e["summary"] == "Another wording of it."]
     if in_train:  # the leak landed in train, so its twin must have been removed from test
         assert counts["test_code_in_train"] == 1
@@ -217,3 +217,41 @@ def test_published_splits_are_kept_and_leakage_still_removed(tmp_path):
     (tmp_path / "data" / "test.jsonl").unlink()
     data = prepare_data(_cfg(tmp_path, path=str(tmp_path / "data")))
     assert data.counts["kept"]["test"] > 0 and "published_split" not in data.load("train")[0]
+
+
+def test_max_examples_is_the_same_subset_as_sorting_everything():
+    examples = [{"code": f"def f{i}():\n    return {i}\n", "summary": f"Return {i}."} for i in range(500)]
+    chosen = select_examples(examples, 50, dropped := Counter())
+    every = select_examples(examples, None, Counter())
+    assert sorted(chosen) == sorted(sorted(every, key=lambda key: key[16:32])[:50])
+    assert dropped["over_max_examples"] == 450
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_large_source_is_streamed_not_held(tmp_path, suffix):
+    """Memory follows max_examples, not the source: the peak stays well under the file's own size (what grows
+    with the source is a 32-byte digest per distinct row, for deduplication)."""
+    import gc
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    noise = random.Random(0)
+    rows = [
+        {"code": f"def f{i}(x):\n    # {noise.randbytes(1000).hex()}\n    return x + {i}\n", "docstring": f"Add {i}."}
+        for i in range(8000)
+    ]
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1000)
+    del rows
+    gc.collect()
+    tracemalloc.start()
+    data = prepare_data(_cfg(tmp_path, path=str(path), max_examples=100))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sum(data.counts["kept"].values()) == 100
+    assert peak < path.stat().st_size / 2, f"peak {peak >> 10} KiB for a {path.stat().st_size >> 10} KiB source"
