@@ -32,10 +32,11 @@ def is_transient(exc: BaseException) -> bool:
     """Whether another try can succeed: 5xx and 429 answers, dropped connections, timeouts, a busy database.
 
     Everything else, the user's mistakes first, fails the same way again: retrying only delays the message.
-    A wrapper (boto3's S3UploadFailedError around a 503) is judged by the error it wraps.
+    A wrapper (boto3's S3UploadFailedError around a 503) is judged by the error it wraps, and so is a codetune
+    error raised from one (an MLflow server that timed out).
     """
     if isinstance(exc, CodetuneError):
-        return False
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
     wrapped = exc.__cause__ or exc.__context__
     return _is_transient_itself(exc) or (wrapped is not None and wrapped is not exc and is_transient(wrapped))
 

@@ -273,6 +273,20 @@ def visibility_problem(repo_id: str, private: bool, wanted_private: bool) -> str
     )
 
 
+# huggingface_hub's shared client waits forever (timeout=None): a stalled Hub would hold the task past its retries.
+HUB_CONNECT_TIMEOUT_S = 10.0
+HUB_TIMEOUT_S = 60.0
+"""Per read or write on the socket, not per upload: a large file that keeps moving is never cut off."""
+
+
+def bound_hub_requests() -> None:
+    """Give the huggingface_hub client this process shares connect, read and write timeouts."""
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import get_session
+
+    get_session().timeout = httpx2.Timeout(HUB_TIMEOUT_S, connect=HUB_CONNECT_TIMEOUT_S)
+
+
 def push_to_hub(
     repo_id: str,
     token: str | None,
@@ -290,6 +304,7 @@ def push_to_hub(
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    bound_hub_requests()
     api = HfApi(endpoint=endpoint, token=token)
 
     def push():

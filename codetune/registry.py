@@ -20,6 +20,7 @@ import codetune
 from codetune.config import Config
 from codetune.families import InferenceSettings, family_of
 from codetune.rundir import RunDir
+from codetune.tracking import use_tracking_server
 from codetune.weights import sha256_file
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def register_model(
     """
     import mlflow
 
+    use_tracking_server(cfg.mlflow.tracking_uri)
     name = cfg.registry.model_name
     client = mlflow.MlflowClient()
     digest = model_digest(run_dir)

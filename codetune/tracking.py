@@ -6,6 +6,7 @@ and the curve is logged afterwards from trainer_state.json, so a resumed trainin
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +29,25 @@ class TrackingError(CodetuneError):
     pass
 
 
+# MLflow's client waits up to 120 s per request and retries 7 times with doubling back-off: minutes before a dead
+# server is reported. The task's retry (tasks/retry.py) owns the back-off; the client gets a bounded wait alone.
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+def use_tracking_server(tracking_uri: str | None) -> str:
+    """Point MLflow at tracking_uri (None: $MLFLOW_TRACKING_URI or ./mlruns) with bounded requests; returns the URI.
+
+    A value already in the environment wins over MLFLOW_CLIENT_ENV.
+    """
+    import mlflow
+
+    for name, value in MLFLOW_CLIENT_ENV.items():
+        os.environ.setdefault(name, value)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.get_tracking_uri()
+
+
 def _curve_metrics(trainer_state: dict, timestamp_ms: int):
     from mlflow.entities import Metric
 
@@ -48,9 +68,7 @@ def log_run(
     from mlflow.entities import Metric
 
     run_dir = Path(run_dir)
-    if cfg.mlflow.tracking_uri:
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    uri = mlflow.get_tracking_uri()
+    uri = use_tracking_server(cfg.mlflow.tracking_uri)
     try:
         experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
         unfinished = mlflow.search_runs(

@@ -9,7 +9,7 @@ from codetune.config import Config, HubConfig, S3Config
 from codetune.errors import is_transient
 from codetune.preflight import fail_on
 from codetune.preflight import preflight as core_problems
-from codetune.publishing import NO_S3_CREDENTIALS, known_s3_error, visibility_problem
+from codetune.publishing import NO_S3_CREDENTIALS, bound_hub_requests, known_s3_error, visibility_problem
 from tasks.publish import hub_token, s3_client
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def hub_problems(cfg: HubConfig) -> list[str]:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+    bound_hub_requests()
     api = HfApi(endpoint=cfg.endpoint, token=hub_token(cfg.token_block))
     try:
         role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")

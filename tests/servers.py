@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class _State:
     fail_status: int = 503
     fail_path_contains: str = ""
     """Only requests whose path contains this are answered with fail_status."""
+    stall_next: int = 0
+    """Hold this many upcoming requests (the hub: POSTs) for stall_s, then drop the connection, as a stuck server."""
+    stall_s: float = 0.0
 
 
 class _Server(ThreadingHTTPServer):
@@ -79,6 +83,11 @@ class _HubHandler(BaseHTTPRequestHandler):
         state = self.server.state
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         state.requests.append(Recorded("POST", self.path, dict(self.headers), body))
+        if state.stall_next:
+            state.stall_next -= 1
+            time.sleep(state.stall_s)
+            self.close_connection = True
+            return
         if state.fail_next:
             state.fail_next -= 1
             return self._reply(503, {"error": "try again"})

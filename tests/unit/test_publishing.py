@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import tarfile
+import time
 
 import boto3
 import pytest
@@ -139,6 +140,20 @@ def test_hub_server_errors_are_retried(run_dir):
         )
         assert url and len(hub.state.commits) == 1
         assert [r.path for r in hub.state.requests[:3]] == ["/api/repos/create"] * 3
+
+
+def test_a_stalled_hub_times_out_and_the_push_is_retried(run_dir, monkeypatch):
+    import codetune.publishing
+
+    monkeypatch.setattr(codetune.publishing, "HUB_TIMEOUT_S", 0.5)
+    with RecordingHub() as hub:
+        hub.state.stall_next, hub.state.stall_s = 1, 5.0
+        started = time.perf_counter()
+        push_to_hub(
+            "org/summ", hub.state.valid_token, True, [(run_dir / "config.json", "config.json")], "card", "v1", hub.url
+        )
+        assert time.perf_counter() - started < 4.0  # the stalled answer was not awaited
+        assert len(hub.state.commits) == 1
 
 
 def test_hub_adapter_weights_push_only_the_adapter(run_dir):
