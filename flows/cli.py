@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     pools.add_argument(
         "--gpu-pool-type", choices=["docker", "kubernetes"], default="docker", help="kind of GPU work pool"
     )
+    pools.add_argument(
+        "--s3-endpoint",
+        default="http://minio:9000",
+        help="the S3 endpoint flow runs reach, saved with the AWS_* credentials in the codetune-models block "
+        "(default: docker/compose.yaml's MinIO; '' for AWS itself)",
+    )
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     _add_config_args(
         commands.add_parser("check", help="pre-flight: config, model, data and disk, every problem at once (no server)")
@@ -105,9 +111,12 @@ def _deploy_flows(args) -> dict:
         "--overwrite",
     )
     prefect("--no-prompt", "deploy", "--all")
+    from flows.blocks import save_credential_blocks
+
     return {
         "work_pools": ["cpu-pool", f"gpu-pool ({args.gpu_pool_type})"],
         "deployments": ["finetune/main", "finetune/cpu"],
+        "credential_blocks": save_credential_blocks(os.environ, args.s3_endpoint or None),
     }
 
 

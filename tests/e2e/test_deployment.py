@@ -55,7 +55,20 @@ def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     prefect = [sys.executable, "-m", "prefect"]
-    _run(env, sys.executable, "-m", "flows.cli", "deploy-flows")  # the team's command: pools + every deployment
+    # The team's command: pools, every deployment, and the deployer's credentials as blocks.
+    _run(env | {"HF_TOKEN": "hf_deployer_token"}, sys.executable, "-m", "flows.cli", "deploy-flows")
+    stored = _run(
+        env,
+        sys.executable,
+        "-c",
+        "from prefect_aws import S3Bucket; from prefect.blocks.system import Secret; "
+        "c = S3Bucket.load('codetune-models').credentials; "
+        "print(c.aws_secret_access_key.get_secret_value(), c.aws_client_parameters.endpoint_url, "
+        "Secret.load('codetune-hf-token').get())",
+    )
+    assert stored.split() == ["s", "http://minio:9000", "hf_deployer_token"]
+    pool = _run(env, *prefect, "work-pool", "inspect", "gpu-pool")
+    assert "codetune_default" in pool and "codetune_runs:/opt/prefect/runs" in pool and "hf_deployer_token" not in pool
     _run(env, *prefect, "work-pool", "create", "test-pool", "--type", "process", "--overwrite")
     _run(env, *prefect, "--no-prompt", "deploy", "-n", "main", "--pool", "test-pool")
 

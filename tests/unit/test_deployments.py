@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from codetune.config import SCHEMA_KEYS, load_config
+from codetune.config import SCHEMA_KEYS, DataConfig, TrainingConfig, load_config
 from flows.finetune import FORM_FIELDS, finetune
 
 PREFECT_YAML = yaml.safe_load(Path("prefect.yaml").read_text())
@@ -73,6 +73,21 @@ def test_images_and_versions_agree_across_docker_prefect_yaml_and_constraints():
     assert compose["services"]["worker"]["image"] == image
     assert all(t["variables"]["properties"]["image"]["default"] == image for t in TEMPLATES.values())
     assert f"-t {image} " in Path("docker/Dockerfile").read_text()
+
+
+def test_docker_flow_runs_join_the_compose_stack_keep_their_runs_and_get_no_plain_text_secrets():
+    compose = yaml.safe_load(Path("docker/compose.yaml").read_text())
+    pool = TEMPLATES["docker"]["variables"]["properties"]
+    assert pool["networks"]["default"] == [f"{compose['name']}_default"]
+    env = pool["env"]["default"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and "mlflow" in compose["services"]
+    assert not any(word in name for name in env for word in ("SECRET", "TOKEN", "PASSWORD", "KEY"))
+    mounts = dict(volume.split(":") for volume in pool["volumes"]["default"])
+    assert set(mounts) == {v["name"] for v in compose["volumes"].values() if v}  # created by compose, named alike
+    workdir = "/opt/prefect"
+    assert mounts["codetune_runs"] == f"{workdir}/{TrainingConfig().output_dir}"  # checkpoints outlive a container
+    assert mounts["codetune_data"] == f"{workdir}/{Path(DataConfig().cache_dir).parent}"
+    assert not any("AWS_SECRET" in str(v) or "HF_TOKEN" in str(v) for v in compose["services"]["worker"].values())
 
 
 def test_dockerfile_passes_hadolint():
