@@ -106,6 +106,36 @@ def test_flow_publishes_to_s3_and_the_hub_and_never_leaks_secrets(
         assert canary_hf.encode() not in content and canary_aws.encode() not in content, path
     assert canary_hf not in caplog.text and canary_aws not in caplog.text
     assert canary_hf not in json.dumps(result) and canary_aws not in json.dumps(result)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:  # parameters, states and artifacts as the Prefect UI shows them
+        stored = [r.model_dump_json() for r in prefect.read_flow_runs() + prefect.read_task_runs()]
+        stored += [a.model_dump_json() for a in prefect.read_artifacts()]
+    assert any("team/summarizer" in record for record in stored)  # what was read is this run's
+    assert not any(canary_hf in record or canary_aws in record for record in stored)
+
+
+def test_secrets_offered_through_the_config_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """Through an override, a YAML value and a URL: `codetune run` refuses each before Prefect starts, and never
+    echoes the secret."""
+    from flows.cli import main
+
+    canary = "aws-canary-secret-91c4d2"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
+    yaml_file = tmp_path / "leaky.yaml"
+    yaml_file.write_text("registry:\n  huggingface:\n    license: ${oc.env:AWS_SECRET_ACCESS_KEY}\n")
+    attempts = {
+        "override": ["run", "registry.huggingface.license=${oc.env:AWS_SECRET_ACCESS_KEY}"],
+        "yaml": ["run", "--config", str(yaml_file)],
+        "url": ["run", f"registry.s3.endpoint_url=https://AKIA:{canary}@s3.example.com", "registry.s3.bucket=b"],
+    }
+    for way, argv in attempts.items():
+        assert main(argv) == 2, way
+        printed = capsys.readouterr()
+        assert canary not in printed.out + printed.err, way
+        assert "interpolation" in printed.err or "credentials" in printed.err, (way, printed.err)
+    assert [p.name for p in tmp_path.rglob("*")] == ["leaky.yaml"]  # no run, no mlruns, no Prefect home
 
 
 def test_flow_reports_a_config_typo_without_training(prefect_server):
