@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from codetune.errors import CodetuneError
+from codetune.errors import CodetuneError, ConfigError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the S3 endpoint flow runs reach, saved with the AWS_* credentials in the codetune-models block "
         "(default: docker/compose.yaml's MinIO; '' for AWS itself)",
     )
+    serving = commands.add_parser("serve", help="serve a registered model over HTTP (MLflow's scoring protocol)")
+    serving.add_argument("--model", default="models:/codetune-code-summarizer@champion", help="models:/<name>@<alias>")
+    serving.add_argument("--host", default="127.0.0.1")
+    serving.add_argument("--port", type=int, default=8000)
+    serving.add_argument("--alias-poll-seconds", type=float, default=5.0, help="how often the alias is checked")
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     _add_config_args(
         commands.add_parser("check", help="pre-flight: config, model, data and disk, every problem at once (no server)")
@@ -120,6 +125,16 @@ def _deploy_flows(args) -> dict:
     }
 
 
+def _serve(args) -> dict:
+    from server.app import run_server
+
+    try:
+        run_server(args.model, args.host, args.port, alias_poll_s=args.alias_poll_seconds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return {"served": args.model}
+
+
 def _train(args) -> dict:
     from codetune.data import prepare_data
     from codetune.evaluation import evaluate_model
@@ -158,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(load_config(args.config, args.overrides + args.assignments)), end="")
             return 0
-        commands = {"run": _run, "check": _check, "train": _train, "deploy": _deploy, "deploy-flows": _deploy_flows}
+        commands = {
+            "run": _run,
+            "check": _check,
+            "train": _train,
+            "deploy": _deploy,
+            "deploy-flows": _deploy_flows,
+            "serve": _serve,
+        }
         result = commands[args.command](args)
     except CodetuneError as exc:
         print(f"codetune: error: {exc}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""`codetune serve`: a registered model behind HTTP, on Ray Serve."""
