@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     serving.add_argument("--host", default="127.0.0.1")
     serving.add_argument("--port", type=int, default=8000)
     serving.add_argument("--alias-poll-seconds", type=float, default=5.0, help="how often the alias is checked")
+    serving.add_argument("--max-batch-requests", type=int, default=32, help="requests joined into one predict call")
+    serving.add_argument("--batch-wait-seconds", type=float, default=0.1, help="how long a batch waits to fill")
+    serving.add_argument("--max-queued-requests", type=int, default=512, help="beyond these: 503 with Retry-After")
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     _add_config_args(
         commands.add_parser("check", help="pre-flight: config, model, data and disk, every problem at once (no server)")
@@ -126,10 +129,15 @@ def _deploy_flows(args) -> dict:
 
 
 def _serve(args) -> dict:
-    from server.app import run_server
+    from server.app import Limits, run_server
 
+    limits = Limits(
+        batch_requests=args.max_batch_requests,
+        batch_wait_s=args.batch_wait_seconds,
+        queued_requests=args.max_queued_requests,
+    )
     try:
-        run_server(args.model, args.host, args.port, alias_poll_s=args.alias_poll_seconds)
+        run_server(args.model, args.host, args.port, limits, args.alias_poll_seconds)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return {"served": args.model}

@@ -83,6 +83,8 @@ class Family(Protocol):
     """Whether evaluation also scores the pretrained base before tuning (generation: the same prompt works untuned)."""
     batches_by_length: bool
     """Whether training may batch similar lengths together (not when a batch is its own negatives)."""
+    rows_independent: bool
+    """Whether predict's answer for a row depends on that row alone, so a server may join requests in one call."""
 
     def build_scratch(self, arch: ScratchArchitecture, tokenizer, labels: list[str] | None) -> PreTrainedModel: ...
 
@@ -147,6 +149,7 @@ class FamilyDefaults:
 
     auto_class: type
     """The transformers Auto class that loads this family's models."""
+    rows_independent = True
 
     def __init__(self, direction: Direction = Direction.code_to_text):
         self.direction = direction

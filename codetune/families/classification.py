@@ -32,17 +32,20 @@ def label_maps(labels: list[str]) -> dict:
 
 
 @torch.inference_mode()
-def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_length: int) -> list[str]:
-    """The label name the classifier gives each code, in length-sorted batches."""
+def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_length: int) -> list[dict]:
+    """The label the classifier gives each code and its probability, {"label", "score"}, in length-sorted batches."""
     order = sorted(range(len(codes)), key=lambda i: len(codes[i]), reverse=True)
-    predictions: list[str] = [""] * len(codes)
+    predictions: list[dict] = [{}] * len(codes)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = tokenizer(
             [codes[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt"
         )
-        for i, label_id in zip(index, model(**batch.to(model.device)).logits.argmax(-1).tolist()):
-            predictions[i] = model.config.id2label[label_id]
+        with torch.no_grad():
+            probabilities = model(**batch.to(model.device)).logits.softmax(-1)
+        scores, label_ids = probabilities.max(-1)
+        for i, label_id, score in zip(index, label_ids.tolist(), scores.tolist()):
+            predictions[i] = {"label": model.config.id2label[label_id], "score": round(score, 6)}
     return predictions
 
 
@@ -85,7 +88,8 @@ class Classification(FamilyDefaults):
     def probe_inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k != "labels"}
 
-    def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[str]:
+    def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[dict]:
+        """Each code's label and the classifier's probability for it."""
         codes = input_texts(model_input)
         return classify(model, tokenizer, codes, settings.generation.batch_size, settings.max_source_length)
 
@@ -93,5 +97,5 @@ class Classification(FamilyDefaults):
         codes, labels = [r["code"] for r in rows], [r["label"] for r in rows]
         majority = Counter(labels).most_common(1)[0][0]
         baseline = ("majority class", [majority] * len(rows))
-        predictions = self.predict(model, tokenizer, codes, settings)
+        predictions = [p["label"] for p in self.predict(model, tokenizer, codes, settings)]
         return scored_predictions(rows, codes, labels, predictions, baseline, classification_metrics)

@@ -198,6 +198,7 @@ class CodeSearch(FamilyDefaults):
     scores_untuned = False
     # A code-search batch is its own negatives: batches of look-alike code would be a different, harder task.
     batches_by_length = False
+    rows_independent = False  # a row's rank depends on the other candidates
 
     def build_scratch(self, arch, tokenizer, labels=None):
         return RobertaModel(roberta_config(arch, tokenizer, arch.num_layers), add_pooling_layer=False)
@@ -222,8 +223,9 @@ class CodeSearch(FamilyDefaults):
         """The encoder alone, on the code side."""
         return {"input_ids": batch["code_input_ids"], "attention_mask": batch["code_attention_mask"]}
 
-    def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[float]:
-        """The cosine similarity of each (query, code) row of a DataFrame."""
+    def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[dict]:
+        """Each (query, code) row of a DataFrame: its cosine similarity, and the code's rank among the rows with the
+        same query (1: the best match). A query with its candidate functions comes back ranked."""
         if not hasattr(model_input, "columns") or not {"query", "code"} <= set(model_input.columns):
             raise ValueError("a code-search model scores pairs: pass a DataFrame with 'query' and 'code' columns")
         queries, codes = model_input["query"].astype(str).tolist(), model_input["code"].astype(str).tolist()
@@ -232,7 +234,15 @@ class CodeSearch(FamilyDefaults):
             settings.max_target_length,
             settings.max_source_length,
         )
-        return pair_similarity(model, tokenizer, queries, codes, batch, query_length, code_length)
+        scores = pair_similarity(model, tokenizer, queries, codes, batch, query_length, code_length)
+        by_query: dict[str, list[int]] = {}
+        for row, query in enumerate(queries):
+            by_query.setdefault(query, []).append(row)
+        ranks = [0] * len(scores)
+        for rows in by_query.values():
+            for rank, row in enumerate(sorted(rows, key=lambda r: -scores[r]), 1):
+                ranks[row] = rank
+        return [{"score": score, "rank": rank} for score, rank in zip(scores, ranks)]
 
     def score(self, model, tokenizer, rows: list[dict], settings: InferenceSettings) -> Scored:
         """Each row's summary as a query over all the rows' code; MRR of the row's own code, beside lexical matching."""

@@ -310,8 +310,8 @@ def test_classifier_family_end_to_end(prefect_server, labelled_jsonl, tiny_overr
     )
     assert set(result["metrics"]) == {"accuracy", "f1_macro", "mcc"}
     assert result["registration"]["alias"] == "champion" and "accuracy" in result["registration"]["reason"]
-    labels = champion_predicts(uri, "codetune-code-classifier", ["def f(x):\n    return x\n"])
-    assert labels[0] in {"method", "function"}
+    [labelled] = champion_predicts(uri, "codetune-code-classifier", ["def f(x):\n    return x\n"])
+    assert labelled["label"] in {"method", "function"} and 0.5 <= labelled["score"] <= 1.0  # two classes
 
 
 @pytest.mark.timeout(600)
@@ -328,10 +328,15 @@ def test_code_search_family_end_to_end(prefect_server, tiny_overrides, tmp_path,
     assert set(result["metrics"]) == {"mrr", "recall_at_1", "recall_at_10"}
     assert result["registration"]["alias"] == "champion" and "mrr" in result["registration"]["reason"]
 
-    code = "def add(a, b):\n    return a + b\n"
-    pairs = pd.DataFrame({"query": ["Add two numbers.", "Open a socket."], "code": [code, code]})
-    scores = champion_predicts(uri, "codetune-code-search", pairs)
-    assert len(scores) == 2 and all(isinstance(s, float) and -1.0 <= s <= 1.0 for s in scores)
+    candidates = [
+        "def add(a, b):\n    return a + b\n",
+        "def connect(host):\n    return socket.create_connection(host)\n",
+    ]
+    pairs = pd.DataFrame({"query": ["Add two numbers."] * 2 + ["Open a socket."], "code": candidates + candidates[:1]})
+    ranked = champion_predicts(uri, "codetune-code-search", pairs)
+    assert all(isinstance(r["score"], float) and -1.0 <= r["score"] <= 1.0 for r in ranked)
+    assert sorted(r["rank"] for r in ranked[:2]) == [1, 2] and ranked[2]["rank"] == 1  # ranked per query
+    assert (ranked[0]["rank"] < ranked[1]["rank"]) == (ranked[0]["score"] > ranked[1]["score"])
 
     other_split = finetune(config=config, overrides=overrides + ["data.test_fraction=0.08"])
     assert "on the same test split" in other_split["registration"]["reason"]

@@ -45,6 +45,16 @@ def _post(url: str, payload) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def _post_status(url: str, payload) -> tuple[int, str | None]:
+    """(status, Retry-After header)."""
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, None
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Retry-After")
+
+
 @pytest.mark.timeout(900)
 def test_serve_answers_batches_and_follows_the_alias_under_load(tiny_overrides, tmp_path, monkeypatch):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -54,13 +64,16 @@ def test_serve_answers_batches_and_follows_the_alias_under_load(tiny_overrides, 
     second = _register("served", load_config(TWIN, tiny_overrides + ["training.seed=7", "training.max_steps=24"]))
     client.set_registered_model_alias("served", "champion", first)
     # What each version says, one code at a time, in this process: the reference for the served answers.
-    expected = {v: list(mlflow.pyfunc.load_model(f"models:/served/{v}").predict(CODES)) for v in (first, second)}
+    expected = {}
+    for v in (first, second):
+        consumer = mlflow.pyfunc.load_model(f"models:/served/{v}")
+        expected[v] = [consumer.predict([code])[0] for code in CODES]
     assert expected[first] != expected[second]
 
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--model", "models:/served@champion"]
-        + ["--port", str(port), "--alias-poll-seconds", "1"],
+        + ["--port", str(port), "--alias-poll-seconds", "1", "--max-batch-requests", "4", "--max-queued-requests", "8"],
         cwd=REPO,
         env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
     )
@@ -70,17 +83,28 @@ def test_serve_answers_batches_and_follows_the_alias_under_load(tiny_overrides, 
         status, body = _post(f"{url}/invocations", {"inputs": CODES})
         assert status == 200 and body == {"predictions": expected[first], "model_version": first}
 
-        # Concurrent one-code requests are batched, and each gets the answer it would get alone.
-        with ThreadPoolExecutor(16) as pool:
+        # Concurrent one-code requests (as many as may be in flight) are batched; each gets its answer alone.
+        with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda i: _post(f"{url}/invocations", {"inputs": [CODES[i % 4]]}), range(32)))
         assert all(s == 200 and b["predictions"] == [expected[first][i % 4]] for i, (s, b) in enumerate(answers))
         metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
         batched = [line for line in metrics.splitlines() if line.startswith("codetune_batch_rows_count")]
         assert batched and float(batched[0].split()[-1]) < 32 + 1  # fewer predict calls than requests
 
-        # Malformed input is a 400 that names the problem; the server keeps serving.
-        assert _post(f"{url}/invocations", {"wrong": [1]})[0] == 400
+        # Malformed or oversized input is a 400 that names the problem; the server keeps serving.
+        status, body = _post(f"{url}/invocations", {"wrong": [1]})
+        assert status == 400 and "malformed input" in body["message"]
         assert _post(f"{url}/invocations", {"inputs": []})[0] == 400
+        status, body = _post(f"{url}/invocations", {"inputs": ["x" * 100_001]})
+        assert status == 400 and "at most 100000" in body["message"]
+        assert _post(f"{url}/invocations", {"inputs": ["x" * 100_000] * 90})[0] == 413
+
+        # Past 8 in flight and 8 queued: 503 with Retry-After, never a crash.
+        with ThreadPoolExecutor(48) as pool:
+            flood = list(pool.map(lambda _: _post_status(f"{url}/invocations", {"inputs": CODES}), range(48)))
+        assert {status for status, _ in flood} == {200, 503}
+        assert all(retry_after == "1" for status, retry_after in flood if status == 503)
+        assert _post(f"{url}/invocations", {"inputs": CODES[:1]})[0] == 200
 
         # Move the alias under load: no request fails, and every answer matches the version that gave it.
         def load(i):
