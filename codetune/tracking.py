@@ -105,3 +105,20 @@ def log_run(
             if (run_dir / name).exists():
                 mlflow.log_artifact(str(run_dir / name))
         return run.info.run_id
+
+
+def log_pruned_run(cfg: Config, run_name: str, why: str, tags: dict[str, str]) -> str:
+    """An MLflow run for a sweep trial its pruner stopped: the config, the reason, status KILLED."""
+    import mlflow
+    from mlflow.entities import Param
+
+    use_tracking_server(cfg.mlflow.tracking_uri)
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        experiment.experiment_id, run_name=run_name, tags={**tags, "codetune.trial_state": "PRUNED", "pruned": why}
+    )
+    params = [Param(key, str("null" if value is None else value)) for key, value in flatten(cfg).items()]
+    client.log_batch(run.info.run_id, params=params)
+    client.set_terminated(run.info.run_id, status="KILLED")
+    return run.info.run_id

@@ -42,6 +42,7 @@ from codetune.rundir import (
     TRAINING_RECORD,
     RunDir,
 )
+from codetune.sweep import TrialRef
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +197,13 @@ def _collator(family: Family, tokenizer, model):
     return family.collator(tokenizer, model, 8 if torch.cuda.is_available() else None)
 
 
-def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
+def train_model(cfg: Config, data: PreparedData, trial: TrialRef | None = None) -> TrainedModel:
     """Train (or resume, or skip if done) and export the model to the run directory.
 
     LoRA runs finish in two steps: the adapter and fitted.json are saved as soon as training ends,
     then merged into the export. A failed merge keeps both, and a re-run merges again without training.
+    trial: a sweep's trial, told each validation loss; if its pruner stops training, TrialPruned is raised
+    and nothing is exported.
     """
     run = RunDir(Path(cfg.training.output_dir) / run_name(cfg, data))
     run.claim(run_key(cfg, data))
@@ -208,10 +211,10 @@ def train_model(cfg: Config, data: PreparedData) -> TrainedModel:
         if run.trained:
             log.info("training already finished in %s; not redoing it", run)
             return TrainedModel.load(run.path)
-        return _train(cfg, data, run)
+        return _train(cfg, data, run, trial)
 
 
-def _train(cfg: Config, data: PreparedData, run: RunDir) -> TrainedModel:
+def _train(cfg: Config, data: PreparedData, run: RunDir, trial: TrialRef | None = None) -> TrainedModel:
     """Fit (or take the adapter an earlier attempt fitted), export, and mark the run trained."""
     weights = base_weights(cfg.model)
     run.write(CONFIG_FILE, f"# base weights: {json.dumps(weights)}\n" + to_yaml(cfg))
@@ -224,7 +227,7 @@ def _train(cfg: Config, data: PreparedData, run: RunDir) -> TrainedModel:
         log.info("training finished earlier in %s; merging its adapter without training again", run)
         trained = TrainedModel(**run.read_json(FITTED_RECORD))
     else:
-        fit = _fit_in_memory(cfg, family, run, train_rows, validation_rows, labels, weights)
+        fit = _fit_in_memory(cfg, family, run, train_rows, validation_rows, labels, weights, trial)
         trained, model, tokenizer, state = fit
         # LoRA: the adapter alone, kept whatever the merge does; else the whole model, the export itself.
         staged = run.staging(ADAPTER_DIR if cfg.peft.use_peft else EXPORT)
@@ -374,7 +377,14 @@ def _fit_in_memory(cfg: Config, *fit_args):
 
 
 def _fit(
-    cfg: Config, family: Family, run: RunDir, train_rows: list[dict], validation_rows: list[dict], labels, weights
+    cfg: Config,
+    family: Family,
+    run: RunDir,
+    train_rows: list[dict],
+    validation_rows: list[dict],
+    labels,
+    weights,
+    trial: TrialRef | None,
 ):
     """The Trainer run, resumed from the newest complete checkpoint: (record, trained model, tokenizer, trainer
     state)."""
@@ -402,6 +412,11 @@ def _fit(
         processing_class=tokenizer,
         callbacks=[_progress_callback(trainable if cfg.peft.use_peft else total)],
     )
+    if trial:
+        from codetune.sweep import pruning_callback
+
+        reporter = pruning_callback(trial)
+        trainer.add_callback(reporter)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if t.gradient_accumulation_steps > 1 and trainer.model_accepts_loss_kwargs:
@@ -414,6 +429,10 @@ def _fit(
     started = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
+    if trial and reporter.pruned_at is not None:
+        from codetune.sweep import TrialPruned
+
+        raise TrialPruned(f"trial {trial.number} pruned at step {reporter.pruned_at}; its checkpoints stay in {run}")
     validation_loss = trainer.evaluate()["eval_loss"]
     train_loss = final_train_loss(trainer, outcome)
     log.info(

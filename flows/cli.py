@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the S3 endpoint flow runs reach, saved with the AWS_* credentials in the codetune-models block "
         "(default: docker/compose.yaml's MinIO; '' for AWS itself)",
     )
+    _add_config_args(
+        commands.add_parser("sweep", help="hyperparameter search (Optuna): --config configs/sweeps/<file>.yaml")
+    )
     serving = commands.add_parser("serve", help="serve a registered model over HTTP (MLflow's scoring protocol)")
     serving.add_argument("--model", default="models:/codetune-code-summarizer@champion", help="models:/<name>@<alias>")
     serving.add_argument("--host", default="127.0.0.1")
@@ -87,6 +90,17 @@ def _run(args) -> dict:
     from flows.finetune import finetune
 
     return finetune(config=args.config, overrides=args.overrides + args.assignments)
+
+
+def _sweep(args) -> dict:
+    from codetune.sweep import load_sweep
+
+    if not args.config:
+        raise ConfigError("codetune sweep needs --config configs/sweeps/<file>.yaml")
+    load_sweep(args.config, args.overrides + args.assignments)  # a typo is reported before Prefect starts
+    from flows.sweep import sweep
+
+    return sweep(sweep_config=args.config, overrides=args.overrides + args.assignments)
 
 
 def _deploy(args) -> dict:
@@ -188,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             "deploy": _deploy,
             "deploy-flows": _deploy_flows,
             "serve": _serve,
+            "sweep": _sweep,
         }
         result = commands[args.command](args)
     except CodetuneError as exc:

@@ -16,7 +16,7 @@ from tasks.evaluate import evaluate
 from tasks.preflight import preflight
 from tasks.publish import publication_plan, publish
 from tasks.register import register
-from tasks.track import lineage, track
+from tasks.track import lineage, track, track_pruned
 from tasks.train import train
 
 # The most changed settings get their own typed fields in the Prefect UI form; each maps to its
@@ -42,6 +42,7 @@ def finetune(
     learning_rate: Optional[float] = None,
     use_lora: Optional[bool] = None,
     lora_r: Optional[int] = None,
+    trial: Optional[dict] = None,
 ) -> dict:
     """Fine-tune, evaluate, track, register and publish a code model: a summariser, code generator, classifier or
     code-search encoder, per model.task and model.direction.
@@ -54,6 +55,8 @@ def finetune(
         learning_rate: peak learning rate (training.learning_rate).
         use_lora: train LoRA adapters instead of all weights (peft.use_peft).
         lora_r: LoRA rank (peft.r).
+        trial: set by the sweep flow: the Optuna trial this run is (TrialRef's fields) and the sweep's MLflow run.
+            The run reports its validation losses and result to the study and is tracked, not registered.
     """
     form = {
         "model_name": model_name,
@@ -67,9 +70,34 @@ def finetune(
     preflight(cfg)
     data = load_data(cfg.data, labelled=cfg.model.task.labelled)
     timeout = cfg.training.timeout_minutes
-    trained = train.with_options(timeout_seconds=timeout * 60 if timeout else None)(cfg, data)
+    train_task = train.with_options(timeout_seconds=timeout * 60 if timeout else None)
+    if trial:
+        return run_trial(cfg, data, train_task, trial)
+    trained = train_task(cfg, data)
     report = evaluate(cfg, trained, data)
     return release(cfg, data, trained, report)
+
+
+def run_trial(cfg, data, train_task, trial: dict) -> dict:
+    """A sweep's trial: train (pruned or not), evaluate, track under the sweep's MLflow run, tell the study."""
+    from codetune.sweep import TrialPruned, TrialRef, tell_study
+
+    ref = TrialRef(**{k: trial[k] for k in ("storage", "study_name", "number", "pruning")})
+    try:
+        trained = train_task(cfg, data, ref)
+    except TrialPruned as exc:
+        tell_study(ref, pruned=True)
+        if cfg.mlflow.enabled:
+            track_pruned(cfg, ref.number, str(exc), {"mlflow.parentRunId": trial["parent_run_id"]})
+        return {"trial": ref.number, "pruned": str(exc)}
+    report = evaluate(cfg, trained, data)
+    summary = {"trial": ref.number, "run_dir": trained.run_dir, "metrics": report.metrics}
+    tags = {"mlflow.parentRunId": trial["parent_run_id"], "codetune.sweep": ref.study_name}
+    if cfg.mlflow.enabled:
+        summary["mlflow_run_id"] = track(cfg, trained, report, {**lineage(cfg, data), **tags})
+    value = trained.validation_loss if trial["metric"] == "validation_loss" else report.metrics[trial["metric"]]
+    tell_study(ref, value=value, attrs={"run_dir": trained.run_dir, "mlflow_run_id": summary.get("mlflow_run_id")})
+    return summary
 
 
 def release(cfg, data, trained, report) -> dict:
@@ -90,22 +118,26 @@ def release(cfg, data, trained, report) -> dict:
     if not cfg.mlflow.enabled:
         return summary
     summary["mlflow_run_id"] = track(cfg, trained, report, origin)
-    registration = register(cfg, data, trained, report, summary["mlflow_run_id"], origin)
-    summary["registration"] = {
-        "model": registration.model_name,
-        "version": registration.version,
-        "alias": registration.alias,
-        "reason": registration.reason,
-    }
-    summary["published"] = publish(cfg, trained, report, registration, origin)
+    summary.update(register_and_publish(cfg, data, trained, report, summary["mlflow_run_id"], origin))
+    return summary
+
+
+def register_and_publish(cfg, data, trained, report, mlflow_run_id: str, origin: dict) -> dict:
+    """Register the tracked run's model (the champion gate decides its alias) and publish it."""
+    registration = register(cfg, data, trained, report, mlflow_run_id, origin)
+    published = publish(cfg, trained, report, registration, origin)
     links = (
-        "\n".join(f"- {k}: {v}" for k, v in summary["published"].items())
+        "\n".join(f"- {k}: {v}" for k, v in published.items())
         or "- not published (no registry.s3.bucket or registry.huggingface.repo_id)"
     )
     create_markdown_artifact(
-        f"- MLflow run: `{summary['mlflow_run_id']}`\n"
+        f"- MLflow run: `{mlflow_run_id}`\n"
         f"- model version: `{registration.model_uri}` → **{registration.alias}** ({registration.reason})\n{links}\n\n"
         f"{report.to_markdown()}",
         key="finetune-summary",
     )
-    return summary
+    registered = {"model": registration.model_name, "version": registration.version}
+    return {
+        "registration": {**registered, "alias": registration.alias, "reason": registration.reason},
+        "published": published,
+    }

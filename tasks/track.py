@@ -6,7 +6,7 @@ from prefect.runtime import flow_run
 from codetune.config import Config, ModelInit, content_hash
 from codetune.data import PreparedData
 from codetune.evaluation import EvalReport
-from codetune.tracking import log_run
+from codetune.tracking import log_pruned_run, log_run
 from codetune.training import TrainedModel
 from tasks.retry import stage_task
 
@@ -44,3 +44,9 @@ def track(cfg: Config, trained: TrainedModel, report: EvalReport, lineage: dict[
     if trained.micro_batch_size:  # halved after an out-of-memory
         summary["micro_batch_size"] = trained.micro_batch_size
     return log_run(cfg, trained.run_dir, summary, lineage, trained.base_weights)
+
+
+@stage_task("track-pruned", retry_delays=[5, 20])
+def track_pruned(cfg: Config, number: int, why: str, tags: dict[str, str]) -> str:
+    """A pruned trial's MLflow run: its settings, marked KILLED and tagged pruned; nothing was exported to log."""
+    return log_pruned_run(cfg, f"trial-{number}", why, tags)
