@@ -46,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the S3 endpoint flow runs reach, saved with the AWS_* credentials in the codetune-models block "
         "(default: docker/compose.yaml's MinIO; '' for AWS itself)",
     )
-    _add_config_args(
-        commands.add_parser("sweep", help="hyperparameter search (Optuna): --config configs/sweeps/<file>.yaml")
-    )
+    sweeping = commands.add_parser("sweep", help="hyperparameter search (Optuna): --config configs/sweeps/<file>.yaml")
+    _add_config_args(sweeping)
+    sweeping.add_argument("--deployment", help="run each trial as this deployment on its pool (e.g. finetune/trial)")
     serving = commands.add_parser("serve", help="serve a registered model over HTTP (MLflow's scoring protocol)")
     serving.add_argument("--model", default="models:/codetune-code-summarizer@champion", help="models:/<name>@<alias>")
     serving.add_argument("--host", default="127.0.0.1")
@@ -100,7 +100,7 @@ def _sweep(args) -> dict:
     load_sweep(args.config, args.overrides + args.assignments)  # a typo is reported before Prefect starts
     from flows.sweep import sweep
 
-    return sweep(sweep_config=args.config, overrides=args.overrides + args.assignments)
+    return sweep(sweep_config=args.config, overrides=args.overrides + args.assignments, deployment=args.deployment)
 
 
 def _deploy(args) -> dict:

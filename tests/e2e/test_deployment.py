@@ -121,3 +121,39 @@ def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(
     assert f"models/deployed/{champion.version}/model.safetensors" in keys
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1 and (run_dirs[0] / "metrics.json").exists()
+
+
+@pytest.mark.timeout(900)
+def test_a_sweep_spreads_its_trials_over_process_workers(prefect_api, tmp_path, stdlib_cache):
+    """finetune/trial on a process pool with two workers: two trials at once, four in all, the best registered."""
+    import optuna
+
+    from tests.e2e.test_sweep import SWEEP, sweep_overrides
+
+    env = {**os.environ, **prefect_api, "CODETUNE_WORKDIR": str(REPO), "PYTHONPATH": str(REPO)}
+    prefect = [sys.executable, "-m", "prefect"]
+    _run(env, *prefect, "work-pool", "create", "trial-pool", "--type", "process", "--overwrite")
+    _run(env, *prefect, "--no-prompt", "deploy", "-n", "trial", "--pool", "trial-pool")
+    workers = [
+        subprocess.Popen(
+            [*prefect, "worker", "start", "--pool", "trial-pool", "--limit", "1"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+    try:
+        command = [sys.executable, "-m", "flows.cli", "sweep", "--config", SWEEP, "--deployment", "finetune/trial"]
+        out = _run(env, *command, "parallelism=2", "pruner=none", *sweep_overrides(tmp_path, stdlib_cache), timeout=800)
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(timeout=60)
+    result = json.loads(out[out.index("{") :])
+    assert list(result["trials"].values()) == ["COMPLETE"] * 4
+    assert result["registration"]["alias"] == "champion"
+    study = optuna.load_study(study_name="tiny-seq2seq", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in study.trials)
+    assert spans[0][1] > spans[1][0] and spans[2][1] > spans[3][0]  # run two at a time

@@ -15,7 +15,8 @@ from codetune.config import SCHEMA_KEYS, DataConfig, TrainingConfig, load_config
 from flows.finetune import FORM_FIELDS, finetune
 
 PREFECT_YAML = yaml.safe_load(Path("prefect.yaml").read_text())
-DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"]}
+DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/finetune.py:finetune"}
+SWEEPS = [d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/sweep.py:sweep"]
 FLOW_PARAMS = inspect.signature(finetune.fn).parameters
 FLOW_TYPES = typing.get_type_hints(finetune.fn)
 TEMPLATES = {
@@ -31,6 +32,19 @@ def test_deployment_parameters_are_flow_parameters_and_valid_config(name):
     assert set(params) <= set(FLOW_PARAMS)
     form = [f"{FORM_FIELDS[k]}={v}" for k, v in params.items() if k in FORM_FIELDS]
     load_config(params.get("config"), [*params.get("overrides", []), *form])
+
+
+def test_the_sweep_deployment_names_a_valid_sweep_and_the_trial_deployment():
+    from codetune.sweep import load_sweep
+    from flows.sweep import sweep
+
+    [deployment] = SWEEPS
+    params = deployment["parameters"]
+    assert set(params) <= set(inspect.signature(sweep.fn).parameters)
+    load_sweep(params["sweep_config"])
+    flow_name, name = params["deployment"].split("/")
+    assert flow_name == "finetune" and name in DEPLOYMENTS
+    assert "concurrency_limit" not in DEPLOYMENTS[name]  # trials run side by side, one per worker
 
 
 def test_ui_form_fields_match_the_schema_keys_and_types():
