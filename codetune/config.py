@@ -374,7 +374,7 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _unknown_key_message(key: str, where: str) -> str:
+def unknown_key_message(key: str, where: str) -> str:
     close = difflib.get_close_matches(key, list(SCHEMA_KEYS), n=1, cutoff=0.6)
     hint = f" — did you mean '{close[0]}'?" if close else " — run `codetune keys` to list valid keys"
     return f"unknown key '{key}' ({where}){hint}"
@@ -440,7 +440,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for where, values in layers:
         for key, value in values.items():
             if key not in SCHEMA_KEYS:
-                problems.append(_unknown_key_message(key, where))
+                problems.append(unknown_key_message(key, where))
                 continue
             if isinstance(value, str) and "${" in value:
                 problems.append(

@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-from codetune.config import SCHEMA_KEYS, ConfigError, _unknown_key_message, load_config
+from codetune.config import SCHEMA_KEYS, ConfigError, load_config, unknown_key_message
 
 if typing.TYPE_CHECKING:
     import optuna
@@ -70,7 +70,7 @@ class SweepConfig:
 
 def _parameter_problems(key: str, spec: Any) -> list[str]:
     if key not in SCHEMA_KEYS:
-        return [_unknown_key_message(key, "sweep parameters")]
+        return [unknown_key_message(key, "sweep parameters")]
     if not isinstance(spec, dict):
         return [f"parameters.{key} must be a mapping: {{low: .., high: ..}} or {{choices: [..]}}"]
     unknown = set(spec) - {f.name for f in dataclasses.fields(Parameter)}
