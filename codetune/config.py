@@ -232,6 +232,9 @@ class TrainingConfig:
     timeout_minutes: Optional[int] = None
     """Fail the training task after this long (it is retried, resuming from its last checkpoint); null never times
     out."""
+    num_processes: Optional[int] = None
+    """Data-parallel training processes (DDP through torch.distributed.run; gloo on a CPU); null: one per visible GPU,
+    1 on a CPU. The effective batch is per_device_train_batch_size x processes x gradient_accumulation_steps."""
 
 
 @dataclass
@@ -519,6 +522,8 @@ def validate(cfg: Config) -> None:
                 f"{key} has credentials in it (user:password@host); it would be written to config.yaml, MLflow and "
                 "logs: give the URL without them and the credentials through the environment or a Prefect block"
             )
+    if cfg.training.num_processes is not None and cfg.training.num_processes < 1:
+        problems.append("training.num_processes must be >= 1 (null: one per visible GPU)")
     if cfg.evaluation.max_examples is not None and cfg.evaluation.max_examples < 1:
         problems.append("evaluation.max_examples must be >= 1 (null evaluates on the whole test split)")
     if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:

@@ -17,6 +17,11 @@ class ModelError(CodetuneError):
     pass
 
 
+class TrainingProcessLost(Exception):
+    """A process of a multi-process training died (killed, lost its device); another try resumes from the newest
+    checkpoint."""
+
+
 # Raised by the HTTP and AWS clients for a dropped connection or a timeout, whichever library's they are.
 TRANSIENT_TYPES = {
     "TransportError",  # httpx (huggingface_hub)
@@ -56,4 +61,4 @@ def _is_transient_itself(exc: BaseException) -> bool:
         return True
     # TimeoutError covers a task that ran past its timeout: its retry resumes from the last checkpoint.
     names = {c.__name__ for c in type(exc).__mro__}
-    return isinstance(exc, (ConnectionError, TimeoutError)) or bool(names & TRANSIENT_TYPES)
+    return isinstance(exc, (ConnectionError, TimeoutError, TrainingProcessLost)) or bool(names & TRANSIENT_TYPES)

@@ -10,8 +10,11 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 
 from codetune.config import Config, content_hash, to_yaml
 from codetune.data import PreparedData
-from codetune.errors import ModelError
+from codetune.errors import ModelError, TrainingProcessLost
 from codetune.families import Family, InferenceSettings, family_of
 from codetune.model import (
     MergeError,
@@ -41,6 +44,7 @@ from codetune.rundir import (
     TRAINER_STATE,
     TRAINING_RECORD,
     RunDir,
+    write_atomic,
 )
 from codetune.sweep import TrialRef
 
@@ -211,14 +215,55 @@ def train_model(cfg: Config, data: PreparedData, trial: TrialRef | None = None) 
         if run.trained:
             log.info("training already finished in %s; not redoing it", run)
             return TrainedModel.load(run.path)
-        return _train(cfg, data, run, trial)
+        if processes(cfg) > 1 and not launched():
+            launch_processes(cfg, data, run)
+            return TrainedModel.load(run.path)
+        return train_locked(cfg, data, run, trial)
 
 
-def _train(cfg: Config, data: PreparedData, run: RunDir, trial: TrialRef | None = None) -> TrainedModel:
+def processes(cfg: Config) -> int:
+    return cfg.training.num_processes or max(torch.cuda.device_count(), 1)
+
+
+def launched() -> bool:
+    """Whether this is one of the processes torch.distributed.run started."""
+    return "LOCAL_RANK" in os.environ
+
+
+def rank_zero() -> bool:
+    """The process that writes: checkpoints (the Trainer's rule), the adapter, the export and the records."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launch_processes(cfg: Config, data: PreparedData, run: RunDir) -> None:
+    """Train in processes(cfg) processes with torch.distributed.run, their output in this process's log.
+
+    The launcher runs inside the caller (the train task keeps its retries and timeout); the processes
+    train the run directory this caller has claimed and locked. One that dies fails them all, and
+    TrainingProcessLost tells the task to try again, resuming from the newest complete checkpoint.
+    """
+    n = processes(cfg)
+    settings = run / ".launch-config.yaml"
+    write_atomic(settings, to_yaml(cfg))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    command += ["-m", "codetune.distributed", str(settings), data.directory, str(run.path)]
+    log.info("training in %d processes (%s)", n, "nccl" if torch.cuda.is_available() else "gloo")
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as launcher:
+        for line in launcher.stdout:
+            log.info("%s", line.rstrip())
+    if launcher.returncode != 0:
+        raise TrainingProcessLost(
+            f"a training process failed (torch.distributed.run exited with {launcher.returncode}; its output is above)"
+            f"; checkpoints are kept in {run / CHECKPOINTS} and the next try resumes from the newest"
+        )
+
+
+def train_locked(cfg: Config, data: PreparedData, run: RunDir, trial: TrialRef | None = None) -> TrainedModel:
     """Fit (or take the adapter an earlier attempt fitted), export, and mark the run trained."""
     weights = base_weights(cfg.model)
-    run.write(CONFIG_FILE, f"# base weights: {json.dumps(weights)}\n" + to_yaml(cfg))
-    shutil.copyfile(Path(data.directory) / "manifest.json", run / DATA_MANIFEST)
+    if rank_zero():
+        run.write(CONFIG_FILE, f"# base weights: {json.dumps(weights)}\n" + to_yaml(cfg))
+        shutil.copyfile(Path(data.directory) / "manifest.json", run / DATA_MANIFEST)
 
     family = family_of(cfg.model)
     train_rows, validation_rows = data.load("train"), data.load("validation")
@@ -229,6 +274,8 @@ def _train(cfg: Config, data: PreparedData, run: RunDir, trial: TrialRef | None 
     else:
         fit = _fit_in_memory(cfg, family, run, train_rows, validation_rows, labels, weights, trial)
         trained, model, tokenizer, state = fit
+        if not rank_zero():
+            return trained
         # LoRA: the adapter alone, kept whatever the merge does; else the whole model, the export itself.
         staged = run.staging(ADAPTER_DIR if cfg.peft.use_peft else EXPORT)
         model.save_pretrained(staged)
@@ -400,6 +447,14 @@ def _fit(
         model = add_lora(model, cfg.peft)
     trainable, total = count_parameters(model)
     log.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    log.info(
+        "effective batch %d: %d per device x %d processes x %d accumulation",
+        t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
+        t.per_device_train_batch_size,
+        world,
+        t.gradient_accumulation_steps,
+    )
     if t.gradient_checkpointing:  # here, not by the Trainer: a code-search encoder reaches it inside its BiEncoder
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     settings = InferenceSettings.of(cfg)
@@ -419,7 +474,8 @@ def _fit(
         trainer.add_callback(reporter)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if t.gradient_accumulation_steps > 1 and trainer.model_accepts_loss_kwargs:
+    # Under accumulation or across processes the Trainer counts the batch's items and trusts the model to divide.
+    if (t.gradient_accumulation_steps > 1 or world > 1) and trainer.model_accepts_loss_kwargs:
         probe = trainer.data_collator(trainer.eval_dataset[:2])
         trainer.model_accepts_loss_kwargs = loss_honours_item_count(trainer.model, probe)
     checkpoint = last_complete_checkpoint(run / CHECKPOINTS)

@@ -39,6 +39,12 @@ class PreparedData:
     def split_path(self, split: str) -> Path:
         return Path(self.directory) / f"{split}.jsonl"
 
+    @classmethod
+    def open(cls, directory: str | Path) -> "PreparedData":
+        """Splits prepare_data wrote earlier, from their directory's manifest."""
+        manifest = json.loads((Path(directory) / "manifest.json").read_text())
+        return cls(str(directory), manifest["fingerprint"], manifest["counts"], manifest["sha256"])
+
     def load(self, split: str) -> list[dict]:
         with open(self.split_path(split), encoding="utf-8") as f:
             return [json.loads(line) for line in f]
