@@ -7,17 +7,20 @@ launcher's environment and runs DDP; only rank 0 writes.
 """
 
 import logging
+import os
 import sys
 
 from codetune.config import load_config
 from codetune.data import PreparedData
 from codetune.rundir import RunDir
-from codetune.training import train_locked
+from codetune.training import rank_zero, train_locked
 
 
 def main(config: str, data_directory: str, run_dir: str) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("codetune").setLevel(logging.INFO)
+    # Each line reaches the launching task's log, which adds time and level: the rank is what it lacks.
+    rank = os.environ["RANK"]
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
+    logging.getLogger("codetune").setLevel(logging.INFO if rank_zero() else logging.WARNING)
     train_locked(load_config(config), PreparedData.open(data_directory), RunDir(run_dir))
 
 

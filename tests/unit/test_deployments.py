@@ -67,6 +67,16 @@ def test_gpu_deployment_requests_a_gpu_and_runs_one_training_at_a_time():
     assert device["count"] == "{{ gpu_count }}" and device["capabilities"] == [["gpu"]]
 
 
+def test_multi_gpu_pools_give_the_processes_shared_memory():
+    assert DEPLOYMENTS["multi-gpu"]["work_pool"]["job_variables"]["gpu_count"] > 1
+    docker = TEMPLATES["docker"]
+    assert docker["job_configuration"]["container_create_kwargs"]["shm_size"] == "{{ shm_size }}"
+    pod = TEMPLATES["kubernetes"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert pod["volumes"][0]["emptyDir"]["medium"] == "Memory"
+    assert all("shm_size" in t["variables"]["properties"] for t in TEMPLATES.values())
+
+
 def test_retraining_schedule_ships_inactive():
     [schedule] = DEPLOYMENTS["main"]["schedules"]
     assert schedule["active"] is False and schedule["cron"]
