@@ -21,7 +21,7 @@ if typing.TYPE_CHECKING:
     import optuna
 
 
-class Direction(str, Enum):
+class StudyDirection(str, Enum):
     minimize = "minimize"
     maximize = "maximize"
 
@@ -53,7 +53,7 @@ class SweepConfig:
     """The searched settings, by config key (see `codetune keys`)."""
     metric: str = "validation_loss"
     """What the study optimises: validation_loss (what pruning watches too) or an evaluation metric."""
-    direction: Direction = Direction.minimize
+    direction: StudyDirection = StudyDirection.minimize
     trials: int = 8
     """Completed or pruned trials the sweep runs to; failed ones are retried and do not count."""
     parallelism: int = 1
