@@ -70,7 +70,7 @@ def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(
     pool = _run(env, *prefect, "work-pool", "inspect", "gpu-pool")
     assert "codetune_default" in pool and "codetune_runs:/opt/prefect/runs" in pool and "hf_deployer_token" not in pool
     _run(env, *prefect, "work-pool", "create", "test-pool", "--type", "process", "--overwrite")
-    _run(env, *prefect, "--no-prompt", "deploy", "-n", "main", "--pool", "test-pool")
+    _run(env, *prefect, "--no-prompt", "deploy", "-n", "finetune/main", "--pool", "test-pool")
 
     with FlakyProxy(moto_url) as proxy:
         boto3.client(
@@ -133,7 +133,7 @@ def test_a_sweep_spreads_its_trials_over_process_workers(prefect_api, tmp_path, 
     env = {**os.environ, **prefect_api, "CODETUNE_WORKDIR": str(REPO), "PYTHONPATH": str(REPO)}
     prefect = [sys.executable, "-m", "prefect"]
     _run(env, *prefect, "work-pool", "create", "trial-pool", "--type", "process", "--overwrite")
-    _run(env, *prefect, "--no-prompt", "deploy", "-n", "trial", "--pool", "trial-pool")
+    _run(env, *prefect, "--no-prompt", "deploy", "-n", "finetune/trial", "--pool", "trial-pool")
     workers = [
         subprocess.Popen(
             [*prefect, "worker", "start", "--pool", "trial-pool", "--limit", "1"],
