@@ -161,14 +161,16 @@ def open_study(sweep: SweepConfig) -> optuna.Study:
     import optuna
 
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if sweep.pruner is Pruner.median else None
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=sweep.study_name,
         storage=sweep.storage,
         direction=sweep.direction.value,
-        sampler=optuna.samplers.TPESampler(seed=sweep.seed),
         pruner=pruner,
         load_if_exists=True,
     )
+    # Seeded by the trials so far: a resumed sweep reseeded alike would propose its first trials again.
+    study.sampler = optuna.samplers.TPESampler(seed=sweep.seed + len(study.trials))
+    return study
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from tests.conftest import TINY
 
@@ -92,5 +93,7 @@ def test_a_killed_sweep_resumes_its_study_and_counts_no_trial_twice(tmp_path, st
     assert again.returncode == 0, again.stderr[-3000:]
     after = finished(storage)
     assert after.get("COMPLETE") == 4  # exactly the budget
+    completed = optuna.load_study(study_name="tiny-seq2seq", storage=storage).get_trials(states=[TrialState.COMPLETE])
+    assert len({tuple(sorted(t.params.items())) for t in completed}) == 4  # no setting proposed again on resume
     # A trial the kill left running is failed and asked again, never counted.
     assert after.get("FAIL", 0) == killed_at.get("RUNNING", 0)
