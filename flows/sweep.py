@@ -44,12 +44,12 @@ def run_trial(spec: SweepConfig, number: int, overrides: list[str], parent_run_i
 
 
 def _abandoned_to_retry(study) -> None:
-    """Trials a killed sweep left running: marked failed, and their values asked again."""
+    """Trials a killed sweep left running: marked failed, and their settings asked again."""
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params)
+        _ask_again_once(study, trial, "the sweep was stopped")
 
 
 def _parent_run(cfg, study_name: str) -> str:
@@ -91,10 +91,27 @@ def sweep(sweep_config: str, overrides: Optional[list[str]] = None, deployment: 
         for trial, future in zip(trials, futures):
             future.wait()
             if study.get_trials(deepcopy=False)[trial.number].state is TrialState.RUNNING:
-                print(f"trial {trial.number} ended without a result ({future.state.name}); it is asked again")
                 study.tell(trial.number, state=TrialState.FAIL)
-                study.enqueue_trial(trial.params)
+                _ask_again_once(study, trial, future.state.name)
+        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        if failed > spec.trials:
+            raise RuntimeError(
+                f"{failed} trials of sweep '{spec.study_name}' failed (more than its {spec.trials} trials): see their "
+                "flow runs' logs; starting the sweep again continues the study"
+            )
     return _conclude(spec, study, parent_run_id)
+
+
+def _ask_again_once(study, trial, why: str) -> None:
+    """A trial that ended without a result is asked again once: a lost worker passes, a setting that fails does not."""
+    from optuna.trial import TrialState
+
+    failures = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.params == trial.params]
+    if len(failures) == 1:
+        print(f"trial {trial.number} ended without a result ({why}); its settings are asked again")
+        study.enqueue_trial(trial.params)
+    else:
+        print(f"trial {trial.number} failed again with the same settings ({why}); the sampler moves on")
 
 
 def _conclude(spec: SweepConfig, study, parent_run_id: str) -> dict:

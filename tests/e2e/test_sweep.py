@@ -97,3 +97,19 @@ def test_a_killed_sweep_resumes_its_study_and_counts_no_trial_twice(tmp_path, st
     assert len({tuple(sorted(t.params.items())) for t in completed}) == 4  # no setting proposed again on resume
     # A trial the kill left running is failed and asked again, never counted.
     assert after.get("FAIL", 0) == killed_at.get("RUNNING", 0)
+
+
+@pytest.mark.timeout(600)
+def test_settings_that_fail_are_asked_again_once_and_a_failing_sweep_stops(
+    prefect_server, tmp_path, stdlib_cache, monkeypatch
+):
+    from flows.sweep import sweep
+
+    monkeypatch.chdir(tmp_path)
+    overrides = sweep_overrides(tmp_path, stdlib_cache)
+    # Every trial's data stage fails: no summary has 1000 words.
+    overrides[-1] = overrides[-1][:-1] + ",'data.min_summary_words=1000','data.max_summary_words=2000']"
+    with pytest.raises(RuntimeError, match="2 trials of sweep 'tiny-seq2seq' failed"):
+        sweep(sweep_config=SWEEP, overrides=overrides + ["trials=1", "pruner=none"])
+    failed = optuna.load_study(study_name="tiny-seq2seq", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert [t.state for t in failed] == [TrialState.FAIL, TrialState.FAIL] and failed[0].params == failed[1].params
