@@ -43,6 +43,7 @@ def register(run_dir: Path, tracking_uri: str) -> str:
     from codetune.registry import log_pyfunc_model
 
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("serve-bench")
     with mlflow.start_run():
         uri = log_pyfunc_model(load_config(str(run_dir / "config.yaml")), run_dir)
     version = mlflow.register_model(uri, "bench").version

@@ -58,7 +58,9 @@ def _post_status(url: str, payload) -> tuple[int, str | None]:
 @pytest.mark.timeout(900)
 def test_serve_answers_batches_and_follows_the_alias_under_load(tiny_overrides, tmp_path, monkeypatch):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment("serve")  # not the experiment an earlier test left active, in another store
     client = mlflow.MlflowClient()
     first = _register("served", load_config(TWIN, tiny_overrides))
     second = _register("served", load_config(TWIN, tiny_overrides + ["training.seed=7", "training.max_steps=24"]))
@@ -128,3 +130,4 @@ def test_serve_answers_batches_and_follows_the_alias_under_load(tiny_overrides, 
     finally:
         server.terminate()
         server.wait(timeout=60)
+        mlflow.set_tracking_uri(None)
