@@ -205,13 +205,16 @@ def pruning_callback(ref: TrialRef):
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if ref.pruning else optuna.pruners.NopPruner()
     study, _, trial_id = _trial_in_storage(ref, pruner)
     trial = optuna.Trial(study, trial_id)
+    # The pruner ranks intermediate values in the study's direction: a study maximising BLEU is told -loss,
+    # or it would stop the trials whose loss is lowest.
+    sign = -1.0 if study.direction is optuna.study.StudyDirection.MAXIMIZE else 1.0
 
     class ReportToStudy(TrainerCallback):
         pruned_at: int | None = None
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if metrics and "eval_loss" in metrics:
-                trial.report(metrics["eval_loss"], state.global_step)
+                trial.report(sign * metrics["eval_loss"], state.global_step)
                 if trial.should_prune():
                     self.pruned_at = state.global_step
                     control.should_training_stop = True

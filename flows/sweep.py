@@ -170,6 +170,6 @@ def _log_sweep(parent_run_id: str, study, spec: SweepConfig) -> None:
     client = mlflow.MlflowClient()
     client.log_figure(parent_run_id, figure, "sweep.png")
     plt.close(figure)
-    client.log_param(parent_run_id, "sweep.trials", spec.trials)
+    client.set_tag(parent_run_id, "sweep.trials", spec.trials)  # a tag: a resumed sweep may raise its budget
     client.log_metric(parent_run_id, f"best_{spec.metric}", study.best_value)
     client.set_terminated(parent_run_id)

@@ -73,6 +73,12 @@ def test_a_sweep_runs_its_trials_prunes_a_hopeless_one_and_registers_only_the_be
     best = optuna.load_study(study_name="tiny-seq2seq", storage=storage).best_trial
     assert version.run_id == best.user_attrs["mlflow_run_id"] and result["registration"]["alias"] == "champion"
 
+    # Raising the budget continues the same study and the same sweep run.
+    sweep(sweep_config=SWEEP, overrides=sweep_overrides(tmp_path, stdlib_cache) + ["trials=5"])
+    states = finished(storage)
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 5
+    assert client.get_run(parent.info.run_id).data.tags["sweep.trials"] == "5"
+
 
 @pytest.mark.timeout(900)
 def test_a_killed_sweep_resumes_its_study_and_counts_no_trial_twice(tmp_path, stdlib_cache):

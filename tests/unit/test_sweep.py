@@ -50,3 +50,35 @@ def test_overrides_reach_the_sweep_and_every_bound_is_a_valid_config(tmp_path):
     path = write_sweep(tmp_path, "parameters:\n  evaluation.max_examples: {choices: [0, 8]}\npruner: none\n")
     with pytest.raises(ConfigError, match="evaluation.max_examples"):  # its first choice is no valid setting
         load_sweep(path)
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_the_pruner_stops_the_worse_loss_whichever_way_the_study_optimises(tmp_path, direction):
+    """Trials report validation losses; a study maximising BLEU must still prune the trial whose loss is higher."""
+    import optuna
+    from transformers import TrainerControl, TrainerState
+
+    from codetune.sweep import TrialRef, pruning_callback
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction=direction)
+
+    def run(loss: float) -> bool:
+        trial = study.ask()
+        callback = pruning_callback(TrialRef(storage, "s", trial.number, pruning=True))
+        control, state = TrainerControl(), TrainerState(global_step=25)
+        callback.on_evaluate(None, state, control, metrics={"eval_loss": loss})
+        if control.should_training_stop:
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial.number, 1.0)
+        return control.should_training_stop
+
+    for loss in (3.0, 3.1):  # the pruner's two startup trials, completed
+        trial = study.ask()
+        pruning_callback(TrialRef(storage, "s", trial.number, pruning=True)).on_evaluate(
+            None, TrainerState(global_step=25), TrainerControl(), metrics={"eval_loss": loss}
+        )
+        study.tell(trial.number, 1.0)
+    assert run(2.9) is False  # better than the median loss: goes on
+    assert run(3.5) is True  # worse: stopped
