@@ -160,13 +160,9 @@ def open_study(sweep: SweepConfig) -> optuna.Study:
     """The sweep's study in its storage: created on the first run, continued on every later one."""
     import optuna
 
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if sweep.pruner is Pruner.median else None
+    # No pruner here: the trials decide whether to stop (pruning_callback), this side only asks and tells.
     study = optuna.create_study(
-        study_name=sweep.study_name,
-        storage=sweep.storage,
-        direction=sweep.direction.value,
-        pruner=pruner,
-        load_if_exists=True,
+        study_name=sweep.study_name, storage=sweep.storage, direction=sweep.direction.value, load_if_exists=True
     )
     # Seeded by the trials so far: a resumed sweep reseeded alike would propose its first trials again.
     study.sampler = optuna.samplers.TPESampler(seed=sweep.seed + len(study.trials))

@@ -13,7 +13,7 @@ from prefect.deployments import run_deployment
 
 from codetune.config import load_config
 from codetune.evaluation import EvalReport
-from codetune.sweep import SweepConfig, load_sweep, open_study, suggest
+from codetune.sweep import Pruner, SweepConfig, load_sweep, open_study, suggest
 from codetune.tracking import use_tracking_server
 from codetune.training import TrainedModel
 from flows.finetune import finetune, register_and_publish
@@ -28,19 +28,18 @@ def run_trial(spec: SweepConfig, number: int, overrides: list[str], parent_run_i
         "storage": spec.storage,
         "study_name": spec.study_name,
         "number": number,
-        "pruning": spec.pruner.value != "none",
+        "pruning": spec.pruner is Pruner.median,
         "metric": spec.metric,
         "parent_run_id": parent_run_id,
     }
     # No run_name: a trial asked again after a crash has the same settings, so the same run directory, and resumes.
     trial_overrides = spec.overrides + overrides
+    # The trial tells the study its outcome itself; the sweep reads it from there, whichever way the run went.
     if deployment:
-        run = run_deployment(
-            deployment, parameters={"config": spec.config, "overrides": trial_overrides, "trial": trial}, timeout=None
-        )
-        return run.state.type.value
-    finetune(config=spec.config, overrides=trial_overrides, trial=trial)
-    return "COMPLETED"
+        parameters = {"config": spec.config, "overrides": trial_overrides, "trial": trial}
+        run_deployment(deployment, parameters=parameters, timeout=None)
+    else:
+        finetune(config=spec.config, overrides=trial_overrides, trial=trial)
 
 
 def _abandoned_to_retry(study) -> None:
