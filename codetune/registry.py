@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import codetune
-from codetune.config import Config
+from codetune.config import Config, without_credentials
 from codetune.families import InferenceSettings, family_of
-from codetune.rundir import RunDir
-from codetune.tracking import use_tracking_server
+from codetune.rundir import DATA_PROFILE, RunDir
+from codetune.tracking import TrackingError, use_tracking_server
 from codetune.weights import sha256_file
 
 log = logging.getLogger(__name__)
@@ -85,16 +85,69 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
 def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict]) -> float:
     """The champion's primary metric on this test split: its recorded one if scored on the same split, else re-scored
     now."""
-    import mlflow
 
     metric = family_of(cfg.model).primary_metric
     if champion.tags.get("test_split") == test_split:
         return float(champion.tags[f"metric.{metric}"])
     log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
-    # The registered model itself, loaded as a consumer loads it, then scored as evaluation scores:
-    # a code-search champion ranks every query in chunks instead of scoring n x n pairs through predict().
-    served = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}").unwrap_python_model()
-    return served.family.score(served.model, served.tokenizer, test_rows, served.settings).metrics[metric]
+    return score_registered(f"models:/{cfg.registry.model_name}@{CHAMPION}", test_rows, metric)
+
+
+def score_registered(model_uri: str, rows: list[dict], metric: str) -> float:
+    """A registered model's metric on rows: the model loaded as a consumer loads it, then scored as evaluation scores
+    (a code-search model ranks every query in chunks instead of scoring n x n pairs through predict())."""
+    import mlflow
+
+    served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return served.family.score(served.model, served.tokenizer, rows, served.settings).metrics[metric]
+
+
+@dataclass
+class Champion:
+    """The version a registered model's champion alias points at, and what it was measured on."""
+
+    model_name: str
+    version: str
+    run_id: str
+    metric: str
+    test_value: float
+    """Its primary metric on its own test split."""
+    profile: dict
+    """Its training data's profile (codetune.monitoring.profile_splits)."""
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}/{self.version}"
+
+
+def find_champion(cfg: Config) -> Champion:
+    """cfg.registry.model_name's champion, with the profile of the data its run trained on."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = use_tracking_server(cfg.mlflow.tracking_uri)
+    name = cfg.registry.model_name
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"cannot read the registry at {without_credentials(uri)}: {exc}") from exc
+        raise TrackingError(
+            f"registry.model_name='{name}' has no {CHAMPION} at {without_credentials(uri)}: there is no model to "
+            "monitor yet; train and register one (codetune run), or point registry.model_name / mlflow.tracking_uri "
+            "at the model to watch"
+        ) from None
+    try:
+        profile = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{DATA_PROFILE}")
+    except MlflowException as exc:
+        raise TrackingError(
+            f"{name} v{version.version} (run {version.run_id}) has no {DATA_PROFILE}: it was registered before "
+            "codetune recorded its training data's profile; retrain it (codetune run) to monitor it"
+        ) from exc
+    metric = family_of(cfg.model).primary_metric
+    test_value = float(version.tags[f"metric.{metric}"])
+    return Champion(name, str(version.version), version.run_id, metric, test_value, profile)
 
 
 def decide_alias(metric: str, value: float, min_score: float, champion_value: float | None) -> tuple[str, str]:

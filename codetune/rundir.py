@@ -30,6 +30,8 @@ METRICS_FILE = "metrics.json"
 """Written last by evaluation: the run is scored."""
 CONFIG_FILE = "config.yaml"
 DATA_MANIFEST = "data_manifest.json"
+DATA_PROFILE = "data_profile.json"
+"""The training data's profile: what `codetune monitor` measures drift against."""
 TRAINER_STATE = "trainer_state.json"
 EXAMPLES_FILE = "examples.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -47,6 +49,7 @@ RECORDS = frozenset(
         TRAINER_STATE,
         CONFIG_FILE,
         DATA_MANIFEST,
+        DATA_PROFILE,
         METRICS_FILE,
         EXAMPLES_FILE,
         PREDICTIONS_FILE,

@@ -12,9 +12,17 @@ from pathlib import Path
 
 from codetune.config import Config, flatten, without_credentials
 from codetune.errors import CodetuneError
-from codetune.rundir import CONFIG_FILE, DATA_MANIFEST, EXAMPLES_FILE, METRICS_FILE, TRAINER_STATE, RunDir
+from codetune.rundir import (
+    CONFIG_FILE,
+    DATA_MANIFEST,
+    DATA_PROFILE,
+    EXAMPLES_FILE,
+    METRICS_FILE,
+    TRAINER_STATE,
+    RunDir,
+)
 
-ARTIFACTS = (METRICS_FILE, EXAMPLES_FILE, CONFIG_FILE, DATA_MANIFEST, TRAINER_STATE)
+ARTIFACTS = (METRICS_FILE, EXAMPLES_FILE, CONFIG_FILE, DATA_MANIFEST, DATA_PROFILE, TRAINER_STATE)
 
 # trainer_state log_history key -> MLflow metric name
 CURVES = {
@@ -122,3 +130,20 @@ def log_pruned_run(cfg: Config, run_name: str, why: str, tags: dict[str, str]) -
     client.log_batch(run.info.run_id, params=params)
     client.set_terminated(run.info.run_id, status="KILLED")
     return run.info.run_id
+
+
+def log_monitor_run(
+    cfg: Config, run_name: str, metrics: dict[str, float], tags: dict[str, str], files: list[Path]
+) -> str:
+    """A drift check as an MLflow run beside the runs of the model it watched: a metric per check, the report and
+    plot as artifacts."""
+    import mlflow
+
+    use_tracking_server(cfg.mlflow.tracking_uri)
+    mlflow.set_experiment(cfg.mlflow.experiment_name)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.set_tags(tags)
+        mlflow.log_metrics(metrics)
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="monitor")
+        return run.info.run_id

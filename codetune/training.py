@@ -39,6 +39,7 @@ from codetune.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
     DATA_MANIFEST,
+    DATA_PROFILE,
     EXPORT,
     FITTED_RECORD,
     TRAINER_STATE,
@@ -264,6 +265,7 @@ def train_locked(cfg: Config, data: PreparedData, run: RunDir, trial: TrialRef |
     if rank_zero():
         run.write(CONFIG_FILE, f"# base weights: {json.dumps(weights)}\n" + to_yaml(cfg))
         shutil.copyfile(Path(data.directory) / "manifest.json", run / DATA_MANIFEST)
+        shutil.copyfile(data.profile_path, run / DATA_PROFILE)
 
     family = family_of(cfg.model)
     train_rows, validation_rows = data.load("train"), data.load("validation")

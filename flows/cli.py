@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     sweeping = commands.add_parser("sweep", help="hyperparameter search (Optuna): --config configs/sweeps/<file>.yaml")
     _add_config_args(sweeping)
     sweeping.add_argument("--deployment", help="run each trial as this deployment on its pool (e.g. finetune/trial)")
+    monitoring = commands.add_parser(
+        "monitor", help="drift of a code source from the champion's training data; emits the retraining event"
+    )
+    _add_config_args(monitoring)
+    monitoring.add_argument("--data-path", help="the source to check (data.path); default: the config's own")
     serving = commands.add_parser("serve", help="serve a registered model over HTTP (MLflow's scoring protocol)")
     serving.add_argument("--model", default="models:/codetune-code-summarizer@champion", help="models:/<name>@<alias>")
     serving.add_argument("--host", default="127.0.0.1")
@@ -101,6 +106,15 @@ def _sweep(args) -> dict:
     from flows.sweep import sweep
 
     return sweep(sweep_config=args.config, overrides=args.overrides + args.assignments, deployment=args.deployment)
+
+
+def _monitor(args) -> dict:
+    from codetune.config import load_config
+
+    load_config(args.config, args.overrides + args.assignments)  # a typo is reported before Prefect starts
+    from flows.monitor import monitor
+
+    return monitor(config=args.config, overrides=args.overrides + args.assignments, data_path=args.data_path)
 
 
 def _deploy(args) -> dict:
@@ -203,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "deploy-flows": _deploy_flows,
             "serve": _serve,
             "sweep": _sweep,
+            "monitor": _monitor,
         }
         result = commands[args.command](args)
     except CodetuneError as exc:

