@@ -5,41 +5,15 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import boto3
 import mlflow
 import pytest
 
 from tests.conftest import TINY
-from tests.e2e.conftest import free_port, wait_until_healthy
+from tests.e2e.conftest import REPO
+from tests.e2e.conftest import run_command as _run
 from tests.servers import FlakyProxy
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    wait_until_healthy(f"{url}/health", server, "prefect server")
-    yield {"PREFECT_HOME": str(home), "PREFECT_API_URL": url}
-    server.terminate()
-    server.wait(timeout=30)
-
-
-def _run(env, *command, timeout=300) -> str:
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{command}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
 
 
 @pytest.mark.timeout(900)

@@ -47,6 +47,23 @@ def test_the_sweep_deployment_names_a_valid_sweep_and_the_trial_deployment():
     assert "concurrency_limit" not in DEPLOYMENTS[name]  # trials run side by side, one per worker
 
 
+def test_the_monitor_watches_mains_model_on_an_inactive_schedule_and_main_retrains_on_its_event():
+    from flows.monitor import DRIFT_EVENT, monitor
+
+    [deployment] = [d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/monitor.py:monitor"]
+    params = deployment["parameters"]
+    assert set(params) <= set(inspect.signature(monitor.fn).parameters)
+    assert params["config"] == DEPLOYMENTS["main"]["parameters"]["config"]
+    load_config(params["config"])
+    [schedule] = deployment["schedules"]
+    assert schedule["active"] is False
+    [trigger] = DEPLOYMENTS["main"]["triggers"]
+    assert trigger["expect"] == [DRIFT_EVENT] and trigger["match"] == {"prefect.resource.id": "codetune.model.*"}
+    # The event's payload becomes the run's parameters: each is a finetune parameter, passed whole.
+    assert set(trigger["parameters"]) <= set(FLOW_PARAMS)
+    assert trigger["parameters"] == {k: f"{{{{ event.payload.{k} }}}}" for k in trigger["parameters"]}
+
+
 def test_ui_form_fields_match_the_schema_keys_and_types():
     for param, key in FORM_FIELDS.items():
         assert key in SCHEMA_KEYS, key
