@@ -172,8 +172,12 @@ def _identifier_check(profile: dict, current: Counter, threshold: float) -> tupl
     now[-1] = sum(current.values()) - now[:-1].sum()
     reference, now = reference / reference.sum(), now / max(now.sum(), 1)
     distance = float(jensenshannon(reference, now, base=2))
-    moved = sorted(range(len(names)), key=lambda i: -abs(reference[i] - now[i]))[:12]
-    shares = [(names[i], float(reference[i]), float(now[i])) for i in moved]
+    # What moved most, new names included (the distance counts those in the reference's rest bucket).
+    total, total_now = profile["identifier_total"], max(sum(current.values()), 1)
+    candidates = set(names) | {name for name, _ in current.most_common(IDENTIFIERS_KEPT)}
+    share = {name: (profile["identifiers"].get(name, 0) / total, current[name] / total_now) for name in candidates}
+    moved = sorted(candidates, key=lambda name: (-abs(share[name][0] - share[name][1]), name))[:12]
+    shares = [(name, *share[name]) for name in moved]
     unseen = f"{now[-1]:.0%} of identifiers now outside the reference's top {len(names)} (was {reference[-1]:.0%})"
     return DriftCheck("identifier vocabulary", "Jensen-Shannon distance", distance, threshold, unseen), shares
 

@@ -147,11 +147,15 @@ def _deploy_flows(args) -> dict:
         "--overwrite",
     )
     prefect("--no-prompt", "deploy", "--all")
+    import yaml
+
     from flows.blocks import save_credential_blocks
 
+    deployments = yaml.safe_load(open("prefect.yaml"))["deployments"]
     return {
         "work_pools": ["cpu-pool", f"gpu-pool ({args.gpu_pool_type})"],
-        "deployments": ["finetune/main", "finetune/cpu"],
+        # Each flow is named after its function (flows/<module>.py:<flow>).
+        "deployments": [f"{d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}" for d in deployments],
         "credential_blocks": save_credential_blocks(os.environ, args.s3_endpoint or None),
     }
 

@@ -10,6 +10,7 @@ from codetune.data.code_tree import functions_in_source, read_code_tree
 from codetune.data.prepare import select_examples, split_examples
 from codetune.data.records import code_without_docstring
 from codetune.errors import DataError
+from codetune.monitoring import code_hash
 from tests.conftest import write_jsonl
 
 
@@ -157,6 +158,17 @@ def test_prepared_splits_are_cached_by_content(tmp_path):
     assert prepare_data(cfg).directory == first.directory
     write_jsonl(path, _rows(61))
     assert prepare_data(cfg).fingerprint != first.fingerprint
+
+
+def test_the_data_stage_profiles_its_splits_for_the_monitor_and_adds_profiles_to_older_caches(tmp_path):
+    cfg = _cfg(tmp_path, path=str(write_jsonl(tmp_path / "d.jsonl", _rows(60))))
+    data = prepare_data(cfg)
+    profile = json.loads(data.profile_path.read_text())
+    every_split = [ex for split in ("train", "validation", "test") for ex in data.load(split)]
+    assert profile["code_hashes"] == sorted(code_hash(ex["code"]) for ex in every_split)
+    assert len(profile["code_tokens"]) == data.counts["kept"]["train"]
+    data.profile_path.unlink()  # a cache entry written before profiles were
+    assert json.loads(prepare_data(cfg).profile_path.read_text()) == profile
 
 
 def test_stdlib_default_yields_thousands_of_pairs(stdlib_cache):

@@ -1,0 +1,139 @@
+import json
+
+import mlflow
+import pytest
+
+from codetune.config import DataConfig, MonitorConfig, load_config
+from codetune.data.prepare import read_source
+from codetune.errors import ConfigError
+from codetune.monitoring import (
+    DriftCheck,
+    DriftReport,
+    code_hash,
+    compare,
+    embedding_check,
+    plot,
+    profile_splits,
+    quality_check,
+)
+from codetune.registry import find_champion
+from codetune.tracking import TrackingError
+from tests.conftest import TWIN
+
+SETTINGS = MonitorConfig()
+
+
+@pytest.fixture(scope="module")
+def stdlib(tmp_path_factory) -> list[dict]:
+    """1,200 real functions of the stdlib, in the order the data stage keeps them."""
+    return read_source(DataConfig(max_examples=1200))
+
+
+def _split(examples: list[dict]) -> dict[str, list[dict]]:
+    return {"train": examples[:-100], "validation": examples[-100:-50], "test": examples[-50:]}
+
+
+def _synthetic(n: int, lines: int) -> list[dict]:
+    """Functions unlike the stdlib's: long, repetitive, with identifiers no stdlib function uses."""
+    body = "".join(f"    zorp_{i} = frobnicate_widget(zorp_{i - 1}, quux)\n" for i in range(1, lines))
+    return [
+        {"code": f"def widget_{k}(quux):\n    zorp_0 = quux\n{body}    return zorp_{lines - 1}\n", "summary": "w " * 20}
+        for k in range(n)
+    ]
+
+
+def test_a_function_is_known_by_its_code_whitespace_aside():
+    assert code_hash("def f(x):\n    return x\n") == code_hash("def f(x):\n        return  x")
+    assert code_hash("def f(x):\n    return x\n") != code_hash("def f(y):\n    return y\n")
+
+
+def test_the_profile_holds_every_split_and_the_train_splits_distributions(stdlib):
+    splits = _split(stdlib)
+    profile = profile_splits(splits)
+    assert len(profile["code_hashes"]) == len({code_hash(ex["code"]) for ex in stdlib})
+    assert len(profile["code_tokens"]) == len(profile["summary_words"]) == len(splits["train"])
+    assert len(profile["sample"]) == 512 and profile["sample"] == profile_splits(splits)["sample"]
+    assert "self" in profile["identifiers"] and not {"if", "None", "return"} & set(profile["identifiers"])
+    json.dumps(profile)  # it is stored as JSON
+
+
+def test_the_training_source_does_not_drift_from_itself(stdlib):
+    profile = profile_splits(_split(stdlib))
+    checks, seen, fresh = compare(profile, stdlib, SETTINGS, embed=False)
+    assert fresh == [] and not [c.feature for c in checks if c.drifted]
+    assert checks[0].value == 0.0 and all(c.value < 0.1 for c in checks)
+
+
+def test_functions_unlike_the_training_data_drift_on_every_data_check(stdlib):
+    profile = profile_splits(_split(stdlib))
+    current = stdlib[:200] + _synthetic(400, lines=30)
+    checks, seen, fresh = compare(profile, current, SETTINGS, embed=False)
+    by_feature = {c.feature: c for c in checks}
+    assert len(fresh) == 400 and by_feature["new functions"].value == pytest.approx(400 / 600)
+    assert {"new functions", "code length", "summary length", "identifier vocabulary"} == {
+        c.feature for c in checks if c.drifted
+    }
+    assert seen.identifier_shares[0][0].startswith(("zorp_", "quux", "frobnicate_widget"))
+
+
+def test_a_length_shift_in_a_handful_of_functions_is_not_significant(stdlib):
+    """A KS D past the threshold from 5 functions is chance (p > 0.05): not drift."""
+    profile = profile_splits(_split(stdlib))
+    checks, _, _ = compare(profile, stdlib[:3] + _synthetic(2, lines=10), SETTINGS, embed=False)
+    code_length = next(c for c in checks if c.feature == "code length")
+    assert code_length.value > SETTINGS.max_length_shift and code_length.p_value > 0.05 and not code_length.drifted
+
+
+def test_a_classifier_tells_other_code_from_the_training_code_by_its_embedding_and_not_the_stdlib_from_itself(stdlib):
+    reference, rest = [ex["code"] for ex in stdlib[:150]], [ex["code"] for ex in stdlib[150:300]]
+    same, _ = embedding_check(reference, rest, SETTINGS.max_embedding_auc, None)
+    other, (embedded, _) = embedding_check(
+        reference, [ex["code"] for ex in _synthetic(150, 8)], SETTINGS.max_embedding_auc, None
+    )
+    assert same.value < 0.6 and not same.drifted
+    assert other.value > 0.9 and other.drifted and embedded.shape == (150, 384)
+
+
+def test_quality_is_the_relative_drop_on_new_pairs_and_not_measured_without_them():
+    scored = []
+    check = quality_check("bleu", 20.0, [{"code": "x"}] * 3, lambda rows: scored.append(rows) or 12.0, 0.2)
+    assert check.value == pytest.approx(0.4) and check.drifted and len(scored[0]) == 3
+    held = quality_check("bleu", 20.0, [{"code": "x"}], lambda rows: 19.0, 0.2)
+    assert held.value == pytest.approx(0.05) and not held.drifted
+    unmeasured = quality_check("bleu", 20.0, [], lambda rows: pytest.fail("nothing to score"), 0.2)
+    assert unmeasured.value is None and not unmeasured.drifted
+
+
+def test_the_report_names_what_drifted_and_plots_it(stdlib, tmp_path):
+    profile = profile_splits(_split(stdlib))
+    checks, seen, fresh = compare(profile, _synthetic(50, 30), SETTINGS, embed=False)
+    report = DriftReport(
+        "src/", "m v1", 1200, 50, len(fresh), [*checks, DriftCheck("champion bleu", "drop", None, 0.2)]
+    )
+    markdown = report.to_markdown()
+    assert (
+        "**Drift: new functions, code length" in markdown
+        and "| champion bleu | drop | n/a | 0.2 | not measured" in markdown
+    )
+    assert report.metrics()["new_functions"] == 1.0 and "champion_bleu" not in report.metrics()
+    figure = plot(seen, "src/ against m v1", tmp_path / "drift.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_monitor_thresholds_are_validated():
+    with pytest.raises(ConfigError, match="monitor.max_embedding_auc must be between 0 and 1"):
+        load_config(TWIN, ["monitor.max_embedding_auc=1.5"])
+
+
+def test_a_model_without_a_champion_or_without_a_profile_is_named_with_the_fix(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(TWIN, [f"mlflow.tracking_uri={uri}", "registry.model_name=watched"])
+    with pytest.raises(TrackingError, match="'watched' has no champion .*train and register one"):
+        find_champion(cfg)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("old"))
+    client.create_registered_model("watched")
+    version = client.create_model_version("watched", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.set_registered_model_alias("watched", "champion", version.version)
+    with pytest.raises(TrackingError, match="watched v1 .* has no data_profile.json: .* retrain it"):
+        find_champion(cfg)
