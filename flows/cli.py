@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     serving.add_argument("--max-batch-requests", type=int, default=32, help="requests joined into one predict call")
     serving.add_argument("--batch-wait-seconds", type=float, default=0.1, help="how long a batch waits to fill")
     serving.add_argument("--max-queued-requests", type=int, default=512, help="beyond these: 503 with Retry-After")
+    serving.add_argument(
+        "--log-inputs", metavar="DIR", help="append each served input to DIR/<date>.jsonl (codetune monitor reads it)"
+    )
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     _add_config_args(
         commands.add_parser("check", help="pre-flight: config, model, data and disk, every problem at once (no server)")
@@ -169,7 +172,7 @@ def _serve(args) -> dict:
         queued_requests=args.max_queued_requests,
     )
     try:
-        run_server(args.model, args.host, args.port, limits, args.alias_poll_seconds)
+        run_server(args.model, args.host, args.port, limits, args.alias_poll_seconds, args.log_inputs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return {"served": args.model}

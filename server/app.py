@@ -14,6 +14,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -26,6 +28,7 @@ from ray import serve
 
 from codetune.config import without_credentials
 from codetune.families import FAMILIES, FAMILY_KEY
+from codetune.families.base import input_texts
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,16 @@ def as_frame(data: Any) -> pd.DataFrame:
     return data if isinstance(data, pd.DataFrame) else pd.DataFrame(list(data) if not isinstance(data, str) else [data])
 
 
+def log_inputs(directory: Path, texts: list[str], version: str) -> None:
+    """Append what was served to <directory>/<UTC date>.jsonl, one input per line: `codetune monitor`'s third source
+    (monitor.served_inputs). A line is written whole in one call, so concurrent appends do not interleave."""
+    now = datetime.now(timezone.utc)
+    lines = "".join(json.dumps({"time": now.isoformat(), "model_version": version, "input": t}) + "\n" for t in texts)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{now:%Y-%m-%d}.jsonl", "a", encoding="utf-8") as f:
+        f.write(lines)
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error_code": "BAD_REQUEST" if status == 400 else str(status), "message": message}, status)
 
@@ -90,9 +103,10 @@ class Limits:
 @serve.deployment
 @serve.ingress(app)
 class ModelServer:
-    def __init__(self, model_uri: str, limits: Limits, alias_poll_s: float):
+    def __init__(self, model_uri: str, limits: Limits, alias_poll_s: float, inputs_log: str | None = None):
         self.name, self.alias = parse_model_uri(model_uri)
         self.limits = limits
+        self.inputs_log = Path(inputs_log) if inputs_log else None
         self.served = load_alias(self.name, self.alias)
         self.predict_batch.set_max_batch_size(limits.batch_requests)
         self.predict_batch.set_batch_wait_timeout_s(limits.batch_wait_s)
@@ -171,6 +185,8 @@ class ModelServer:
         predictions, version = await self.predict_batch(frame)
         if isinstance(predictions, ValueError):  # the family's own check: a code-search model needs query and code
             return _error(400, str(predictions))
+        if self.inputs_log:
+            log_inputs(self.inputs_log, input_texts(frame), version)
         return JSONResponse({"predictions": predictions, "model_version": version})
 
     @app.get("/ping")
@@ -187,7 +203,9 @@ class ModelServer:
         return Response(generate_latest(self.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
-def run_server(model_uri: str, host: str, port: int, limits: Limits, alias_poll_s: float = 5.0) -> None:
+def run_server(
+    model_uri: str, host: str, port: int, limits: Limits, alias_poll_s: float = 5.0, inputs_log: str | None = None
+) -> None:
     """Start Ray (local) and Serve, deploy the model, and serve until interrupted."""
     import ray
     from ray.serve.config import BackpressureConfig
@@ -210,4 +228,6 @@ def run_server(model_uri: str, host: str, port: int, limits: Limits, alias_poll_
         max_queued_requests=limits.queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
     )
-    serve.run(deployment.bind(model_uri, limits, alias_poll_s), name="codetune", route_prefix="/", blocking=True)
+    serve.run(
+        deployment.bind(model_uri, limits, alias_poll_s, inputs_log), name="codetune", route_prefix="/", blocking=True
+    )

@@ -6,7 +6,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from codetune.config import Config
 from codetune.data.prepare import read_source
-from codetune.monitoring import DriftReport, compare, plot, quality_check
+from codetune.monitoring import DriftReport, compare, plot, quality_check, read_served_inputs, served_checks
 from codetune.registry import Champion, find_champion, score_registered
 from codetune.tracking import log_monitor_run
 from tasks.retry import stage_task
@@ -34,6 +34,8 @@ def measure_drift(cfg: Config, champion: Champion) -> tuple[DriftReport, Path]:
             m.max_quality_drop,
         )
     )
+    if m.served_inputs:
+        checks += served_checks(champion.profile, read_served_inputs(m.served_inputs), m)
     name = f"{champion.model_name} v{champion.version}"
     report = DriftReport(source, name, len(champion.profile["code_hashes"]), len(current), len(fresh), checks)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -75,7 +75,8 @@ def test_serve_answers_batches_and_follows_the_alias_under_load(tiny_overrides, 
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--model", "models:/served@champion"]
-        + ["--port", str(port), "--alias-poll-seconds", "1", "--max-batch-requests", "4", "--max-queued-requests", "8"],
+        + ["--port", str(port), "--alias-poll-seconds", "1", "--max-batch-requests", "4", "--max-queued-requests", "8"]
+        + ["--log-inputs", str(tmp_path / "served")],
         cwd=REPO,
         env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
     )
@@ -84,6 +85,9 @@ def test_serve_answers_batches_and_follows_the_alias_under_load(tiny_overrides, 
         wait_until_healthy(f"{url}/ping", server, "codetune serve", seconds=300)
         status, body = _post(f"{url}/invocations", {"inputs": CODES})
         assert status == 200 and body == {"predictions": expected[first], "model_version": first}
+        [served_log] = (tmp_path / "served").glob("*.jsonl")
+        logged = [json.loads(line) for line in served_log.read_text().splitlines()]
+        assert [(r["input"], r["model_version"]) for r in logged] == [(code, first) for code in CODES]
 
         # Concurrent one-code requests (as many as may be in flight) are batched; each gets its answer alone.
         with ThreadPoolExecutor(8) as pool:

@@ -15,6 +15,8 @@ from codetune.monitoring import (
     plot,
     profile_splits,
     quality_check,
+    read_served_inputs,
+    served_checks,
 )
 from codetune.registry import find_champion
 from codetune.tracking import TrackingError
@@ -137,3 +139,23 @@ def test_a_model_without_a_champion_or_without_a_profile_is_named_with_the_fix(t
     client.set_registered_model_alias("watched", "champion", version.version)
     with pytest.raises(TrackingError, match="watched v1 .* has no data_profile.json: .* retrain it"):
         find_champion(cfg)
+
+
+def test_served_inputs_are_checked_as_code_and_a_missing_log_directory_is_named(stdlib, tmp_path):
+    from server.app import log_inputs
+
+    profile = profile_splits(_split(stdlib))
+    log_inputs(tmp_path / "same", [ex["code"] for ex in stdlib[:300]] * 2, "1")  # asked twice: counted once
+    same = served_checks(profile, read_served_inputs(tmp_path / "same"), SETTINGS)
+    assert [c.feature for c in same] == [
+        "served new functions",
+        "served code length",
+        "served identifier vocabulary",
+        "served code embedding",
+    ]
+    assert same[0].value == 0.0 and not any(c.drifted for c in same)
+    log_inputs(tmp_path / "other", [ex["code"] for ex in _synthetic(200, 30)], "1")
+    other = served_checks(profile, read_served_inputs(tmp_path / "other"), SETTINGS)
+    assert all(c.drifted for c in other)
+    with pytest.raises(ConfigError, match="monitor.served_inputs='.*nowhere' is not a directory"):
+        read_served_inputs(tmp_path / "nowhere")
