@@ -156,9 +156,19 @@ def select_examples(examples: Iterable[dict], max_examples: int | None, dropped:
 
 def read_source(cfg: DataConfig, labelled: bool = False) -> list[dict]:
     """The examples prepare_data would split, unsplit: the same filters, deduplication and max_examples."""
+    _source_files(cfg)  # a missing path is named here, not found empty
     dropped, tally = Counter(), Counter()
-    examples = _filtered(_read(cfg, dropped, labelled), cfg, dropped, tally)
-    return list(select_examples(examples, cfg.max_examples, dropped).values())
+    examples = list(
+        select_examples(
+            _filtered(_read(cfg, dropped, labelled), cfg, dropped, tally), cfg.max_examples, dropped
+        ).values()
+    )
+    if not examples:
+        raise DataError(
+            f"no examples in {cfg.path or default_tree()} ({tally['read']} read, dropped: {dict(dropped)}): "
+            "point data.path at a source with documented functions, or relax the data.* filters"
+        )
+    return examples
 
 
 def split_examples(keyed: dict[str, dict], cfg: DataConfig, dropped: Counter) -> dict[str, list[dict]]:

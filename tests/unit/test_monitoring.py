@@ -5,7 +5,7 @@ import pytest
 
 from codetune.config import DataConfig, MonitorConfig, load_config
 from codetune.data.prepare import read_source
-from codetune.errors import ConfigError
+from codetune.errors import ConfigError, DataError
 from codetune.monitoring import (
     DriftCheck,
     DriftReport,
@@ -159,3 +159,12 @@ def test_served_inputs_are_checked_as_code_and_a_missing_log_directory_is_named(
     assert all(c.drifted for c in other)
     with pytest.raises(ConfigError, match="monitor.served_inputs='.*nowhere' is not a directory"):
         read_served_inputs(tmp_path / "nowhere")
+
+
+def test_a_source_that_is_missing_or_has_nothing_to_compare_is_named(tmp_path):
+    with pytest.raises(DataError, match="data.path='.*nowhere' is not a directory"):
+        read_source(DataConfig(path=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "m.py").write_text("x = 1\n")
+    with pytest.raises(DataError, match="no examples in .*empty .*documented functions"):
+        read_source(DataConfig(path=str(tmp_path / "empty")))
