@@ -34,9 +34,13 @@ def monitor(
     watched = champion(cfg)
     report, figure = measure_drift(cfg, watched)
     mlflow_run_id = record(cfg, watched, report, figure)
-    summary = {"champion": report.champion, "drifted": report.drifted, "report": str(figure.parent)}
-    summary["mlflow_run_id"] = mlflow_run_id
     print(report.to_markdown())
+    summary = {
+        "champion": report.champion,
+        "drifted": report.drifted,
+        "report": str(figure.parent),
+        "mlflow_run_id": mlflow_run_id,
+    }
     if report.drifted:
         event = emit_event(
             DRIFT_EVENT,
