@@ -77,22 +77,27 @@ class EvalReport:
             for name in self.metrics
         )
         untuned_header = ("untuned base | ", "---|") if untuned else ("", "")
-        shown = "\n".join(
-            f"| `{_cell(e['input'].splitlines()[0])}` | {_cell(e['reference'])} | {_cell(e['prediction'])} |"
-            for e in self.examples[:5]
-        )
         warnings = "".join(f"> **Warning:** {w}\n\n" for w in self.warnings)
         return (
             f"## Evaluation on {self.num_examples} test examples\n\n{warnings}"
             f"| metric | model | {untuned_header[0]}baseline: {self.baseline_name} | lift over the best other |\n"
             f"|---|---|{untuned_header[1]}---|---|\n"
-            f"{rows}\n\n### Examples\n\n| input | reference | prediction |\n|---|---|---|\n{shown}\n"
+            f"{rows}\n\n### Examples\n\n{examples_table(self.examples[:5])}"
         )
 
 
 def _cell(text: str) -> str:
     """One markdown table cell: a generated function's lines joined, pipes escaped."""
     return " ".join(text.split()).replace("|", "\\|").replace("`", "'")[:120]
+
+
+def examples_table(examples: list[dict]) -> str:
+    """(input, reference, prediction) triples as a markdown table, an input by its first line."""
+    rows = "".join(
+        f"| `{_cell(e['input'].splitlines()[0])}` | {_cell(e['reference'])} | {_cell(e['prediction'])} |\n"
+        for e in examples
+    )
+    return f"| input | reference | prediction |\n|---|---|---|\n{rows}"
 
 
 def collapse_warning(metrics: dict[str, float]) -> str | None:

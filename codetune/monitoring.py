@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from codetune.config import MonitorConfig
 
@@ -101,6 +101,8 @@ class DriftReport:
     current_functions: int
     new_functions: int
     checks: list[DriftCheck] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
+    """The champion's (input, reference, prediction) on new pairs."""
 
     @property
     def drifted(self) -> list[str]:
@@ -126,12 +128,17 @@ class DriftReport:
             f"{'**drift**' if c.drifted else ('not measured' if c.value is None else 'ok')} | {c.detail} |"
             for c in self.checks
         )
+        examples = ""
+        if self.examples:
+            from codetune.evaluation import examples_table
+
+            examples = f"\n### The champion on new functions\n\n{examples_table(self.examples[:5])}"
         return (
             f"## Drift of `{self.source}` from the training data of {self.champion}\n\n{verdict}\n\n"
             f"{self.current_functions} functions now, {self.new_functions} of them new; "
-            f"the champion's data held {self.reference_functions}.\n\n"
+            f"the champion's splits held {self.reference_functions} distinct functions.\n\n"
             "| feature | statistic | value | threshold | verdict | detail |\n|---|---|---|---|---|---|\n"
-            f"{rows}\n"
+            f"{rows}\n{examples}"
         )
 
 
@@ -297,16 +304,21 @@ def served_checks(profile: dict, served: list[dict], cfg: MonitorConfig) -> list
 
 
 def quality_check(
-    metric: str, reference_value: float, new_pairs: list[dict], score: Callable[[list[dict]], float], threshold: float
-) -> DriftCheck:
-    """The champion's metric on pairs it never saw, as a relative drop from its metric on its own test split."""
+    metric: str, reference_value: float, new_pairs: list[dict], score: Callable[[list[dict]], Any], threshold: float
+) -> tuple[DriftCheck, list[dict]]:
+    """The champion's metric on pairs it never saw, as a relative drop from its metric on its own test split; and
+    what it predicted for them.
+
+    score: rows -> what a family's score returns (its metrics and (input, reference, prediction) examples).
+    """
     feature = f"champion {metric}"
     if not new_pairs:
-        return DriftCheck(feature, "relative drop", None, threshold, "no new pairs to score")
-    value = score(new_pairs)
+        return DriftCheck(feature, "relative drop", None, threshold, "no new pairs to score"), []
+    scored = score(new_pairs)
+    value = scored.metrics[metric]
     drop = (reference_value - value) / reference_value if reference_value else 0.0
     detail = f"{value:.2f} on {len(new_pairs)} new pairs vs {reference_value:.2f} on its test split"
-    return DriftCheck(feature, "relative drop", drop, threshold, detail)
+    return DriftCheck(feature, "relative drop", drop, threshold, detail), scored.examples
 
 
 def plot(seen: Distributions, title: str, path: Path) -> Path:

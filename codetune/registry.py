@@ -19,6 +19,7 @@ from pathlib import Path
 import codetune
 from codetune.config import Config, without_credentials
 from codetune.families import InferenceSettings, family_of
+from codetune.families.base import Scored
 from codetune.rundir import DATA_PROFILE, RunDir
 from codetune.tracking import TrackingError, use_tracking_server
 from codetune.weights import sha256_file
@@ -90,16 +91,16 @@ def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict
     if champion.tags.get("test_split") == test_split:
         return float(champion.tags[f"metric.{metric}"])
     log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
-    return score_registered(f"models:/{cfg.registry.model_name}@{CHAMPION}", test_rows, metric)
+    return score_registered(f"models:/{cfg.registry.model_name}@{CHAMPION}", test_rows).metrics[metric]
 
 
-def score_registered(model_uri: str, rows: list[dict], metric: str) -> float:
-    """A registered model's metric on rows: the model loaded as a consumer loads it, then scored as evaluation scores
-    (a code-search model ranks every query in chunks instead of scoring n x n pairs through predict())."""
+def score_registered(model_uri: str, rows: list[dict]) -> Scored:
+    """A registered model scored on rows: loaded as a consumer loads it, then scored as evaluation scores (a
+    code-search model ranks every query in chunks instead of scoring n x n pairs through predict())."""
     import mlflow
 
     served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    return served.family.score(served.model, served.tokenizer, rows, served.settings).metrics[metric]
+    return served.family.score(served.model, served.tokenizer, rows, served.settings)
 
 
 @dataclass

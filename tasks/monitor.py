@@ -25,19 +25,19 @@ def measure_drift(cfg: Config, champion: Champion) -> tuple[DriftReport, Path]:
     current = read_source(cfg.data, labelled=cfg.model.task.labelled)
     checks, seen, fresh = compare(champion.profile, current, cfg.monitor)
     m = cfg.monitor
-    checks.append(
-        quality_check(
-            champion.metric,
-            champion.test_value,
-            fresh[: m.quality_examples],
-            lambda rows: score_registered(champion.model_uri, rows, champion.metric),
-            m.max_quality_drop,
-        )
+    quality, examples = quality_check(
+        champion.metric,
+        champion.test_value,
+        fresh[: m.quality_examples],
+        lambda rows: score_registered(champion.model_uri, rows),
+        m.max_quality_drop,
     )
+    checks.append(quality)
     if m.served_inputs:
         checks += served_checks(champion.profile, read_served_inputs(m.served_inputs), m)
     name = f"{champion.model_name} v{champion.version}"
-    report = DriftReport(source, name, len(champion.profile["code_hashes"]), len(current), len(fresh), checks)
+    reference = len(champion.profile["code_hashes"])
+    report = DriftReport(source, name, reference, len(current), len(fresh), checks, examples)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     directory = Path(cfg.training.output_dir) / "monitor" / f"{champion.model_name}-v{champion.version}-{stamp}"
     directory.mkdir(parents=True)

@@ -6,6 +6,7 @@ import pytest
 from codetune.config import DataConfig, MonitorConfig, load_config
 from codetune.data.prepare import read_source
 from codetune.errors import ConfigError, DataError
+from codetune.families.base import Scored
 from codetune.monitoring import (
     DriftCheck,
     DriftReport,
@@ -96,27 +97,37 @@ def test_a_classifier_tells_other_code_from_the_training_code_by_its_embedding_a
     assert other.value > 0.9 and other.drifted and embedded.shape == (150, 384)
 
 
+def _scoring(bleu: float, asked: list):
+    def score(rows):
+        asked.append(rows)
+        examples = [{"input": r["code"], "reference": "Add.", "prediction": "Sum."} for r in rows]
+        return Scored({"bleu": bleu}, {}, "", [], examples)
+
+    return score
+
+
 def test_quality_is_the_relative_drop_on_new_pairs_and_not_measured_without_them():
-    scored = []
-    check = quality_check("bleu", 20.0, [{"code": "x"}] * 3, lambda rows: scored.append(rows) or 12.0, 0.2)
-    assert check.value == pytest.approx(0.4) and check.drifted and len(scored[0]) == 3
-    held = quality_check("bleu", 20.0, [{"code": "x"}], lambda rows: 19.0, 0.2)
+    asked = []
+    check, examples = quality_check("bleu", 20.0, [{"code": "def f(): pass"}] * 3, _scoring(12.0, asked), 0.2)
+    assert check.value == pytest.approx(0.4) and check.drifted and len(asked[0]) == 3 and len(examples) == 3
+    held, _ = quality_check("bleu", 20.0, [{"code": "x"}], _scoring(19.0, asked), 0.2)
     assert held.value == pytest.approx(0.05) and not held.drifted
-    unmeasured = quality_check("bleu", 20.0, [], lambda rows: pytest.fail("nothing to score"), 0.2)
-    assert unmeasured.value is None and not unmeasured.drifted
+    unmeasured, none = quality_check("bleu", 20.0, [], lambda rows: pytest.fail("nothing to score"), 0.2)
+    assert unmeasured.value is None and not unmeasured.drifted and none == []
 
 
 def test_the_report_names_what_drifted_and_plots_it(stdlib, tmp_path):
     profile = profile_splits(_split(stdlib))
     checks, seen, fresh = compare(profile, _synthetic(50, 30), SETTINGS, embed=False)
-    report = DriftReport(
-        "src/", "m v1", 1200, 50, len(fresh), [*checks, DriftCheck("champion bleu", "drop", None, 0.2)]
-    )
+    _, examples = quality_check("bleu", 20.0, fresh[:2], _scoring(10.0, []), 0.2)
+    unmeasured = DriftCheck("champion bleu", "drop", None, 0.2)
+    report = DriftReport("src/", "m v1", 1200, 50, len(fresh), [*checks, unmeasured], examples)
     markdown = report.to_markdown()
     assert (
         "**Drift: new functions, code length" in markdown
         and "| champion bleu | drop | n/a | 0.2 | not measured" in markdown
     )
+    assert "### The champion on new functions" in markdown and "| `def widget_0(quux):` | Add. | Sum. |" in markdown
     assert report.metrics()["new_functions"] == 1.0 and "champion_bleu" not in report.metrics()
     figure = plot(seen, "src/ against m v1", tmp_path / "drift.png")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
