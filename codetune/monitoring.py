@@ -11,6 +11,7 @@ the stack for the same scipy statistics used here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -207,11 +208,11 @@ def embedding_check(
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    encoder = load_embedding_model(model_name)
-    embedded = [encoder.encode(texts, batch_size=64, convert_to_numpy=True) for texts in (reference, current)]
     folds = min(5, len(reference), len(current))
     if folds < 2:
         return DriftCheck("code embedding", "classifier ROC AUC", None, threshold, "too few functions"), None
+    encoder = load_embedding_model(model_name)
+    embedded = [encoder.encode(texts, batch_size=64, convert_to_numpy=True) for texts in (reference, current)]
     features = np.vstack(embedded)
     sides = np.r_[np.zeros(len(reference)), np.ones(len(current))]
     # class_weight: the sides differ in size; an unweighted classifier would lean to the larger one.
@@ -223,6 +224,7 @@ def embedding_check(
     return DriftCheck("code embedding", "classifier ROC AUC", auc, threshold, detail), tuple(embedded)
 
 
+@functools.lru_cache(maxsize=1)  # the source and the served inputs are embedded by one model per run
 def load_embedding_model(name: Optional[str]):
     from sentence_transformers import SentenceTransformer
 

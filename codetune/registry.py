@@ -86,7 +86,6 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
 def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict]) -> float:
     """The champion's primary metric on this test split: its recorded one if scored on the same split, else re-scored
     now."""
-
     metric = family_of(cfg.model).primary_metric
     if champion.tags.get("test_split") == test_split:
         return float(champion.tags[f"metric.{metric}"])

@@ -150,11 +150,13 @@ def _deploy_flows(args) -> dict:
         "--overwrite",
     )
     prefect("--no-prompt", "deploy", "--all")
+    from pathlib import Path
+
     import yaml
 
     from flows.blocks import save_credential_blocks
 
-    deployments = yaml.safe_load(open("prefect.yaml"))["deployments"]
+    deployments = yaml.safe_load(Path("prefect.yaml").read_text())["deployments"]
     return {
         "work_pools": ["cpu-pool", f"gpu-pool ({args.gpu_pool_type})"],
         # Each flow is named after its function (flows/<module>.py:<flow>).

@@ -154,15 +154,18 @@ def select_examples(examples: Iterable[dict], max_examples: int | None, dropped:
     return {key: example for _, key, example in chosen}
 
 
+def _selected(cfg: DataConfig, labelled: bool) -> tuple[dict[str, dict], Counter, Counter]:
+    """select_examples' answer for cfg's source after the filters, with the drop reasons and the read/kept tally."""
+    dropped, tally = Counter(), Counter()
+    keyed = select_examples(_filtered(_read(cfg, dropped, labelled), cfg, dropped, tally), cfg.max_examples, dropped)
+    return keyed, dropped, tally
+
+
 def read_source(cfg: DataConfig, labelled: bool = False) -> list[dict]:
     """The examples prepare_data would split, unsplit: the same filters, deduplication and max_examples."""
     _source_files(cfg)  # a missing path is named here, not found empty
-    dropped, tally = Counter(), Counter()
-    examples = list(
-        select_examples(
-            _filtered(_read(cfg, dropped, labelled), cfg, dropped, tally), cfg.max_examples, dropped
-        ).values()
-    )
+    keyed, dropped, tally = _selected(cfg, labelled)
+    examples = list(keyed.values())
     if not examples:
         raise DataError(
             f"no examples in {cfg.path or default_tree()} ({tally['read']} read, dropped: {dict(dropped)}): "
@@ -231,8 +234,7 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
             write_atomic(prepared.profile_path, json.dumps(profile))
         return prepared
 
-    dropped, tally = Counter(), Counter()
-    keyed = select_examples(_filtered(_read(cfg, dropped, labelled), cfg, dropped, tally), cfg.max_examples, dropped)
+    keyed, dropped, tally = _selected(cfg, labelled)
     split_by = "published splits" if uses_published_splits(keyed.values()) else "content hash"
     splits = split_examples(keyed, cfg, dropped)
     read = tally["read"]
