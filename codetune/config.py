@@ -172,6 +172,10 @@ class PeftConfig:
     target_modules: Optional[list[str]] = None
     """Module names to adapt; null picks the architecture's defaults: every linear layer of a Llama-style decoder,
     the attention projections elsewhere."""
+    last_layers: Optional[int] = None
+    """Adapt only the last this many layers of a decoder-only or encoder-only stack; null adapts every layer. The
+    backward pass then stops at the lowest adapted layer, so a third of the layers costs about two thirds of the step
+    time."""
 
 
 @dataclass
@@ -556,6 +560,8 @@ def validate(cfg: Config) -> None:
             )
     if cfg.training.num_processes is not None and cfg.training.num_processes < 1:
         problems.append("training.num_processes must be >= 1 (null: one per visible GPU)")
+    if cfg.peft.last_layers is not None and cfg.peft.last_layers < 1:
+        problems.append("peft.last_layers must be >= 1 (null adapts every layer)")
     if cfg.evaluation.max_examples is not None and cfg.evaluation.max_examples < 1:
         problems.append("evaluation.max_examples must be >= 1 (null evaluates on the whole test split)")
     m = cfg.monitor

@@ -103,6 +103,7 @@ def add_lora(model: PreTrainedModel, cfg: PeftConfig):
 
     family = family_of_model(model.config)
     lora = LoraConfig(
+        layers_to_transform=last_layers(model, cfg.last_layers) if cfg.last_layers else None,
         task_type=family.peft_task_type,
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -111,6 +112,19 @@ def add_lora(model: PreTrainedModel, cfg: PeftConfig):
         modules_to_save=family.modules_to_save(model),
     )
     return get_peft_model(model, lora)
+
+
+def last_layers(model: PreTrainedModel, count: int) -> list[int]:
+    """Indices of a single layer stack's last count layers, for PEFT's layers_to_transform."""
+    if model.config.is_encoder_decoder:
+        raise ModelError(
+            "peft.last_layers applies to one stack of layers (a decoder-only LM or an encoder); "
+            f"{model.config.model_type} has an encoder and a decoder: set peft.last_layers=null"
+        )
+    total = model.config.num_hidden_layers
+    if count > total:
+        raise ModelError(f"peft.last_layers={count}, but {model.config.model_type} has {total} layers")
+    return list(range(total - count, total))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

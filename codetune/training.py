@@ -156,6 +156,10 @@ def tokenize(rows: list[dict], tokenizer, cfg: Config, label2id: dict[str, int] 
     return family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg), label2id)
 
 
+# Steps timed before the run says how long training will take.
+ESTIMATE_AFTER_STEPS = 5
+
+
 def _progress_callback(n_params: int):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
@@ -166,12 +170,25 @@ def _progress_callback(n_params: int):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
+            self.started = (time.perf_counter(), state.global_step)
             self.bar = tqdm(
                 total=state.max_steps, initial=state.global_step, desc="training", unit="step", mininterval=5
             )
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(state.global_step - self.bar.n)
+            started, first_step = self.started
+            if state.global_step - first_step == ESTIMATE_AFTER_STEPS and state.max_steps > state.global_step:
+                per_step = (time.perf_counter() - started) / ESTIMATE_AFTER_STEPS
+                left = per_step * (state.max_steps - state.global_step)
+                log.info(
+                    "training: about %.0f more minutes on this machine (%d steps to go at %.1f s a step, measured "
+                    "over the first %d; batches grouped by length start with the longest)",
+                    left / 60,
+                    state.max_steps - state.global_step,
+                    per_step,
+                    ESTIMATE_AFTER_STEPS,
+                )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             now, seen = time.perf_counter(), state.num_input_tokens_seen

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from codetune.errors import CodetuneError, ConfigError
+from flows.temporary_server import prepare_temporary_server
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +96,7 @@ def _check(args) -> dict:
 
 def _run(args) -> dict:
     _checked(args)
+    prepare_temporary_server()
     from flows.finetune import finetune
 
     return finetune(config=args.config, overrides=args.overrides + args.assignments)
@@ -106,6 +108,7 @@ def _sweep(args) -> dict:
     if not args.config:
         raise ConfigError("codetune sweep needs --config configs/sweeps/<file>.yaml")
     load_sweep(args.config, args.overrides + args.assignments)  # a typo is reported before Prefect starts
+    prepare_temporary_server()
     from flows.sweep import sweep
 
     return sweep(sweep_config=args.config, overrides=args.overrides + args.assignments, deployment=args.deployment)
@@ -115,12 +118,14 @@ def _monitor(args) -> dict:
     from codetune.config import load_config
 
     load_config(args.config, args.overrides + args.assignments)  # a typo is reported before Prefect starts
+    prepare_temporary_server()
     from flows.monitor import monitor
 
     return monitor(config=args.config, overrides=args.overrides + args.assignments, data_path=args.data_path)
 
 
 def _deploy(args) -> dict:
+    prepare_temporary_server()
     from flows.deploy import deploy
 
     return deploy(model_path=args.model_path, config=args.config, overrides=args.overrides + args.assignments)
