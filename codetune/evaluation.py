@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from codetune.config import Config, GenerationConfig, ModelInit
+from codetune.config import Config, GenerationConfig, ModelInit, content_hash
 from codetune.errors import ModelError
-from codetune.families import InferenceSettings, family_of_model
-from codetune.model import load_exported, load_pretrained
-from codetune.rundir import EXAMPLES_FILE, METRICS_FILE, PREDICTIONS_FILE, RunDir
+from codetune.families import Family, InferenceSettings, family_of_model
+from codetune.model import base_weights, load_exported, load_pretrained
+from codetune.rundir import EXAMPLES_FILE, METRICS_FILE, PREDICTIONS_FILE, RunDir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,29 @@ def collapse_warning(metrics: dict[str, float]) -> str | None:
     )
 
 
+def untuned_metrics(cfg: Config, family: Family, rows: list[dict], settings: InferenceSettings, device: str) -> dict:
+    """The pretrained base's metrics on rows, before any tuning: computed once per base weights, rows and settings,
+    then read from the data cache (half of a causal LM's evaluation time)."""
+    key = content_hash(
+        {
+            "base": base_weights(cfg.model),
+            "family": [cfg.model.task.value, cfg.model.direction.value],
+            "rows": rows,
+            "settings": dataclasses.asdict(settings),
+        }
+    )
+    cached = Path(cfg.data.cache_dir) / "untuned" / f"{key[:20]}.json"
+    if cached.exists():
+        log.info("the untuned base's scores on these examples were computed before: %s", cached)
+        return json.loads(cached.read_text())
+    log.info("scoring the untuned base on %d test examples (once per base model and test split)", len(rows))
+    base, tokenizer = load_pretrained(cfg.model)
+    metrics = family.score(base.to(device).eval(), tokenizer, rows, settings).metrics
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cached, json.dumps(metrics))
+    return metrics
+
+
 def evaluate_model(model_dir: str | Path, test_rows: list[dict], cfg: Config) -> EvalReport:
     """Predict and score every test example beside a baseline; write predictions, examples and metrics to the run."""
     run = RunDir(model_dir)
@@ -128,15 +151,14 @@ def _evaluate(run: RunDir, test_rows: list[dict], cfg: Config) -> EvalReport:
     family = family_of_model(model.config)
     model = model.to(device).eval()
 
+    log.info("scoring the fine-tuned model on %d test examples", len(rows))
     started = time.perf_counter()
     scored = family.score(model, tokenizer, rows, settings)
     seconds = time.perf_counter() - started
     untuned = None
     if cfg.model.init is ModelInit.pretrained and family.scores_untuned:
         del model
-        base, base_tokenizer = load_pretrained(cfg.model)
-        untuned = family.score(base.to(device).eval(), base_tokenizer, rows, settings).metrics
-        del base
+        untuned = untuned_metrics(cfg, family, rows, settings, device)
     warnings = [w for w in [collapse_warning(scored.metrics)] if w]
     for warning in warnings:
         log.warning(warning)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +19,9 @@ from codetune.families.base import Card, FamilyDefaults, InferenceSettings, Scor
 from codetune.metrics import code_metrics, function_name_words, stub_function, summary_metrics
 
 log = logging.getLogger(__name__)
+
+# A long generation (an evaluation) says how far it is this often; a served batch ends sooner and says nothing.
+PROGRESS_EVERY_S = 30
 
 SUMMARY_SCORING = "smoothed BLEU-4 as CodeXGLUE computes it, corpus BLEU, ROUGE-L and exact match, x100"
 CODE_GENERATION_CARD = Card(
@@ -90,6 +94,7 @@ def generate(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     predictions: list[str] = [""] * len(texts)
     batch_size, start = gen.batch_size, 0
+    started = reported = time.perf_counter()
     decoder_only = not model.config.is_encoder_decoder
     while start < len(order):
         index = order[start : start + batch_size]
@@ -125,6 +130,10 @@ def generate(
         for i, text in zip(index, tokenizer.batch_decode(out, skip_special_tokens=True)):
             predictions[i] = text.strip() if writes_code else " ".join(text.split())
         start += len(index)
+        if time.perf_counter() - reported > PROGRESS_EVERY_S and start < len(order):
+            reported = time.perf_counter()
+            rate = start / (reported - started)
+            log.info("generated %d of %d, about %.0f s to go", start, len(order), (len(order) - start) / rate)
     return predictions
 
 

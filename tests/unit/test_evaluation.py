@@ -63,3 +63,29 @@ def test_a_collapsed_model_is_reported_in_the_log_and_the_report(trained_run):
     assert report.warnings == [collapse_warning(report.metrics)]
     assert "**Warning:** the model has collapsed" in report.to_markdown()
     assert json.loads((Path(trained.run_dir) / METRICS_FILE).read_text())["warnings"] == report.warnings
+
+
+def test_the_untuned_base_is_scored_once_per_base_and_test_split(tmp_path, tiny_overrides):
+    import shutil
+
+    from codetune.data import prepare_data
+    from codetune.evaluation import untuned_metrics
+    from codetune.families import InferenceSettings, family_of
+    from codetune.model import build_scratch_model, train_tokenizer
+
+    cfg = load_config(str(Path(TWIN).with_name("tiny-causal-lm.yaml")), tiny_overrides)
+    rows = prepare_data(cfg.data).load("test")[:4]
+    tokenizer = train_tokenizer([r["code"] for r in rows] * 20, vocab_size=300)
+    base = tmp_path / "base"
+    build_scratch_model(cfg.model, tokenizer, seed=0).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    cfg = load_config(
+        str(Path(TWIN).with_name("tiny-causal-lm.yaml")),
+        [*tiny_overrides, "model.init=pretrained", f"model.name={base}", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
+    settings, family = InferenceSettings.of(cfg), family_of(cfg.model)
+    first = untuned_metrics(cfg, family, rows, settings, "cpu")
+    shutil.rmtree(base)  # a second scoring would have to load it
+    assert untuned_metrics(cfg, family, rows, settings, "cpu") == first
+    with pytest.raises(Exception, match="cannot load"):  # other rows are scored afresh
+        untuned_metrics(cfg, family, rows[:2], settings, "cpu")

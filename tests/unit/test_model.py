@@ -89,3 +89,25 @@ def test_prompt_keeps_its_ending_when_the_code_is_cut(tokenizer):
 def test_code_generation_prompt_fills_the_summary(tokenizer):
     ids = encode_prompt(tokenizer, "# {summary}\n", "Add two numbers.", max_length=40)
     assert tokenizer.decode(ids) == "# Add two numbers.\n"
+
+
+def test_last_layers_adapts_only_the_top_of_the_stack_and_the_backward_pass_stops_there(tokenizer):
+    arch = ScratchArchitecture(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=2)
+    model = build_scratch_model(ModelConfig(scratch=arch, task=ModelTask.causal_lm), tokenizer, seed=0)
+    model = add_lora(model, PeftConfig(use_peft=True, r=4, alpha=8, last_layers=1))
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"2"}  # three layers, the last one adapted
+    batch = tokenizer(["def f(x):\n    return x"], return_tensors="pt")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    lower = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert lower.weight.grad is None and model.base_model.model.model.embed_tokens.weight.grad is None
+
+
+def test_last_layers_is_refused_where_it_means_nothing(tokenizer):
+    arch = ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2)
+    causal = build_scratch_model(ModelConfig(scratch=arch, task=ModelTask.causal_lm), tokenizer, seed=0)
+    with pytest.raises(ModelError, match="has 2 layers"):
+        add_lora(causal, PeftConfig(use_peft=True, last_layers=3))
+    seq2seq = build_scratch_model(ModelConfig(scratch=arch, task=ModelTask.seq2seq), tokenizer, seed=0)
+    with pytest.raises(ModelError, match="an encoder and a decoder"):
+        add_lora(seq2seq, PeftConfig(use_peft=True, last_layers=1))
