@@ -12,6 +12,7 @@ capability torch then reports.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,24 +40,16 @@ def cpu_model() -> str:
 
 def step_seconds(source_tokens: int, layers: int, rows: list[dict], bf16: bool) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from codetune.config import load_config
     from codetune.families import InferenceSettings, family_of
-    from codetune.model import load_pretrained
+    from codetune.model import add_lora, load_pretrained
 
     cfg = load_config(None, [f"training.max_source_length={source_tokens}"])
     model, tokenizer = load_pretrained(cfg.model)
     family = family_of(cfg.model)
-    total = model.config.num_hidden_layers
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=cfg.peft.r,
-        lora_alpha=cfg.peft.alpha,
-        target_modules=family.lora_targets(model),
-        layers_to_transform=list(range(total - layers, total)) if layers < total else None,
-    )
-    model = get_peft_model(model, lora).train()
+    adapted = layers if layers < model.config.num_hidden_layers else None
+    model = add_lora(model, dataclasses.replace(cfg.peft, last_layers=adapted)).train()
     examples = family.tokenize(rows, tokenizer, InferenceSettings.of(cfg))
     collate = family.collator(tokenizer, model, None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate)

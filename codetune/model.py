@@ -103,13 +103,13 @@ def add_lora(model: PreTrainedModel, cfg: PeftConfig):
 
     family = family_of_model(model.config)
     lora = LoraConfig(
-        layers_to_transform=last_layers(model, cfg.last_layers) if cfg.last_layers else None,
         task_type=family.peft_task_type,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules) if cfg.target_modules else family.lora_targets(model),
         modules_to_save=family.modules_to_save(model),
+        layers_to_transform=last_layers(model, cfg.last_layers) if cfg.last_layers else None,
     )
     return get_peft_model(model, lora)
 
