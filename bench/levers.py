@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -25,17 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+from bench.run import AVX2_ENV, cpu_model  # noqa: E402
+
 # (source tokens, adapted layers); the first is the baseline every ratio is taken against.
 LEVERS = [(128, 30), (64, 30), (128, 10), (96, 15), (64, 10), (64, 6)]
 STEPS = 8  # after one warm-up step; the same 72 shuffled training pairs for every lever
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def step_seconds(source_tokens: int, layers: int, rows: list[dict], bf16: bool) -> dict:

@@ -160,7 +160,7 @@ def tokenize(rows: list[dict], tokenizer, cfg: Config, label2id: dict[str, int] 
 ESTIMATE_AFTER_STEPS = 5
 
 
-def _progress_callback(n_params: int):
+def _progress_callback(n_params: int, tokens_per_step: float):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -171,6 +171,7 @@ def _progress_callback(n_params: int):
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
             self.started = (time.perf_counter(), state.global_step)
+            self.tokens_before = state.num_input_tokens_seen
             self.bar = tqdm(
                 total=state.max_steps, initial=state.global_step, desc="training", unit="step", mininterval=5
             )
@@ -178,15 +179,18 @@ def _progress_callback(n_params: int):
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(state.global_step - self.bar.n)
             started, first_step = self.started
-            if state.global_step - first_step == ESTIMATE_AFTER_STEPS and state.max_steps > state.global_step:
-                per_step = (time.perf_counter() - started) / ESTIMATE_AFTER_STEPS
-                left = per_step * (state.max_steps - state.global_step)
+            steps_left = state.max_steps - state.global_step
+            if state.global_step - first_step == ESTIMATE_AFTER_STEPS and steps_left and state.num_input_tokens_seen:
+                # By tokens, not steps: batches grouped by length start with the longest, so the first steps
+                # carry up to twice the average step's tokens.
+                per_token = (time.perf_counter() - started) / (state.num_input_tokens_seen - self.tokens_before)
                 log.info(
-                    "training: about %.0f more minutes on this machine (%d steps to go at %.1f s a step, measured "
-                    "over the first %d; batches grouped by length start with the longest)",
-                    left / 60,
-                    state.max_steps - state.global_step,
-                    per_step,
+                    "training: about %.0f more minutes on this machine (%d steps of ~%.0f tokens at %.0f tokens/s, "
+                    "measured over the first %d steps)",
+                    per_token * tokens_per_step * steps_left / 60,
+                    steps_left,
+                    tokens_per_step,
+                    1 / per_token,
                     ESTIMATE_AFTER_STEPS,
                 )
 
@@ -457,9 +461,12 @@ def _fit(
     from transformers import PrinterCallback, ProgressCallback, Seq2SeqTrainer, set_seed
 
     t = cfg.training
-    set_seed(t.seed)
     texts = (r["code"] + "\n" + r.get("summary", "") for r in train_rows)
     model, tokenizer = load_model(cfg.model, texts, t.seed, labels)
+    # Seeded after loading, right before the first random draw (LoRA's initial weights): a first load may convert
+    # or download weights and draw on the global generator, which once gave the first run on a machine (a cold
+    # weights cache) another model than every later run. A scratch model seeds its own initialisation.
+    set_seed(t.seed)
     label2id = model.config.label2id if labels else None
     base_model = model
     if cfg.peft.use_peft:
@@ -477,14 +484,21 @@ def _fit(
     if t.gradient_checkpointing:  # here, not by the Trainer: a code-search encoder reaches it inside its BiEncoder
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     settings = InferenceSettings.of(cfg)
+    train_examples = family.tokenize(train_rows, tokenizer, settings, label2id)
+    mean_tokens = sum(len(e["input_ids"]) for e in train_examples) / len(train_examples)
     trainer = Seq2SeqTrainer(
         model=family.trainable(model),
         args=_training_arguments(cfg, family, run / CHECKPOINTS),
-        train_dataset=family.tokenize(train_rows, tokenizer, settings, label2id),
+        train_dataset=train_examples,
         eval_dataset=family.tokenize(validation_rows, tokenizer, settings, label2id),
         data_collator=_collator(family, tokenizer, base_model),
         processing_class=tokenizer,
-        callbacks=[_progress_callback(trainable if cfg.peft.use_peft else total)],
+        callbacks=[
+            _progress_callback(
+                trainable if cfg.peft.use_peft else total,
+                mean_tokens * t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
+            )
+        ],
     )
     if trial:
         from codetune.sweep import pruning_callback

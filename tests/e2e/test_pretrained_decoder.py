@@ -3,8 +3,12 @@
 Skipped, with the reason, where the package is missing (`make` installs it).
 """
 
+import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,6 +102,24 @@ def test_lora_on_smollm2_merges_to_what_base_plus_adapter_computes(few_steps):
     assert 0 < report.metrics["distinct_predictions"] <= 100
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["untuned"] == report.untuned
+
+
+@pytest.mark.timeout(600)
+def test_the_first_run_on_a_machine_trains_the_same_model_as_every_later_one(few_steps, tmp_path):
+    """`codetune train` twice, the first on an empty weights cache (it converts the GGUF): identical bytes."""
+    env = {**os.environ, "CODETUNE_CACHE": str(tmp_path / "cache")}
+    digests = []
+    for attempt in ("first", "second"):
+        overrides = few_steps + [f"training.output_dir={tmp_path / attempt}", "training.run_name=same"]
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "train", *overrides], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("converting" in done.stderr) == (attempt == "first")
+        run_dir = tmp_path / attempt / "same"
+        files = ["model.safetensors", "adapter/adapter_model.safetensors", "predictions.jsonl"]
+        digests.append({f: hashlib.sha256((run_dir / f).read_bytes()).hexdigest() for f in files})
+    assert digests[0] == digests[1]
 
 
 @pytest.mark.timeout(600)
