@@ -73,7 +73,7 @@ def measure() -> dict:
     from codetune.data import prepare_data
     from codetune.training import cpu_has_bf16
 
-    bf16 = cpu_has_bf16() and "ATEN_CPU_CAPABILITY" not in os.environ
+    bf16 = cpu_has_bf16()
     rows = prepare_data(load_config(None, []).data).load("train")
     random.Random(0).shuffle(rows)
     rows = rows[: (STEPS + 1) * 8]

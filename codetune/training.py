@@ -124,12 +124,14 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): autocast then halves the step time."""
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX) and oneDNN may use it: autocast then
+    halves the step time. A oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA) computes bf16 in reference kernels, ~40x
+    slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolve_precision(cfg: Config) -> tuple[bool, bool]:

@@ -1,5 +1,7 @@
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,13 @@ def test_finished_training_is_not_redone(trained_run, caplog):
     assert again == first
     assert (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns == mtime
     assert "not redoing it" in caplog.text
+
+
+def test_training_says_how_long_it_will_take_after_its_first_steps(tiny_cfg, caplog):
+    with caplog.at_level(logging.INFO, logger="codetune.training"):
+        train_model(tiny_cfg, prepare_data(tiny_cfg.data))
+    estimates = [r.getMessage() for r in caplog.records if "more minutes on this machine" in r.getMessage()]
+    assert len(estimates) == 1 and re.search(r"7 steps of ~\d+ tokens at \d+ tokens/s", estimates[0]), estimates
 
 
 def test_same_seed_gives_identical_weights(trained_run, tiny_overrides, tmp_path):
@@ -268,6 +277,17 @@ def test_bf16_autocast_trains_to_the_fp32_loss(tiny_overrides, tmp_path):
         losses[bf16] = train_model(cfg, prepare_data(cfg.data)).validation_loss
     assert losses["true"] != losses["false"], "bf16 changed nothing: autocast never ran"
     assert abs(losses["true"] - losses["false"]) / losses["false"] < 0.02, losses
+
+
+def test_a_onednn_held_to_avx2_turns_bf16_off_whatever_the_cpu_flags_say():
+    """bf16 in oneDNN's AVX2 reference kernels is ~40x slower than fp32: `bf16: null` must not pick it there."""
+    import subprocess
+    import sys
+
+    probe = "from codetune.training import cpu_has_bf16; print(cpu_has_bf16())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    held = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert held.stdout.strip() == "False"
 
 
 def test_out_of_memory_retries_at_half_the_micro_batch_with_the_same_effective_batch(
