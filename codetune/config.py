@@ -167,8 +167,9 @@ class PeftConfig:
     alpha: int = 32
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.0
-    """Dropout on the LoRA path. Off by default: on a CPU it costs ~27% of a step (random numbers and a copy of every
-    adapted layer's input), and a run of under an epoch has little to regularise; 0.05-0.1 for many epochs."""
+    """Dropout on the LoRA path. Off by default: on a CPU it costs a large share of a step (random numbers and a copy
+    of every adapted layer's input; docs/benchmarks.md), and a run of under an epoch has little to regularise;
+    0.05-0.1 for many epochs."""
     target_modules: Optional[list[str]] = None
     """Module names to adapt; null picks the architecture's defaults: every linear layer of a Llama-style decoder,
     the attention projections elsewhere."""
@@ -211,11 +212,12 @@ class TrainingConfig:
     """Summaries are truncated to this many tokens (CodeT5 recipe: 128; stdlib summaries average ~12)."""
     bf16: Optional[bool] = None
     """bfloat16 mixed precision; null: on where the hardware computes it natively (Ampere or newer GPUs; CPUs with
-    AVX512-BF16 or AMX, where it halves the step time), fp32 elsewhere."""
+    AVX512-BF16 or AMX; docs/cpu-speed.md), fp32 elsewhere."""
     fp16: bool = False
     """float16 mixed precision; needs a CUDA GPU. Prefer bf16 where supported."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% slower. Turn on when a batch's activations do
+    """Recompute activations in the backward pass: less memory for more time (docs/benchmarks.md). Turn on when a
+    batch's activations do
     not fit (billion-parameter models, long sequences); LoRA's frozen weights leave activations as most of the
     memory."""
     group_by_length: bool = True
@@ -317,19 +319,16 @@ class MonitorConfig:
     """`codetune monitor`: how far data.path may drift from the champion's training data before it is retrained.
 
     Each threshold sits between what two halves of one code base measure and what another code base does
-    (README, "Drift monitoring"): crossing any one emits the retraining event."""
+    (bench/drift_thresholds.py measures both; docs/monitoring.md): crossing any one emits the retraining event."""
 
     max_new_function_share: float = 0.25
     """Share of the source's functions (by content hash) the champion never saw; above it, retrain."""
     max_length_shift: float = 0.1
-    """Kolmogorov-Smirnov D of code token and summary word counts (0: same, 1: disjoint); two halves of the stdlib:
-    0.01."""
+    """Kolmogorov-Smirnov D of code token and summary word counts (0: same, 1: disjoint)."""
     max_identifier_shift: float = 0.15
-    """Jensen-Shannon distance of the shares of the training code's 50 most frequent identifiers (and the rest);
-    two halves of the stdlib: 0.03, 90 stdlib functions: 0.11, another package: 0.21-0.26."""
+    """Jensen-Shannon distance of the shares of the training code's 50 most frequent identifiers (and the rest)."""
     max_embedding_auc: float = 0.7
-    """ROC AUC of a classifier telling training code from current code by its embedding (0.5: it cannot); two halves
-    of the stdlib: 0.54, another package: 0.96-0.98."""
+    """ROC AUC of a classifier telling training code from current code by its embedding (0.5: it cannot)."""
     max_quality_drop: float = 0.2
     """Relative drop of the champion's primary metric on the new pairs against its test split."""
     sample_size: int = 512

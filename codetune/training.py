@@ -124,9 +124,8 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX) and oneDNN may use it: autocast then
-    halves the step time. A oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA) computes bf16 in reference kernels, ~40x
-    slower than fp32."""
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX) and oneDNN may use it. A oneDNN held to
+    AVX2 (ONEDNN_MAX_CPU_ISA) computes bf16 in reference kernels, far slower than fp32 (docs/cpu-speed.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

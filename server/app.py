@@ -93,8 +93,7 @@ class Limits:
     """Requests joined into one predict call."""
     batch_wait_s: float = 0.1
     """How long the first request of a batch waits for others. Answers come back together, and their clients'
-    next requests arrive staggered: 10 ms split the batches of 32 clients into fragments (3.4 requests/s here),
-    100 ms keeps them whole (4.9), for 0.1 s more latency at low load."""
+    next requests arrive staggered: too short a wait splits the batches into fragments (docs/serving.md)."""
     queued_requests: int = 512
     """Requests waiting beyond the ones in flight; more get 503 with Retry-After."""
     request_timeout_s: float = 120.0
