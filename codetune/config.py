@@ -58,11 +58,6 @@ class Direction(str, Enum):
         """The example field the model reads."""
         return "code" if self is Direction.code_to_text else "summary"
 
-    @property
-    def target(self) -> str:
-        """The example field the model writes."""
-        return "summary" if self is Direction.code_to_text else "code"
-
 
 # causal_lm: what the output follows when model.prompt_template is null.
 DEFAULT_PROMPTS = {Direction.code_to_text: "{code}\n# Summary:", Direction.text_to_code: "# {summary}\n"}

@@ -441,7 +441,7 @@ def _fit_in_memory(cfg: Config, *fit_args):
         raise ModelError(
             f"out of device memory at micro-batch {t.per_device_train_batch_size} and again at "
             f"{halved.per_device_train_batch_size}; set training.gradient_checkpointing=true, lower "
-            "model.max_source_length, or use a smaller model. Checkpoints so far are kept"
+            "training.max_source_length, or use a smaller model. Checkpoints so far are kept"
         ) from None
     trained.micro_batch_size = halved.per_device_train_batch_size
     return (trained, *rest)
