@@ -42,6 +42,12 @@ class Registration:
     reason: str
     model_uri: str
 
+    @property
+    def hub_branch(self) -> str | None:
+        """Where on the Hub repo this version goes: a champion to main (None), where from_pretrained("org/name")
+        finds it; a challenger to its version's branch, there to compare, without replacing what the repo serves."""
+        return None if self.alias == CHAMPION else f"v{self.version}"
+
 
 def _pip_requirements() -> list[str]:
     from importlib.metadata import version

@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 from codetune.config import Config, HubWeights, S3Config
 from codetune.evaluation import EvalReport
 from codetune.publishing import model_card, model_metadata, publish_files, publish_to_s3, push_to_hub, s3_prefix
-from codetune.registry import CHAMPION, Registration
+from codetune.registry import Registration
 from codetune.training import TrainedModel
 from tasks.retry import stage_task
 
@@ -80,9 +80,6 @@ def publish(
     if hub.repo_id:
         card = model_card(cfg, report, data_description(cfg), trained.base_weights)
         message = f"{registration.model_name} v{registration.version} ({registration.alias})"
-        # Only a champion goes to main, where from_pretrained("org/name") finds it; a challenger goes to its
-        # version's branch, there to compare, without replacing what the repo serves.
-        branch = None if registration.alias == CHAMPION else f"v{registration.version}"
         locations["huggingface"] = push_to_hub(
             hub.repo_id,
             hub_token(hub.token_block),
@@ -91,7 +88,7 @@ def publish(
             card,
             message,
             hub.endpoint,
-            branch,
+            registration.hub_branch,
         )
     if locations:
         create_markdown_artifact("\n".join(f"- {k}: {v}" for k, v in locations.items()), key="published")

@@ -169,10 +169,15 @@ def test_hub_rejected_token_fails_at_once_naming_the_credential(run_dir):
 
 
 def test_a_challenger_goes_to_its_version_branch_never_to_main(run_dir):
+    from codetune.registry import CHALLENGER, CHAMPION, Registration
+
+    champion = Registration("summ", "1", CHAMPION, "first version", "models:/summ/1")
+    challenger = Registration("summ", "2", CHALLENGER, "lower than the champion", "models:/summ/2")
     with RecordingHub() as hub:
         files = [(run_dir / "config.json", "config.json")]
-        push_to_hub("org/summ", hub.state.valid_token, True, files, "card", "v1", hub.url)
-        push_to_hub("org/summ", hub.state.valid_token, True, files, "card", "v2", hub.url, branch="v2")
+        for registration in (champion, challenger):
+            branch, message = registration.hub_branch, f"summ v{registration.version}"
+            push_to_hub("org/summ", hub.state.valid_token, True, files, "card", message, hub.url, branch)
         assert hub.state.revisions == ["main", "v2"] and hub.state.branches == {"v2"}
 
 
