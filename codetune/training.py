@@ -486,7 +486,9 @@ def _fit(
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     settings = InferenceSettings.of(cfg)
     train_examples = family.tokenize(train_rows, tokenizer, settings, label2id)
-    mean_tokens = sum(len(e["input_ids"]) for e in train_examples) / len(train_examples)
+    # Every token sequence of an example: a code-search pair holds two (query_input_ids, code_input_ids).
+    token_lists = [ids for e in train_examples for key, ids in e.items() if key.endswith("input_ids")]
+    mean_tokens = sum(map(len, token_lists)) / len(train_examples)
     trainer = Seq2SeqTrainer(
         model=family.trainable(model),
         args=_training_arguments(cfg, family, run / CHECKPOINTS),

@@ -121,15 +121,19 @@ def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
 @pytest.mark.parametrize(
     "config, auto_class, model_type",
     [
+        ("tiny-seq2seq", "AutoModelForSeq2SeqLM", "t5"),
         ("tiny-causal-lm", "AutoModelForCausalLM", "qwen2"),
         ("tiny-encoder-decoder", "AutoModelForSeq2SeqLM", "encoder-decoder"),
+        ("tiny-classifier", "AutoModelForSequenceClassification", "roberta"),
+        ("tiny-code-search", "AutoModel", "roberta"),
     ],
 )
-def test_every_family_exports_a_model_plain_transformers_loads(config, auto_class, model_type, tiny_overrides):
+def test_every_family_exports_a_model_plain_transformers_loads(config, auto_class, model_type, tiny_overrides, request):
     import transformers
 
-    cfg = load_config(f"configs/{config}.yaml", tiny_overrides)
-    result = train_model(cfg, prepare_data(cfg.data))
+    labelled = [f"data.path={request.getfixturevalue('labelled_jsonl')}"] if config == "tiny-classifier" else []
+    cfg = load_config(f"configs/{config}.yaml", tiny_overrides + labelled)
+    result = train_model(cfg, prepare_data(cfg.data, labelled=cfg.model.task.labelled))
     model = getattr(transformers, auto_class).from_pretrained(result.run_dir)
     assert model.config.model_type == model_type and result.global_step == 12
 
