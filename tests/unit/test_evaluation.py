@@ -1,4 +1,6 @@
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,21 @@ def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
     one = generate(model.eval(), tokenizer, codes, GenerationConfig(batch_size=1, max_new_tokens=8), 512, template)
     batched = generate(model, tokenizer, codes, GenerationConfig(batch_size=12, max_new_tokens=8), 512, template)
     assert batched == one and any(batched)
+
+
+def test_a_long_generation_reports_its_progress(tiny_cfg, monkeypatch, caplog):
+    from codetune.data import prepare_data
+    from codetune.model import load_model
+
+    monkeypatch.setattr("codetune.families.generative.PROGRESS_EVERY_S", 0.0)  # every batch counts as long
+    data = prepare_data(tiny_cfg.data)
+    model, tokenizer = load_model(tiny_cfg.model, (r["code"] for r in data.load("train")), seed=0)
+    codes = [r["code"] for r in data.load("test")][:12]
+    with caplog.at_level(logging.INFO, logger="codetune.families.generative"):
+        generate(model.eval(), tokenizer, codes, GenerationConfig(batch_size=4, max_new_tokens=4), 64)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generated ")]
+    assert [m.split(",")[0] for m in progress] == ["generated 4 of 12", "generated 8 of 12"], progress
+    assert all(re.search(r"about \d+ s to go$", m) for m in progress)
 
 
 def test_evaluation_writes_predictions_examples_and_metrics(trained_run):
