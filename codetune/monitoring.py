@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from codetune.config import MonitorConfig
+from codetune.errors import DataError
 
 PROFILE_VERSION = 1
 IDENTIFIERS_KEPT = 2000
@@ -248,6 +249,11 @@ def compare(
     profile: dict, current: list[dict], cfg: MonitorConfig, embed: bool = True
 ) -> tuple[list[DriftCheck], Distributions, list[dict]]:
     """The data checks of current against profile, what they measured (to plot), and the new functions."""
+    if profile.get("version") != PROFILE_VERSION:
+        raise DataError(
+            f"the champion's training-data profile is version {profile.get('version')}, this codetune reads version "
+            f"{PROFILE_VERSION}: retrain the champion (codetune run) to monitor it"
+        )
     fresh = new_examples(profile, current)
     share = len(fresh) / max(len(current), 1)
     checks = [

@@ -67,6 +67,12 @@ def test_the_training_source_does_not_drift_from_itself(stdlib):
     assert checks[0].value == 0.0 and all(c.value < 0.1 for c in checks)
 
 
+def test_a_profile_of_another_version_is_refused_with_the_fix(stdlib):
+    profile = profile_splits(_split(stdlib)) | {"version": 0}
+    with pytest.raises(DataError, match="profile is version 0, this codetune reads version 1: retrain the champion"):
+        compare(profile, stdlib, SETTINGS, embed=False)
+
+
 def test_functions_unlike_the_training_data_drift_on_every_data_check(stdlib):
     profile = profile_splits(_split(stdlib))
     current = stdlib[:200] + _synthetic(400, lines=30)
