@@ -212,9 +212,8 @@ class TrainingConfig:
     """float16 mixed precision; needs a CUDA GPU. Prefer bf16 where supported."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory for more time (docs/benchmarks.md). Turn on when a
-    batch's activations do
-    not fit (billion-parameter models, long sequences); LoRA's frozen weights leave activations as most of the
-    memory."""
+    batch's activations do not fit (billion-parameter models, long sequences); LoRA's frozen weights leave
+    activations as most of the memory."""
     group_by_length: bool = True
     """Batch examples of similar length together so little of each batch is padding."""
     save_steps: int = 200
