@@ -71,7 +71,7 @@ def measure() -> dict:
 
     from codetune.config import load_config
     from codetune.data import prepare_data
-    from codetune.training import cpu_has_bf16
+    from codetune.precision import cpu_has_bf16
 
     bf16 = cpu_has_bf16()
     rows = prepare_data(load_config(None, []).data).load("train")

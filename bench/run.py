@@ -103,7 +103,8 @@ def train_codetune(workdir: Path, steps: int, *overrides: str) -> dict:
     """The training stage exactly as the flow calls it."""
     from codetune.data import prepare_data
     from codetune.model import load_exported
-    from codetune.training import resolve_precision, train_model
+    from codetune.precision import resolve_precision
+    from codetune.training import train_model
 
     cfg = bench_config(workdir, steps, *overrides)
     data = prepare_data(cfg.data)

@@ -1,27 +1,81 @@
-"""One process of a multi-process training, as torch.distributed.run starts it (training.launch_processes).
+"""Training in several processes: the launch (torch.distributed.run) and what each process runs.
 
     python -m torch.distributed.run --standalone --nproc-per-node=N -m codetune.distributed CONFIG DATA RUN_DIR
 
-The caller has claimed and locked RUN_DIR; each process trains it with the Trainer, which sees the
+The caller has claimed and locked RUN_DIR; each process runs train_model in it, whose Trainer sees the
 launcher's environment and runs DDP; only rank 0 writes.
 """
 
+from __future__ import annotations
+
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 
-from codetune.config import load_config
+import torch
+
+from codetune.config import Config, load_config, to_yaml
 from codetune.data import PreparedData
-from codetune.rundir import RunDir
-from codetune.training import rank_zero, train_locked
+from codetune.errors import TrainingProcessLost
+from codetune.rundir import CHECKPOINTS, RunDir, write_atomic
+
+log = logging.getLogger(__name__)
+
+
+def processes(cfg: Config) -> int:
+    return cfg.training.num_processes or max(torch.cuda.device_count(), 1)
+
+
+def launched() -> bool:
+    """Whether this is one of the processes torch.distributed.run started."""
+    return "LOCAL_RANK" in os.environ
+
+
+def rank_zero() -> bool:
+    """The process that writes: checkpoints (the Trainer's rule), the adapter, the export and the records."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_processes(cfg: Config, data: PreparedData, run: RunDir) -> None:
+    """Train in processes(cfg) processes with torch.distributed.run, their output in this process's log.
+
+    The launcher runs inside the caller (the train task keeps its retries and timeout); the processes
+    train the run directory this caller has claimed and locked. One that dies fails them all, and
+    TrainingProcessLost tells the task to try again, resuming from the newest complete checkpoint.
+    """
+    n = processes(cfg)
+    settings = run / ".launch-config.yaml"
+    write_atomic(settings, to_yaml(cfg))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    command += ["-m", "codetune.distributed", str(settings), data.directory, str(run.path)]
+    log.info("training in %d processes (%s)", n, "nccl" if torch.cuda.is_available() else "gloo")
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as launcher:
+        for line in launcher.stdout:
+            log.info("%s", line.rstrip())
+    if launcher.returncode != 0:
+        raise TrainingProcessLost(
+            f"a training process failed (torch.distributed.run exited with {launcher.returncode}; its output is above)"
+            f"; checkpoints are kept in {run / CHECKPOINTS} and the next try resumes from the newest"
+        )
 
 
 def main(config: str, data_directory: str, run_dir: str) -> None:
+    from codetune.training import train_model  # training launches this module: imported here, not at the top
+
     # Each line reaches the launching task's log, which adds time and level: the rank is what it lacks.
     rank = os.environ["RANK"]
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
     logging.getLogger("codetune").setLevel(logging.INFO if rank_zero() else logging.WARNING)
-    train_locked(load_config(config), PreparedData.open(data_directory), RunDir(run_dir))
+    cfg, data = load_config(config), PreparedData.open(data_directory)
+    if RunDir.of(cfg, data).path != Path(run_dir):
+        raise RuntimeError(f"the launched configuration names another run than {run_dir}: {RunDir.of(cfg, data)}")
+    train_model(cfg, data)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,23 @@ records written last mark a stage complete: training.json for training, metrics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
+from codetune.config import Config, content_hash
 from codetune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from codetune.data import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +77,16 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    @classmethod
+    def of(cls, cfg: Config, data: PreparedData) -> "RunDir":
+        """The directory of the run this configuration and data make."""
+        return cls(Path(cfg.training.output_dir) / run_name(cfg, data))
+
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
     def __str__(self) -> str:
         return str(self.path)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     @property
     def trained(self) -> bool:
@@ -168,3 +175,43 @@ class RunDir:
         self.write_json(TRAINING_RECORD, record)
         (self.path / FITTED_RECORD).unlink(missing_ok=True)
         shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+
+
+# Settings that change how a run is watched or stored, never its weights: left out of its key, so
+# raising a timeout after a timed-out run resumes that run instead of starting another.
+NOT_IN_RUN_KEY = (
+    "output_dir",
+    "run_name",
+    "logging_steps",
+    "dataloader_num_workers",
+    "save_total_limit",
+    "timeout_minutes",
+)
+
+
+def run_key(cfg: Config, data: PreparedData) -> str:
+    """Hash of everything that determines the trained weights: model, LoRA and training settings, data."""
+    training = {k: v for k, v in dataclasses.asdict(cfg.training).items() if k not in NOT_IN_RUN_KEY}
+    model, peft = dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.peft)
+    return content_hash({"model": model, "peft": peft, "training": training, "data": data.fingerprint})
+
+
+def run_name(cfg: Config, data: PreparedData) -> str:
+    if cfg.training.run_name:
+        return cfg.training.run_name
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name.rsplit("/", 1)[-1]).strip("-").lower()
+    return f"{slug}-{run_key(cfg, data)[:10]}"
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """Newest checkpoint whose trainer_state.json (the Trainer writes it last) is complete."""
+    if not checkpoints.is_dir():
+        return None
+    found = []
+    for path in checkpoints.glob("checkpoint-*"):
+        try:
+            json.loads((path / TRAINER_STATE).read_text())
+            found.append((int(path.name.split("-")[1]), path))
+        except (OSError, ValueError):
+            log.warning("ignoring incomplete checkpoint %s", path)
+    return max(found)[1] if found else None

@@ -6,24 +6,23 @@ data fingerprint), so a retried or re-run training finds its own checkpoints and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
 import logging
-import os
-import re
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
-from codetune.config import Config, content_hash, to_yaml
+from codetune.config import Config, to_yaml
 from codetune.data import PreparedData
-from codetune.errors import ModelError, TrainingProcessLost
+from codetune.distributed import launch_processes, launched, processes, rank_zero, world_size
+from codetune.errors import ModelError
 from codetune.families import Family, InferenceSettings, family_of
 from codetune.model import (
     MergeError,
@@ -34,6 +33,7 @@ from codetune.model import (
     load_pretrained,
     merge_adapter,
 )
+from codetune.precision import resolve_precision
 from codetune.rundir import (
     ADAPTER_DIR,
     CHECKPOINTS,
@@ -45,7 +45,8 @@ from codetune.rundir import (
     TRAINER_STATE,
     TRAINING_RECORD,
     RunDir,
-    write_atomic,
+    last_complete_checkpoint,
+    run_key,
 )
 from codetune.sweep import TrialRef
 
@@ -83,237 +84,80 @@ class TrainedModel:
         return cls(**run.read_json(TRAINING_RECORD))
 
 
-# Settings that change how a run is watched or stored, never its weights: left out of its key, so
-# raising a timeout after a timed-out run resumes that run instead of starting another.
-NOT_IN_RUN_KEY = (
-    "output_dir",
-    "run_name",
-    "logging_steps",
-    "dataloader_num_workers",
-    "save_total_limit",
-    "timeout_minutes",
-)
+@dataclass
+class Fit:
+    """A finished Trainer run: its record, and what is saved from it."""
 
-
-def run_key(cfg: Config, data: PreparedData) -> str:
-    """Hash of everything that determines the trained weights: model, LoRA and training settings, data."""
-    training = {k: v for k, v in dataclasses.asdict(cfg.training).items() if k not in NOT_IN_RUN_KEY}
-    model, peft = dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.peft)
-    return content_hash({"model": model, "peft": peft, "training": training, "data": data.fingerprint})
-
-
-def run_name(cfg: Config, data: PreparedData) -> str:
-    if cfg.training.run_name:
-        return cfg.training.run_name
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name.rsplit("/", 1)[-1]).strip("-").lower()
-    return f"{slug}-{run_key(cfg, data)[:10]}"
-
-
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """Newest checkpoint whose trainer_state.json (the Trainer writes it last) is complete."""
-    if not checkpoints.is_dir():
-        return None
-    found = []
-    for path in checkpoints.glob("checkpoint-*"):
-        try:
-            json.loads((path / TRAINER_STATE).read_text())
-            found.append((int(path.name.split("-")[1]), path))
-        except (OSError, ValueError):
-            log.warning("ignoring incomplete checkpoint %s", path)
-    return max(found)[1] if found else None
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX) and oneDNN may use it. A oneDNN held to
-    AVX2 (ONEDNN_MAX_CPU_ISA) computes bf16 in reference kernels, far slower than fp32 (docs/cpu-speed.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_precision(cfg: Config) -> tuple[bool, bool]:
-    """(bf16, fp16) for this device: bf16 wherever the GPU or CPU computes it natively, unless turned off."""
-    t = cfg.training
-    if not torch.cuda.is_available():
-        if t.fp16:
-            log.warning("training.fp16=true needs a CUDA GPU; none found, training without it")
-        if t.bf16 and not cpu_has_bf16():
-            log.warning("training.bf16=true on a CPU without bf16 instructions is slower than fp32; training in fp32")
-            return False, False
-        return (cpu_has_bf16() if t.bf16 is None else t.bf16), False
-    if t.fp16:
-        return False, True
-    supported = torch.cuda.is_bf16_supported()
-    if t.bf16 and not supported:
-        log.warning("this GPU has no bf16; training with fp16 instead (set training.fp16=true to silence this)")
-        return False, True
-    return (supported if t.bf16 is None else t.bf16), False
-
-
-def tokenize(rows: list[dict], tokenizer, cfg: Config, label2id: dict[str, int] | None = None) -> list[dict]:
-    """Training examples for the config's family: token ids and labels, cut to the configured lengths."""
-    return family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg), label2id)
-
-
-# Steps timed before the run says how long training will take.
-ESTIMATE_AFTER_STEPS = 5
-
-
-def _progress_callback(n_params: int, tokens_per_step: float):
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        """One progress bar (steps, ETA, loss, tokens/s) in place of a dict per log line; the figures go to
-        trainer_state too."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last = (time.perf_counter(), state.num_input_tokens_seen)
-            self.started = (time.perf_counter(), state.global_step)
-            self.tokens_before = state.num_input_tokens_seen
-            self.bar = tqdm(
-                total=state.max_steps, initial=state.global_step, desc="training", unit="step", mininterval=5
-            )
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.bar.update(state.global_step - self.bar.n)
-            started, first_step = self.started
-            steps_left = state.max_steps - state.global_step
-            if state.global_step - first_step == ESTIMATE_AFTER_STEPS and steps_left and state.num_input_tokens_seen:
-                # By tokens, not steps: batches grouped by length start with the longest, so the first steps
-                # carry up to twice the average step's tokens.
-                per_token = (time.perf_counter() - started) / (state.num_input_tokens_seen - self.tokens_before)
-                log.info(
-                    "training: about %.0f more minutes on this machine (%d steps of ~%.0f tokens at %.0f tokens/s, "
-                    "measured over the first %d steps)",
-                    per_token * tokens_per_step * steps_left / 60,
-                    steps_left,
-                    tokens_per_step,
-                    1 / per_token,
-                    ESTIMATE_AFTER_STEPS,
-                )
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            now, seen = time.perf_counter(), state.num_input_tokens_seen
-            then, seen_before = self.last
-            if logs is not None and now > then and seen > seen_before:
-                tokens_per_s = (seen - seen_before) / (now - then)
-                logs["tokens_per_second"] = round(tokens_per_s, 1)
-                logs["train_flops_per_second"] = 6 * n_params * tokens_per_s
-            self.last = (now, seen)
-            if logs and "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=logs.get("tokens_per_second"), refresh=False)
-            elif logs and "eval_loss" in logs:
-                log.info("step %d: validation loss %.4f", state.global_step, logs["eval_loss"])
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.bar.close()
-
-    return Progress()
-
-
-def final_train_loss(trainer, outcome) -> float:
-    """The last logged training loss; a run shorter than logging_steps logged none, and its mean loss stands in."""
-    return next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), outcome.training_loss)
-
-
-def _collator(family: Family, tokenizer, model):
-    # Multiples of 8 fill a GPU's tensor cores; on a CPU they are only more padding.
-    return family.collator(tokenizer, model, 8 if torch.cuda.is_available() else None)
+    record: TrainedModel
+    model: Any
+    """The trained model: a PEFT wrapper under LoRA."""
+    tokenizer: Any
+    state: Any
+    """The Trainer's state: the loss curve and the step."""
 
 
 def train_model(cfg: Config, data: PreparedData, trial: TrialRef | None = None) -> TrainedModel:
-    """Train (or resume, or skip if done) and export the model to the run directory.
+    """Train (or resume, or skip if done) and export the model to its run directory.
 
-    LoRA runs finish in two steps: the adapter and fitted.json are saved as soon as training ends,
-    then merged into the export. A failed merge keeps both, and a re-run merges again without training.
-    trial: a sweep's trial, told each validation loss; if its pruner stops training, TrialPruned is raised
-    and nothing is exported.
+    LoRA runs save the adapter and fitted.json as soon as training ends, then merge them into the export:
+    a failed merge keeps both, and a re-run merges again without training. trial: a sweep's trial, told each
+    validation loss; if its pruner stops training, TrialPruned is raised and nothing is exported.
     """
-    run = RunDir(Path(cfg.training.output_dir) / run_name(cfg, data))
-    run.claim(run_key(cfg, data))
-    with run.lock():
+    run = RunDir.of(cfg, data)
+    with _held(run, cfg, data):
         if run.trained:
             log.info("training already finished in %s; not redoing it", run)
             return TrainedModel.load(run.path)
         if processes(cfg) > 1 and not launched():
-            launch_processes(cfg, data, run)
+            launch_processes(cfg, data, run)  # each process runs train_model in the run this one holds
             return TrainedModel.load(run.path)
-        return train_locked(cfg, data, run, trial)
 
+        weights = base_weights(cfg.model)
+        if rank_zero():
+            run.write(CONFIG_FILE, f"# base weights: {json.dumps(weights)}\n" + to_yaml(cfg))
+            shutil.copyfile(Path(data.directory) / "manifest.json", run / DATA_MANIFEST)
+            shutil.copyfile(data.profile_path, run / DATA_PROFILE)
+        family = family_of(cfg.model)
+        train_rows, validation_rows = data.load("train"), data.load("validation")
+        labels = sorted({r["label"] for r in train_rows}) if cfg.model.task.labelled else None
 
-def processes(cfg: Config) -> int:
-    return cfg.training.num_processes or max(torch.cuda.device_count(), 1)
-
-
-def launched() -> bool:
-    """Whether this is one of the processes torch.distributed.run started."""
-    return "LOCAL_RANK" in os.environ
-
-
-def rank_zero() -> bool:
-    """The process that writes: checkpoints (the Trainer's rule), the adapter, the export and the records."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def launch_processes(cfg: Config, data: PreparedData, run: RunDir) -> None:
-    """Train in processes(cfg) processes with torch.distributed.run, their output in this process's log.
-
-    The launcher runs inside the caller (the train task keeps its retries and timeout); the processes
-    train the run directory this caller has claimed and locked. One that dies fails them all, and
-    TrainingProcessLost tells the task to try again, resuming from the newest complete checkpoint.
-    """
-    n = processes(cfg)
-    settings = run / ".launch-config.yaml"
-    write_atomic(settings, to_yaml(cfg))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
-    command += ["-m", "codetune.distributed", str(settings), data.directory, str(run.path)]
-    log.info("training in %d processes (%s)", n, "nccl" if torch.cuda.is_available() else "gloo")
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as launcher:
-        for line in launcher.stdout:
-            log.info("%s", line.rstrip())
-    if launcher.returncode != 0:
-        raise TrainingProcessLost(
-            f"a training process failed (torch.distributed.run exited with {launcher.returncode}; its output is above)"
-            f"; checkpoints are kept in {run / CHECKPOINTS} and the next try resumes from the newest"
-        )
-
-
-def train_locked(cfg: Config, data: PreparedData, run: RunDir, trial: TrialRef | None = None) -> TrainedModel:
-    """Fit (or take the adapter an earlier attempt fitted), export, and mark the run trained."""
-    weights = base_weights(cfg.model)
-    if rank_zero():
-        run.write(CONFIG_FILE, f"# base weights: {json.dumps(weights)}\n" + to_yaml(cfg))
-        shutil.copyfile(Path(data.directory) / "manifest.json", run / DATA_MANIFEST)
-        shutil.copyfile(data.profile_path, run / DATA_PROFILE)
-
-    family = family_of(cfg.model)
-    train_rows, validation_rows = data.load("train"), data.load("validation")
-    labels = sorted({r["label"] for r in train_rows}) if cfg.model.task.labelled else None
-    if cfg.peft.use_peft and run.fitted:
-        log.info("training finished earlier in %s; merging its adapter without training again", run)
-        trained = TrainedModel(**run.read_json(FITTED_RECORD))
-    else:
-        fit = _fit_in_memory(cfg, family, run, train_rows, validation_rows, labels, weights, trial)
-        trained, model, tokenizer, state = fit
-        if not rank_zero():
-            return trained
-        # LoRA: the adapter alone, kept whatever the merge does; else the whole model, the export itself.
-        staged = run.staging(ADAPTER_DIR if cfg.peft.use_peft else EXPORT)
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        state.save_to_json(str(staged / TRAINER_STATE))
+        if cfg.peft.use_peft and run.fitted:
+            log.info("training finished earlier in %s; merging its adapter without training again", run)
+            trained = TrainedModel(**run.read_json(FITTED_RECORD))
+        else:
+            fitted = fit_in_memory(cfg, family, run, train_rows, validation_rows, labels, weights, trial)
+            if not rank_zero():
+                return fitted.record
+            _save(fitted, run, cfg.peft.use_peft)
+            trained = fitted.record
         if cfg.peft.use_peft:
-            run.install(staged, ADAPTER_DIR)
-            run.write_json(FITTED_RECORD, dataclasses.asdict(trained))
-    if cfg.peft.use_peft:
-        _export_merged(cfg, family, run, labels, validation_rows)
-    # Everything went to a staging directory first; training.json, written last, marks the export complete.
-    run.install_export()
-    run.finish_training(dataclasses.asdict(trained))
-    return trained
+            _export_merged(cfg, family, run, labels, validation_rows)
+        # Everything went to a staging directory first; training.json, written last, marks the export complete.
+        run.install_export()
+        run.finish_training(dataclasses.asdict(trained))
+        return trained
+
+
+@contextlib.contextmanager
+def _held(run: RunDir, cfg: Config, data: PreparedData) -> Iterator[None]:
+    """The run directory claimed for this configuration and locked; a launched process is inside its launcher's."""
+    if launched():
+        yield
+        return
+    run.claim(run_key(cfg, data))
+    with run.lock():
+        yield
+
+
+def _save(fitted: Fit, run: RunDir, lora: bool) -> None:
+    """LoRA: the adapter alone, kept whatever the merge does; else the whole model, the export itself."""
+    staged = run.staging(ADAPTER_DIR if lora else EXPORT)
+    fitted.model.save_pretrained(staged)
+    fitted.tokenizer.save_pretrained(staged)
+    fitted.state.save_to_json(str(staged / TRAINER_STATE))
+    if lora:
+        run.install(staged, ADAPTER_DIR)
+        run.write_json(FITTED_RECORD, dataclasses.asdict(fitted.record))
 
 
 def _export_merged(cfg: Config, family: Family, run: RunDir, labels, validation_rows: list[dict]) -> None:
@@ -343,14 +187,182 @@ def _export_merged(cfg: Config, family: Family, run: RunDir, labels, validation_
     shutil.copyfile(run / ADAPTER_DIR / TRAINER_STATE, staged / TRAINER_STATE)
 
 
+def fit_in_memory(cfg: Config, *fit_args) -> Fit:
+    """fit; after a device out-of-memory, once more at half the micro-batch and twice the gradient accumulation.
+
+    The effective batch, and so the optimisation, stays the same, and the retry resumes from the last checkpoint.
+    """
+    t = cfg.training
+    attempts = [t]
+    if t.per_device_train_batch_size % 2 == 0:
+        attempts.append(
+            dataclasses.replace(
+                t,
+                per_device_train_batch_size=t.per_device_train_batch_size // 2,
+                gradient_accumulation_steps=t.gradient_accumulation_steps * 2,
+            )
+        )
+    for attempt, training in enumerate(attempts):
+        if attempt:
+            log.warning(
+                "out of device memory at micro-batch %d: retrying once at micro-batch %d with gradient accumulation "
+                "%d (the same effective batch of %d per device), resuming from the last checkpoint",
+                t.per_device_train_batch_size,
+                training.per_device_train_batch_size,
+                training.gradient_accumulation_steps,
+                t.per_device_train_batch_size * t.gradient_accumulation_steps,
+            )
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        try:
+            fitted = fit(dataclasses.replace(cfg, training=training), *fit_args)
+        except torch.OutOfMemoryError:
+            continue
+        if attempt:
+            fitted.record.micro_batch_size = training.per_device_train_batch_size
+        return fitted
+    if len(attempts) == 1:
+        raise ModelError(
+            f"out of device memory at training.per_device_train_batch_size={t.per_device_train_batch_size}, "
+            "which cannot be halved at the same effective batch; lower it and raise "
+            "training.gradient_accumulation_steps to match (or set training.gradient_checkpointing=true). "
+            "Checkpoints so far are kept and the next run resumes from them"
+        )
+    raise ModelError(
+        f"out of device memory at micro-batch {t.per_device_train_batch_size} and again at "
+        f"{attempts[1].per_device_train_batch_size}; set training.gradient_checkpointing=true, lower "
+        "training.max_source_length, or use a smaller model. Checkpoints so far are kept"
+    )
+
+
+def fit(
+    cfg: Config,
+    family: Family,
+    run: RunDir,
+    train_rows: list[dict],
+    validation_rows: list[dict],
+    labels: list[str] | None,
+    weights: dict,
+    trial: TrialRef | None,
+) -> Fit:
+    """The Trainer run, resumed from the newest complete checkpoint."""
+    from transformers import set_seed
+
+    t = cfg.training
+    texts = (r["code"] + "\n" + r.get("summary", "") for r in train_rows)
+    base, tokenizer = load_model(cfg.model, texts, t.seed, labels)
+    # Seeded after loading, right before the first random draw (LoRA's initial weights): a first load may convert
+    # or download weights and draw on the global generator, which once gave the first run on a machine (a cold
+    # weights cache) another model than every later run. A scratch model seeds its own initialisation.
+    set_seed(t.seed)
+    model = add_lora(base, cfg.peft) if cfg.peft.use_peft else base
+    trainable, total = count_parameters(model)
+    log.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    trainer = _trainer(cfg, family, run, model, base, tokenizer, train_rows, validation_rows, labels)
+    if trial:
+        from codetune.sweep import pruning_callback
+
+        reporter = pruning_callback(trial)
+        trainer.add_callback(reporter)
+    checkpoint = last_complete_checkpoint(run / CHECKPOINTS)
+    resumed_from = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    if checkpoint:
+        log.info("resuming from %s (step %d)", checkpoint, resumed_from)
+    started = time.perf_counter()
+    outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - started
+    if trial and reporter.pruned_at is not None:
+        from codetune.sweep import TrialPruned
+
+        raise TrialPruned(f"trial {trial.number} pruned at step {reporter.pruned_at}; its checkpoints stay in {run}")
+    validation_loss = trainer.evaluate()["eval_loss"]
+    train_loss = final_train_loss(trainer, outcome)
+    steps = trainer.state.global_step
+    log.info("trained %d steps in %.0f s: train loss %.4f, validation loss %.4f", steps, train_seconds, train_loss,
+             validation_loss)  # fmt: skip
+    record = TrainedModel(
+        run_dir=str(run.path),
+        global_step=steps,
+        train_loss=train_loss,
+        validation_loss=validation_loss,
+        resumed_from_step=resumed_from,
+        used_peft=cfg.peft.use_peft,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        train_seconds=round(train_seconds, 2),
+        base_weights=weights,
+    )
+    return Fit(record, model, tokenizer, trainer.state)
+
+
+def _trainer(cfg: Config, family: Family, run: RunDir, model, base, tokenizer, train_rows, validation_rows, labels):
+    """The Trainer for this run: examples, settings, collator, progress reporting, and the loss's item count."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer
+
+    from codetune.progress import TrainingProgress
+
+    t = cfg.training
+    world = world_size()
+    log.info(
+        "effective batch %d: %d per device x %d processes x %d accumulation",
+        t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
+        t.per_device_train_batch_size,
+        world,
+        t.gradient_accumulation_steps,
+    )
+    if t.gradient_checkpointing:  # here, not by the Trainer: a code-search encoder reaches it inside its BiEncoder
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    settings = InferenceSettings.of(cfg)
+    label2id = base.config.label2id if labels else None
+    train_examples = family.tokenize(train_rows, tokenizer, settings, label2id)
+    # Every token sequence of an example: a code-search pair holds two (query_input_ids, code_input_ids).
+    token_lists = [ids for e in train_examples for key, ids in e.items() if key.endswith("input_ids")]
+    tokens_per_step = (
+        sum(map(len, token_lists)) / len(train_examples)
+        * t.per_device_train_batch_size * world * t.gradient_accumulation_steps
+    )  # fmt: skip
+    trainer = Trainer(
+        model=family.trainable(model),
+        args=_training_arguments(cfg, family, run / CHECKPOINTS),
+        train_dataset=train_examples,
+        eval_dataset=family.tokenize(validation_rows, tokenizer, settings, label2id),
+        data_collator=_collator(family, tokenizer, base),
+        processing_class=tokenizer,
+        callbacks=[TrainingProgress(tokens_per_step)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    # Under accumulation or across processes the Trainer counts the batch's items and trusts the model to divide.
+    if (t.gradient_accumulation_steps > 1 or world > 1) and trainer.model_accepts_loss_kwargs:
+        probe = trainer.data_collator(trainer.eval_dataset[:2])
+        trainer.model_accepts_loss_kwargs = loss_honours_item_count(trainer.model, probe)
+    return trainer
+
+
+def final_train_loss(trainer, outcome) -> float:
+    """The last logged training loss; a run shorter than logging_steps logged none, and its mean loss stands in."""
+    return next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), outcome.training_loss)
+
+
+def _collator(family: Family, tokenizer, model):
+    # Multiples of 8 fill a GPU's tensor cores; on a CPU they are only more padding.
+    return family.collator(tokenizer, model, 8 if torch.cuda.is_available() else None)
+
+
+def tokenize(rows: list[dict], tokenizer, cfg: Config, label2id: dict[str, int] | None = None) -> list[dict]:
+    """Training examples for the config's family: token ids and labels, cut to the configured lengths."""
+    return family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg), label2id)
+
+
 def _training_arguments(cfg: Config, family: Family, checkpoints: Path):
     """The Trainer's settings: one keyword per setting, in the config's order."""
-    from transformers import Seq2SeqTrainingArguments
+    from transformers import TrainingArguments
 
     t = cfg.training
     bf16, fp16 = resolve_precision(cfg)
     cuda = torch.cuda.is_available()
-    return Seq2SeqTrainingArguments(
+    return TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -401,149 +413,3 @@ def loss_honours_item_count(model: torch.nn.Module, batch: dict) -> bool:
     finally:
         model.train(was_training)
     return not torch.allclose(averaged, counted)
-
-
-def _fit_in_memory(cfg: Config, *fit_args):
-    """_fit; after a device out-of-memory, once more at half the micro-batch and twice the gradient accumulation.
-
-    The effective batch, and so the optimisation, stays the same, and the retry resumes from the last checkpoint.
-    """
-    t = cfg.training
-    try:
-        return _fit(cfg, *fit_args)
-    except torch.OutOfMemoryError:
-        if t.per_device_train_batch_size % 2:
-            raise ModelError(
-                f"out of device memory at training.per_device_train_batch_size={t.per_device_train_batch_size}, "
-                "which cannot be halved at the same effective batch; lower it and raise "
-                "training.gradient_accumulation_steps to match (or set training.gradient_checkpointing=true). "
-                "Checkpoints so far are kept and the next run resumes from them"
-            ) from None
-    halved = dataclasses.replace(
-        t,
-        per_device_train_batch_size=t.per_device_train_batch_size // 2,
-        gradient_accumulation_steps=t.gradient_accumulation_steps * 2,
-    )
-    log.warning(
-        "out of device memory at micro-batch %d: retrying once at micro-batch %d with gradient accumulation %d "
-        "(the same effective batch of %d per device), resuming from the last checkpoint",
-        t.per_device_train_batch_size,
-        halved.per_device_train_batch_size,
-        halved.gradient_accumulation_steps,
-        t.per_device_train_batch_size * t.gradient_accumulation_steps,
-    )
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        trained, *rest = _fit(dataclasses.replace(cfg, training=halved), *fit_args)
-    except torch.OutOfMemoryError:
-        raise ModelError(
-            f"out of device memory at micro-batch {t.per_device_train_batch_size} and again at "
-            f"{halved.per_device_train_batch_size}; set training.gradient_checkpointing=true, lower "
-            "training.max_source_length, or use a smaller model. Checkpoints so far are kept"
-        ) from None
-    trained.micro_batch_size = halved.per_device_train_batch_size
-    return (trained, *rest)
-
-
-def _fit(
-    cfg: Config,
-    family: Family,
-    run: RunDir,
-    train_rows: list[dict],
-    validation_rows: list[dict],
-    labels,
-    weights,
-    trial: TrialRef | None,
-):
-    """The Trainer run, resumed from the newest complete checkpoint: (record, trained model, tokenizer, trainer
-    state)."""
-    from transformers import PrinterCallback, ProgressCallback, Seq2SeqTrainer, set_seed
-
-    t = cfg.training
-    texts = (r["code"] + "\n" + r.get("summary", "") for r in train_rows)
-    model, tokenizer = load_model(cfg.model, texts, t.seed, labels)
-    # Seeded after loading, right before the first random draw (LoRA's initial weights): a first load may convert
-    # or download weights and draw on the global generator, which once gave the first run on a machine (a cold
-    # weights cache) another model than every later run. A scratch model seeds its own initialisation.
-    set_seed(t.seed)
-    label2id = model.config.label2id if labels else None
-    base_model = model
-    if cfg.peft.use_peft:
-        model = add_lora(model, cfg.peft)
-    trainable, total = count_parameters(model)
-    log.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    log.info(
-        "effective batch %d: %d per device x %d processes x %d accumulation",
-        t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
-        t.per_device_train_batch_size,
-        world,
-        t.gradient_accumulation_steps,
-    )
-    if t.gradient_checkpointing:  # here, not by the Trainer: a code-search encoder reaches it inside its BiEncoder
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    settings = InferenceSettings.of(cfg)
-    train_examples = family.tokenize(train_rows, tokenizer, settings, label2id)
-    # Every token sequence of an example: a code-search pair holds two (query_input_ids, code_input_ids).
-    token_lists = [ids for e in train_examples for key, ids in e.items() if key.endswith("input_ids")]
-    mean_tokens = sum(map(len, token_lists)) / len(train_examples)
-    trainer = Seq2SeqTrainer(
-        model=family.trainable(model),
-        args=_training_arguments(cfg, family, run / CHECKPOINTS),
-        train_dataset=train_examples,
-        eval_dataset=family.tokenize(validation_rows, tokenizer, settings, label2id),
-        data_collator=_collator(family, tokenizer, base_model),
-        processing_class=tokenizer,
-        callbacks=[
-            _progress_callback(
-                trainable if cfg.peft.use_peft else total,
-                mean_tokens * t.per_device_train_batch_size * world * t.gradient_accumulation_steps,
-            )
-        ],
-    )
-    if trial:
-        from codetune.sweep import pruning_callback
-
-        reporter = pruning_callback(trial)
-        trainer.add_callback(reporter)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    # Under accumulation or across processes the Trainer counts the batch's items and trusts the model to divide.
-    if (t.gradient_accumulation_steps > 1 or world > 1) and trainer.model_accepts_loss_kwargs:
-        probe = trainer.data_collator(trainer.eval_dataset[:2])
-        trainer.model_accepts_loss_kwargs = loss_honours_item_count(trainer.model, probe)
-    checkpoint = last_complete_checkpoint(run / CHECKPOINTS)
-    resumed_from = int(checkpoint.name.split("-")[1]) if checkpoint else 0
-    if checkpoint:
-        log.info("resuming from %s (step %d)", checkpoint, resumed_from)
-    started = time.perf_counter()
-    outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
-    if trial and reporter.pruned_at is not None:
-        from codetune.sweep import TrialPruned
-
-        raise TrialPruned(f"trial {trial.number} pruned at step {reporter.pruned_at}; its checkpoints stay in {run}")
-    validation_loss = trainer.evaluate()["eval_loss"]
-    train_loss = final_train_loss(trainer, outcome)
-    log.info(
-        "trained %d steps in %.0f s: train loss %.4f, validation loss %.4f",
-        trainer.state.global_step,
-        train_seconds,
-        train_loss,
-        validation_loss,
-    )
-    trained = TrainedModel(
-        run_dir=str(run.path),
-        global_step=trainer.state.global_step,
-        train_loss=train_loss,
-        validation_loss=validation_loss,
-        resumed_from_step=resumed_from,
-        used_peft=cfg.peft.use_peft,
-        trainable_parameters=trainable,
-        total_parameters=total,
-        train_seconds=round(train_seconds, 2),
-        base_weights=weights,
-    )
-    return trained, model, tokenizer, trainer.state

@@ -7,8 +7,7 @@ import pytest
 from codetune.config import load_config
 from codetune.data import PreparedData
 from codetune.errors import ConfigError
-from codetune.rundir import RunDir
-from codetune.training import run_key, run_name
+from codetune.rundir import RunDir, run_key, run_name
 
 DATA = PreparedData(directory="", fingerprint="f" * 64, counts={}, sha256={})
 

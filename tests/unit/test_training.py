@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 from codetune.config import load_config
 from codetune.data import prepare_data
-from codetune.training import last_complete_checkpoint, resolve_precision, train_model
+from codetune.precision import resolve_precision
+from codetune.rundir import last_complete_checkpoint
+from codetune.training import train_model
 from tests.conftest import TWIN
 
 
@@ -46,7 +48,7 @@ def test_finished_training_is_not_redone(trained_run, caplog):
 
 
 def test_training_says_how_long_it_will_take_after_its_first_steps(tiny_cfg, caplog):
-    with caplog.at_level(logging.INFO, logger="codetune.training"):
+    with caplog.at_level(logging.INFO, logger="codetune"):
         train_model(tiny_cfg, prepare_data(tiny_cfg.data))
     estimates = [r.getMessage() for r in caplog.records if "more minutes on this machine" in r.getMessage()]
     assert len(estimates) == 1 and re.search(r"7 steps of ~\d+ tokens at \d+ tokens/s", estimates[0]), estimates
@@ -93,10 +95,10 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rules")
 def test_cpu_precision_follows_the_cpus_bf16_instructions(caplog, monkeypatch):
     precision = lambda *overrides: resolve_precision(load_config(TWIN, list(overrides)))
-    monkeypatch.setattr("codetune.training.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("codetune.precision.cpu_has_bf16", lambda: True)
     assert precision() == (True, False)
     assert precision("training.bf16=false") == (False, False)
-    monkeypatch.setattr("codetune.training.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("codetune.precision.cpu_has_bf16", lambda: False)
     assert precision() == (False, False)
     with caplog.at_level(logging.WARNING):
         assert precision("training.bf16=true") == (False, False)
@@ -267,7 +269,7 @@ def test_lm_head_on_loss_positions_only_gives_the_full_logits_loss(tiny_override
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU autocast path")
 def test_bf16_autocast_trains_to_the_fp32_loss(tiny_overrides, tmp_path):
     """bf16 on a CPU that has it halves the step time of the default; the model it trains must be as good (2%)."""
-    from codetune.training import cpu_has_bf16
+    from codetune.precision import cpu_has_bf16
 
     if not cpu_has_bf16():
         pytest.skip("this CPU has no bf16 instructions: codetune trains in fp32 here")
@@ -288,7 +290,7 @@ def test_a_onednn_held_to_avx2_turns_bf16_off_whatever_the_cpu_flags_say():
     import subprocess
     import sys
 
-    probe = "from codetune.training import cpu_has_bf16; print(cpu_has_bf16())"
+    probe = "from codetune.precision import cpu_has_bf16; print(cpu_has_bf16())"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     held = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert held.stdout.strip() == "False"
@@ -298,10 +300,10 @@ def test_out_of_memory_retries_at_half_the_micro_batch_with_the_same_effective_b
     trained_run, tiny_overrides, tmp_path, monkeypatch, caplog
 ):
     """A device that holds 8 examples until step 6, then only 4: training resumes from checkpoint-6 at 4 x 2."""
-    from transformers import Seq2SeqTrainer
+    from transformers import Trainer
 
     cfg, data, uninterrupted = trained_run
-    step = Seq2SeqTrainer.training_step
+    step = Trainer.training_step
     micro_batches = []
 
     def filling_device(trainer, model, inputs, *args, **kwargs):
@@ -311,7 +313,7 @@ def test_out_of_memory_retries_at_half_the_micro_batch_with_the_same_effective_b
         micro_batches.append((trainer.state.global_step, rows, trainer.args.gradient_accumulation_steps))
         return step(trainer, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(Seq2SeqTrainer, "training_step", filling_device)
+    monkeypatch.setattr(Trainer, "training_step", filling_device)
     squeezed = load_config(TWIN, tiny_overrides + [f"training.output_dir={tmp_path / 'squeezed'}"])
     with caplog.at_level(logging.WARNING):
         result = train_model(squeezed, data)
@@ -327,14 +329,14 @@ def test_out_of_memory_retries_at_half_the_micro_batch_with_the_same_effective_b
 
 
 def test_out_of_memory_at_an_odd_micro_batch_names_the_fix(tiny_overrides, tmp_path, monkeypatch):
-    from transformers import Seq2SeqTrainer
+    from transformers import Trainer
 
     from codetune.errors import ModelError
 
     def full_device(trainer, model, inputs, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(Seq2SeqTrainer, "training_step", full_device)
+    monkeypatch.setattr(Trainer, "training_step", full_device)
     cfg = load_config(TWIN, tiny_overrides + ["training.per_device_train_batch_size=7"])
     with pytest.raises(ModelError, match="cannot be halved at the same effective batch"):
         train_model(cfg, prepare_data(cfg.data))
