@@ -205,6 +205,7 @@ def evaluate_both(workdir: Path, run_dir: str) -> dict:
     import torch
 
     from codetune.data import prepare_data
+    from codetune.families.base import InferenceSettings
     from codetune.families.generative import encode_prompt, generate
     from codetune.model import load_exported
 
@@ -229,7 +230,7 @@ def evaluate_both(workdir: Path, run_dir: str) -> dict:
     baseline_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    batched = generate(model, tokenizer, codes, cfg.generation, length, prompt)
+    batched = generate(model, tokenizer, codes, InferenceSettings.of(cfg))
     codetune_seconds = time.perf_counter() - started
     return {
         "examples": len(codes),

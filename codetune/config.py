@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import importlib.util
 import json
-import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ from typing import Any, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from codetune.errors import ConfigError
-from codetune.weights import is_packaged, reference_problem
+from codetune.families import REGISTERED
 
 
 class ModelInit(str, Enum):
@@ -36,32 +34,17 @@ class HubWeights(str, Enum):
     both = "both"
 
 
-class ModelTask(str, Enum):
-    seq2seq = "seq2seq"
-    encoder_decoder = "encoder_decoder"
-    causal_lm = "causal_lm"
-    classification = "classification"
-    code_search = "code_search"
-
-    @property
-    def labelled(self) -> bool:
-        """Trains on {code, label} examples; every other task on {code, summary} pairs."""
-        return self is ModelTask.classification
+# One per registered family (codetune/families/__init__.py); a family added there is a choice here.
+ModelTask = Enum("ModelTask", [(task, task) for task in REGISTERED], type=str, module=__name__)
 
 
 class Direction(str, Enum):
     code_to_text = "code_to_text"
     text_to_code = "text_to_code"
 
-    @property
-    def source(self) -> str:
-        """The example field the model reads."""
-        return "code" if self is Direction.code_to_text else "summary"
-
 
 # causal_lm: what the output follows when model.prompt_template is null.
 DEFAULT_PROMPTS = {Direction.code_to_text: "{code}\n# Summary:", Direction.text_to_code: "# {summary}\n"}
-GENERATIVE_TASKS = ("seq2seq", "encoder_decoder", "causal_lm")
 
 
 class DataSource(str, Enum):
@@ -201,10 +184,11 @@ class TrainingConfig:
     lr_scheduler_type: str = "linear"
     """Learning-rate schedule after warm-up (Trainer names: linear, cosine, constant, ...)."""
     max_source_length: int = 128
-    """Code is truncated to this many tokens (CodeT5 recipe: 256; the signature and first lines carry most of the
-    signal)."""
+    """What the model reads is cut to this many tokens: the code, or the summary for text_to_code (CodeT5's recipe:
+    256; a function's signature and first lines carry most of what its summary says)."""
     max_target_length: int = 64
-    """Summaries are truncated to this many tokens (CodeT5 recipe: 128; stdlib summaries average ~12)."""
+    """What the model learns to write is cut to this many tokens: the summary, or the function for text_to_code;
+    code_search cuts its queries (the summaries) here (CodeT5's recipe: 128)."""
     bf16: Optional[bool] = None
     """bfloat16 mixed precision; null: on where the hardware computes it natively (Ampere or newer GPUs; CPUs with
     AVX512-BF16 or AMX; docs/cpu-speed.md), fp32 elsewhere."""
@@ -241,10 +225,7 @@ class GenerationConfig:
     num_beams: int = 1
     """Beam size; CodeT5 reports numbers with 10. Greedy (1) is ~num_beams times faster."""
     max_new_tokens: int = 32
-    """Longest summary generated."""
-    batch_size: int = 16
-    """Examples generated together; halved automatically on GPU out-of-memory. 16 is fastest on a CPU (1.4x 64's
-    speed here: a larger batch pads more and keeps generating for rows that have ended); 32-64 on a GPU."""
+    """Longest output generated."""
 
 
 @dataclass
@@ -253,6 +234,9 @@ class EvaluationConfig:
     """Evaluate on at most this many test examples; null uses the whole test split."""
     num_saved_examples: int = 20
     """How many (input, reference, prediction) triples go to examples.json and the report."""
+    batch_size: int = 16
+    """Test examples predicted together (generated, classified or embedded), also when served; halved on device
+    out-of-memory. On a CPU small batches are fastest (docs/evaluation.md); 32-64 suit a GPU."""
 
 
 @dataclass
@@ -487,84 +471,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     cfg: Config = OmegaConf.to_object(merged)
+    from codetune.validation import validate  # it asks the families, which are built on this schema
+
     validate(cfg)
     return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Checks that span fields; raises one ConfigError listing every problem."""
-    problems = []
-    d, t, g = cfg.data, cfg.training, cfg.generation
-    if not 0 < d.validation_fraction + d.test_fraction < 1:
-        problems.append("data.validation_fraction + data.test_fraction must be between 0 and 1")
-    if min(d.validation_fraction, d.test_fraction) <= 0:
-        problems.append("data.validation_fraction and data.test_fraction must be > 0")
-    if d.min_summary_words > d.max_summary_words:
-        problems.append("data.min_summary_words is larger than data.max_summary_words")
-    if cfg.model.task is ModelTask.classification and d.source is DataSource.code_tree:
-        problems.append(
-            "model.task=classification needs labelled data: data.source=files (or hub) with data.label_field"
-        )
-    if d.source is not DataSource.code_tree and not d.path:
-        problems.append(f"data.path is required for data.source={d.source.value}")
-    if t.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", t.run_name):
-        problems.append(
-            "training.run_name must be one directory name (letters, digits, '.', '_', '-'; no '/' or '..'): "
-            "runs are written under training.output_dir"
-        )
-    if t.bf16 and t.fp16:
-        problems.append("choose one of training.bf16 and training.fp16")
-    if t.max_steps <= 0 and t.num_train_epochs <= 0:
-        problems.append("set training.max_steps > 0 or training.num_train_epochs > 0")
-    for key in ("learning_rate", "per_device_train_batch_size", "max_source_length", "max_target_length", "save_steps"):
-        if getattr(t, key) <= 0:
-            problems.append(f"training.{key} must be > 0")
-    if not 0 <= t.warmup_ratio < 1:
-        problems.append("training.warmup_ratio must be in [0, 1)")
-    if g.num_beams < 1 or g.max_new_tokens < 1 or g.batch_size < 1:
-        problems.append("generation.num_beams, max_new_tokens and batch_size must be >= 1")
-    if cfg.model.init is ModelInit.pretrained and is_packaged(cfg.model.name):
-        if cfg.model.task is not ModelTask.causal_lm:
-            problems.append(
-                f"model.name={cfg.model.name} holds GGUF weights of a decoder-only LM: set model.task=causal_lm"
-            )
-        problems += filter(None, [reference_problem(cfg.model.name)])
-    if cfg.peft.use_peft and cfg.model.init is ModelInit.scratch:
-        problems.append(
-            "peft.use_peft=true with model.init=scratch adapts random weights; "
-            "set peft.use_peft=false or use a pretrained model"
-        )
-    direction = cfg.model.direction
-    if direction is Direction.text_to_code and cfg.model.task.value not in GENERATIVE_TASKS:
-        problems.append(f"model.direction=text_to_code needs a generative model.task ({', '.join(GENERATIVE_TASKS)})")
-    if direction is Direction.text_to_code and importlib.util.find_spec("codebleu") is None:
-        problems.append("model.direction=text_to_code is scored with CodeBLEU: pip install 'codetune[codegen]'")
-    placeholder = "{" + direction.source + "}"
-    if cfg.model.task is ModelTask.causal_lm and cfg.model.prompt.count(placeholder) != 1:
-        problems.append(
-            f"model.prompt_template must contain {placeholder} exactly once (model.direction={direction.value})"
-        )
-    for key, url in service_urls(cfg).items():
-        if url and (urlsplit(url).username or urlsplit(url).password):
-            problems.append(
-                f"{key} has credentials in it (user:password@host); it would be written to config.yaml, MLflow and "
-                "logs: give the URL without them and the credentials through the environment or a Prefect block"
-            )
-    if cfg.training.num_processes is not None and cfg.training.num_processes < 1:
-        problems.append("training.num_processes must be >= 1 (null: one per visible GPU)")
-    if cfg.peft.last_layers is not None and cfg.peft.last_layers < 1:
-        problems.append("peft.last_layers must be >= 1 (null adapts every layer)")
-    if cfg.evaluation.max_examples is not None and cfg.evaluation.max_examples < 1:
-        problems.append("evaluation.max_examples must be >= 1 (null evaluates on the whole test split)")
-    m = cfg.monitor
-    shares = ("max_new_function_share", "max_length_shift", "max_identifier_shift", "max_embedding_auc")
-    problems += [f"monitor.{k} must be between 0 and 1" for k in shares if not 0 <= getattr(m, k) <= 1]
-    if m.max_quality_drop < 0 or min(m.sample_size, m.quality_examples) < 1:
-        problems.append("monitor.max_quality_drop must be >= 0, monitor.sample_size and quality_examples >= 1")
-    if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:
-        problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def service_urls(cfg: Config) -> dict[str, Optional[str]]:

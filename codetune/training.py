@@ -119,7 +119,7 @@ def train_model(cfg: Config, data: PreparedData, trial: TrialRef | None = None) 
             shutil.copyfile(data.profile_path, run / DATA_PROFILE)
         family = family_of(cfg.model)
         train_rows, validation_rows = data.load("train"), data.load("validation")
-        labels = sorted({r["label"] for r in train_rows}) if cfg.model.task.labelled else None
+        labels = sorted({r["label"] for r in train_rows}) if family.labelled else None
 
         if cfg.peft.use_peft and run.fitted:
             log.info("training finished earlier in %s; merging its adapter without training again", run)

@@ -159,14 +159,16 @@ def _deploy_flows(args) -> dict:
 
     import yaml
 
-    from flows.blocks import save_credential_blocks
+    from tasks.destinations import DESTINATIONS
 
     deployments = yaml.safe_load(Path("prefect.yaml").read_text())["deployments"]
+    # Saved for the endpoint flow runs reach, which boto3 reads from AWS_ENDPOINT_URL_S3 (unset: AWS itself).
+    credentials = {**os.environ, "AWS_ENDPOINT_URL_S3": args.s3_endpoint}
     return {
         "work_pools": ["cpu-pool", f"gpu-pool ({args.gpu_pool_type})"],
         # Each flow is named after its function (flows/<module>.py:<flow>).
         "deployments": [f"{d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}" for d in deployments],
-        "credential_blocks": save_credential_blocks(os.environ, args.s3_endpoint or None),
+        "credential_blocks": [name for d in DESTINATIONS if (name := d.save_credentials(credentials))],
     }
 
 
@@ -188,10 +190,11 @@ def _serve(args) -> dict:
 def _train(args) -> dict:
     from codetune.data import prepare_data
     from codetune.evaluation import evaluate_model
+    from codetune.families import family_of
     from codetune.training import train_model
 
     cfg = _checked(args)
-    data = prepare_data(cfg.data, labelled=cfg.model.task.labelled)
+    data = prepare_data(cfg.data, family_of(cfg.model).labelled)
     trained = train_model(cfg, data)
     report = evaluate_model(trained.run_dir, data.load("test"), cfg)
     return {

@@ -24,4 +24,4 @@ def deploy(model_path: str, config: Optional[str] = None, overrides: Optional[li
     """
     cfg = load_config(config, overrides or [])
     trained, report = TrainedModel.load(model_path), EvalReport.load(model_path)
-    return release(cfg, load_data(cfg.data, labelled=cfg.model.task.labelled), trained, report)
+    return release(cfg, load_data(cfg), trained, report)

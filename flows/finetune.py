@@ -68,7 +68,7 @@ def finetune(
     form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None]
     cfg = load_config(config, [*(overrides or []), *form_overrides])
     preflight(cfg)
-    data = load_data(cfg.data, labelled=cfg.model.task.labelled)
+    data = load_data(cfg)
     timeout = cfg.training.timeout_minutes
     train_task = train.with_options(timeout_seconds=timeout * 60 if timeout else None)
     if trial:

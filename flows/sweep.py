@@ -136,7 +136,7 @@ def _conclude(spec: SweepConfig, study, parent_run_id: str) -> dict:
     cfg = load_config(spec.config, spec.overrides + [f"{k}={v}" for k, v in best.params.items()])
     if cfg.mlflow.enabled:
         _log_sweep(parent_run_id, study, spec)
-        data = load_data(cfg.data, labelled=cfg.model.task.labelled)
+        data = load_data(cfg)
         run_dir = best.user_attrs["run_dir"]
         trained, report = TrainedModel.load(run_dir), EvalReport.load(run_dir)
         summary.update(

@@ -37,7 +37,7 @@ app = FastAPI()
 
 # Families whose predict answers each row on its own, so several requests may share one call. Read from this
 # codetune: a registered model runs the codetune bundled with it, which may be older (MLflow models from code).
-JOINABLE_FAMILIES = {task.value for task, family in FAMILIES.items() if family.rows_independent}
+JOINABLE_FAMILIES = {task for task, family in FAMILIES.items() if family.rows_independent}
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 from prefect.artifacts import create_table_artifact
 
-from codetune.config import DataConfig
+from codetune.config import Config
 from codetune.data import PreparedData, prepare_data
+from codetune.families import family_of
 from tasks.retry import stage_task
 
 
 @stage_task("load-data", retry_delays=[5, 30])
-def load_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
-    """Prepared splits; the core caches them by source content, so an unchanged source is not read again."""
-    data = prepare_data(cfg, labelled)
+def load_data(cfg: Config) -> PreparedData:
+    """Prepared splits of the examples the family trains on; the core caches them by source content, so an unchanged
+    source is not read again."""
+    data = prepare_data(cfg.data, family_of(cfg.model).labelled)
     counts = data.counts
     rows = [{"split": s, "examples": n} for s, n in counts["kept"].items()]
     rows += [{"split": f"dropped: {reason}", "examples": n} for reason, n in counts["dropped"].items()]

@@ -6,6 +6,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from codetune.config import Config
 from codetune.data.prepare import read_source
+from codetune.families import family_of
 from codetune.monitoring import DriftReport, compare, plot, quality_check, read_served_inputs, served_checks
 from codetune.registry import Champion, find_champion, score_registered
 from codetune.tracking import log_monitor_run
@@ -22,7 +23,7 @@ def champion(cfg: Config) -> Champion:
 def measure_drift(cfg: Config, champion: Champion) -> tuple[DriftReport, Path]:
     """Every check of the source against the champion's training data; the report and plot written to disk."""
     source = cfg.data.path or "the stdlib"
-    current = read_source(cfg.data, labelled=cfg.model.task.labelled)
+    current = read_source(cfg.data, family_of(cfg.model).labelled)
     checks, seen, fresh = compare(champion.profile, current, cfg.monitor)
     m = cfg.monitor
     quality, examples = quality_check(

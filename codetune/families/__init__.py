@@ -1,35 +1,65 @@
 """Model families: one module per model.task, each implementing the Family protocol (base.py).
 
 The stages (training, evaluation, registry, publishing, serving) are generic; they ask the run's
-family what differs. The family is resolved once from (model.task, model.direction), stamped into
-the model's config.json as `codetune_family` and `codetune_direction`, and read back from there
-when an exported model is loaded.
+family what differs, including which settings it cannot work with (Family.problems). The family is
+resolved once from (model.task, model.direction), stamped into the model's config.json as
+`codetune_family` and `codetune_direction`, and read back from there when an exported model is loaded.
 
-Adding a family: a module here with a class implementing Family, its entry in FAMILIES, and a
-config in configs/ (see the README's "Adding a model family").
+Adding a family: a module here with a class implementing Family, its line in REGISTERED, and a
+config in configs/ (docs/adding-a-family.md).
 """
 
 from __future__ import annotations
 
-from codetune.config import Direction, ModelConfig, ModelTask
-from codetune.errors import ModelError
-from codetune.families.base import Family, InferenceSettings, Scored
-from codetune.families.causal_lm import CausalLM
-from codetune.families.classification import Classification
-from codetune.families.code_search import CodeSearch
-from codetune.families.encoder_decoder import EncoderDecoder
-from codetune.families.seq2seq import Seq2Seq
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
-FAMILIES: dict[ModelTask, type] = {
-    ModelTask.seq2seq: Seq2Seq,
-    ModelTask.encoder_decoder: EncoderDecoder,
-    ModelTask.causal_lm: CausalLM,
-    ModelTask.classification: Classification,
-    ModelTask.code_search: CodeSearch,
+from codetune.errors import ModelError
+
+if TYPE_CHECKING:
+    from codetune.config import ModelConfig
+    from codetune.families.base import Family
+
+REGISTERED = {
+    "seq2seq": "codetune.families.seq2seq:Seq2Seq",
+    "encoder_decoder": "codetune.families.encoder_decoder:EncoderDecoder",
+    "causal_lm": "codetune.families.causal_lm:CausalLM",
+    "classification": "codetune.families.classification:Classification",
+    "code_search": "codetune.families.code_search:CodeSearch",
 }
+"""model.task -> the class implementing it. The one place a family is registered: the schema takes model.task's
+choices from here (names only, so reading a config imports no torch)."""
+
 FAMILY_KEY, DIRECTION_KEY = "codetune_family", "codetune_direction"
 
-__all__ = ["FAMILIES", "Family", "InferenceSettings", "Scored", "family_of", "family_of_model", "stamp"]
+__all__ = ["FAMILIES", "REGISTERED", "Family", "InferenceSettings", "Scored", "family_of", "family_of_model", "stamp"]
+
+
+class _Families(Mapping):
+    """model.task -> family class, each module imported when its family is first asked for."""
+
+    def __getitem__(self, task: str) -> type:
+        module, name = REGISTERED[task].split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(REGISTERED)
+
+    def __len__(self) -> int:
+        return len(REGISTERED)
+
+
+FAMILIES = _Families()
+
+
+def __getattr__(name: str):
+    # The protocol and its data types live in base.py, which imports torch: loaded on first use.
+    if name in ("Family", "InferenceSettings", "Scored"):
+        from codetune.families import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def family_of(model: ModelConfig) -> Family:
@@ -46,10 +76,12 @@ def stamp(model, family: Family):
 
 def family_of_model(config) -> Family:
     """The family stamped into a model's config (a PretrainedConfig)."""
+    from codetune.config import Direction
+
     task = getattr(config, FAMILY_KEY, None)
     if task is None:
         raise ModelError(
             f"the model's config.json has no '{FAMILY_KEY}': it was not exported by codetune (or by one older than "
             f'model families); re-export it with `codetune run`, or add "{FAMILY_KEY}": "<model.task>" to config.json'
         )
-    return FAMILIES[ModelTask(task)](Direction(getattr(config, DIRECTION_KEY, Direction.code_to_text.value)))
+    return FAMILIES[task](Direction(getattr(config, DIRECTION_KEY, Direction.code_to_text.value)))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import torch
 from transformers import PreTrainedModel, RobertaConfig
 
-from codetune.config import Config, Direction, GenerationConfig, ModelTask, ScratchArchitecture
+from codetune.config import Config, DataSource, Direction, GenerationConfig, ModelTask, ScratchArchitecture
 from codetune.errors import ModelError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -25,11 +30,15 @@ class InferenceSettings:
     """Outputs in training, and code-search queries, are cut to this many tokens."""
     prompt: str
     """causal_lm: the template the output follows."""
+    batch_size: int = 16
+    """Inputs predicted together (generated, classified or embedded): evaluation.batch_size."""
 
     @classmethod
     def of(cls, cfg: Config) -> "InferenceSettings":
         t = cfg.training
-        return cls(cfg.generation, t.max_source_length, t.max_target_length, cfg.model.prompt)
+        return cls(
+            cfg.generation, t.max_source_length, t.max_target_length, cfg.model.prompt, cfg.evaluation.batch_size
+        )
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -37,7 +46,10 @@ class InferenceSettings:
     @classmethod
     def load(cls, path: Path) -> "InferenceSettings":
         settings = json.loads(Path(path).read_text())
-        return cls(**{**settings, "generation": GenerationConfig(**settings["generation"])})
+        generation = dict(settings.pop("generation"))
+        earlier = generation.pop("batch_size", cls.batch_size)  # where models registered before 2026-12-04 kept it
+        settings.setdefault("batch_size", earlier)
+        return cls(**settings, generation=GenerationConfig(**generation))
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,15 @@ class Family(Protocol):
     """Whether training may batch similar lengths together (not when a batch is its own negatives)."""
     rows_independent: bool
     """Whether predict's answer for a row depends on that row alone, so a server may join requests in one call."""
+    labelled: bool
+    """Trains on {code, label} examples; else on {code, summary} pairs."""
+    directions: tuple[Direction, ...]
+    """The model.direction values it implements."""
+    decoder_only: bool
+    """Loads decoder-only LMs (the packaged GGUF weights hold one)."""
+
+    def problems(self, cfg: Config) -> list[str]:
+        """What this family cannot do with cfg's settings, each with its fix (validation reports them)."""
 
     def build_scratch(self, arch: ScratchArchitecture, tokenizer, labels: list[str] | None) -> PreTrainedModel: ...
 
@@ -150,9 +171,19 @@ class FamilyDefaults:
     auto_class: type
     """The transformers Auto class that loads this family's models."""
     rows_independent = True
+    labelled = False
+    directions = (Direction.code_to_text,)
+    decoder_only = False
 
     def __init__(self, direction: Direction = Direction.code_to_text):
         self.direction = direction
+
+    def problems(self, cfg: Config) -> list[str]:
+        if self.labelled and cfg.data.source is DataSource.code_tree:
+            return [
+                f"model.task={self.task.value} needs labelled data: data.source=files (or hub) with data.label_field"
+            ]
+        return []
 
     def load_base(self, name: str, tokenizer, labels: list[str] | None = None, **hub: Any) -> PreTrainedModel:
         return self.auto_class.from_pretrained(name, **hub)
@@ -209,6 +240,45 @@ def scored_predictions(
             for text, ref, pred in zip(inputs, references, predictions)
         ],
     )
+
+
+# A long inference (an evaluation) says how far it is this often; a served batch ends sooner and says nothing.
+PROGRESS_EVERY_S = 30
+
+
+def in_length_order(
+    texts: list[str], batch_size: int, infer: Callable[[list[str]], Sequence[T]], done: str | None = None
+) -> list[T]:
+    """infer(batch) over texts in batches of similar length (little padding), longest first, the results in the
+    order of texts. On device out-of-memory the batch is halved, down to one text; with `done` ("generated"), a
+    long run logs how far it is.
+
+    Longest first: a batch that does not fit fails at the start, not after minutes of work.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    results: list = [None] * len(texts)
+    start, started = 0, time.perf_counter()
+    reported = started
+    while start < len(order):
+        index = order[start : start + batch_size]
+        try:
+            outputs = infer([texts[i] for i in index])
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("out of memory in inference; retrying with batch size %d (evaluation.batch_size)", batch_size)
+            continue
+        for i, output in zip(index, outputs):
+            results[i] = output
+        start += len(index)
+        if done and time.perf_counter() - reported > PROGRESS_EVERY_S and start < len(order):
+            reported = time.perf_counter()
+            rate = start / (reported - started)
+            log.info("%s %d of %d, about %.0f s to go", done, start, len(order), (len(order) - start) / rate)
+    return results
 
 
 def input_texts(model_input: Any) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from codetune.config import ModelTask
+from codetune.config import Config, ModelTask
 from codetune.families.base import Card, InferenceSettings
 from codetune.families.generative import SUMMARY_SCORING, Generative, encode_prompt
 
@@ -68,6 +68,17 @@ class CausalLM(Generative):
         SUMMARY_SCORING,
     )
     auto_class = AutoModelForCausalLM
+    decoder_only = True
+
+    def problems(self, cfg: Config) -> list[str]:
+        problems = super().problems(cfg)
+        placeholder = "{" + self.objective.source + "}"
+        if cfg.model.prompt.count(placeholder) != 1:
+            problems.append(
+                f"model.prompt_template must contain {placeholder} exactly once "
+                f"(model.direction={self.direction.value})"
+            )
+        return problems
 
     def build_scratch(self, arch, tokenizer, labels=None):
         """Qwen2: the Llama-style decoder today's small code LMs (Qwen2.5-Coder, CodeLlama) use."""

@@ -14,6 +14,7 @@ from codetune.families.base import (
     FamilyDefaults,
     InferenceSettings,
     Scored,
+    in_length_order,
     input_texts,
     roberta_config,
     scored_predictions,
@@ -31,26 +32,24 @@ def label_maps(labels: list[str]) -> dict:
     }
 
 
-@torch.inference_mode()
 def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_length: int) -> list[dict]:
-    """The label the classifier gives each code and its probability, {"label", "score"}, in length-sorted batches."""
-    order = sorted(range(len(codes)), key=lambda i: len(codes[i]), reverse=True)
-    predictions: list[dict] = [{}] * len(codes)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        batch = tokenizer(
-            [codes[i] for i in index], max_length=max_source_length, truncation=True, padding=True, return_tensors="pt"
-        )
-        with torch.no_grad():
-            probabilities = model(**batch.to(model.device)).logits.softmax(-1)
-        scores, label_ids = probabilities.max(-1)
-        for i, label_id, score in zip(index, label_ids.tolist(), scores.tolist()):
-            predictions[i] = {"label": model.config.id2label[label_id], "score": round(score, 6)}
-    return predictions
+    """The label the classifier gives each code and its probability, {"label", "score"}."""
+
+    @torch.inference_mode()
+    def classify_batch(batch_codes: list[str]) -> list[dict]:
+        batch = tokenizer(batch_codes, max_length=max_source_length, truncation=True, padding=True, return_tensors="pt")
+        scores, label_ids = model(**batch.to(model.device)).logits.softmax(-1).max(-1)
+        return [
+            {"label": model.config.id2label[label_id], "score": round(score, 6)}
+            for label_id, score in zip(label_ids.tolist(), scores.tolist())
+        ]
+
+    return in_length_order(codes, batch_size, classify_batch)
 
 
 class Classification(FamilyDefaults):
     task = ModelTask.classification
+    labelled = True
     architecture = "RoBERTa"
     peft_task_type = "SEQ_CLS"  # peft keeps the new classification head trainable
     auto_class = AutoModelForSequenceClassification
@@ -91,7 +90,7 @@ class Classification(FamilyDefaults):
     def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[dict]:
         """Each code's label and the classifier's probability for it."""
         codes = input_texts(model_input)
-        return classify(model, tokenizer, codes, settings.generation.batch_size, settings.max_source_length)
+        return classify(model, tokenizer, codes, settings.batch_size, settings.max_source_length)
 
     def score(self, model, tokenizer, rows: list[dict], settings: InferenceSettings) -> Scored:
         codes, labels = [r["code"] for r in rows], [r["label"] for r in rows]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, RobertaModel
 
 from codetune.config import ModelTask
-from codetune.families.base import Card, FamilyDefaults, InferenceSettings, Scored, roberta_config
+from codetune.families.base import Card, FamilyDefaults, InferenceSettings, Scored, in_length_order, roberta_config
 from codetune.metrics import retrieval_metrics
 
 # 1/temperature of the contrastive softmax: sentence-transformers' MultipleNegativesRankingLoss default.
@@ -83,17 +83,17 @@ class PairCollator:
 
 @torch.inference_mode()
 def embed_texts(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> torch.Tensor:
-    """Unit-length embeddings of texts, in their order, computed in length-sorted batches (little padding)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    out = torch.empty(len(texts), model.config.hidden_size)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        batch = tokenizer(
-            [texts[i] for i in index], max_length=max_length, truncation=True, padding=True, return_tensors="pt"
-        )
+    """Unit-length embeddings of texts, in their order."""
+
+    @torch.inference_mode()
+    def embed_batch(batch_texts: list[str]) -> torch.Tensor:
+        batch = tokenizer(batch_texts, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
         batch = batch.to(model.device)
-        out[index] = embed(model, batch["input_ids"], batch["attention_mask"]).float().cpu()
-    return out
+        return embed(model, batch["input_ids"], batch["attention_mask"]).float().cpu()
+
+    if not texts:
+        return torch.empty(0, model.config.hidden_size)
+    return torch.stack(in_length_order(texts, batch_size, embed_batch))
 
 
 def _embed_distinct(
@@ -230,7 +230,7 @@ class CodeSearch(FamilyDefaults):
             raise ValueError("a code-search model scores pairs: pass a DataFrame with 'query' and 'code' columns")
         queries, codes = model_input["query"].astype(str).tolist(), model_input["code"].astype(str).tolist()
         batch, query_length, code_length = (
-            settings.generation.batch_size,
+            settings.batch_size,
             settings.max_target_length,
             settings.max_source_length,
         )
@@ -248,7 +248,7 @@ class CodeSearch(FamilyDefaults):
         """Each row's summary as a query over all the rows' code; MRR of the row's own code, beside lexical matching."""
         queries, codes = [r["summary"] for r in rows], [r["code"] for r in rows]
         batch, query_length, code_length = (
-            settings.generation.batch_size,
+            settings.batch_size,
             settings.max_target_length,
             settings.max_source_length,
         )

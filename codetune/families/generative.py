@@ -6,22 +6,27 @@ picks it: code_to_text summarises code (smoothed BLEU-4), text_to_code writes co
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from codetune.config import Direction, GenerationConfig
-from codetune.families.base import Card, FamilyDefaults, InferenceSettings, Scored, input_texts, scored_predictions
+from codetune.config import Config, Direction
+from codetune.families.base import (
+    Card,
+    FamilyDefaults,
+    InferenceSettings,
+    Scored,
+    in_length_order,
+    input_texts,
+    scored_predictions,
+)
 from codetune.metrics import code_metrics, function_name_words, stub_function, summary_metrics
 
 log = logging.getLogger(__name__)
-
-# A long generation (an evaluation) says how far it is this often; a served batch ends sooner and says nothing.
-PROGRESS_EVERY_S = 30
 
 SUMMARY_SCORING = "smoothed BLEU-4 as CodeXGLUE computes it, corpus BLEU, ROUGE-L and exact match, x100"
 CODE_GENERATION_CARD = Card(
@@ -81,60 +86,35 @@ def generate(
     model,
     tokenizer,
     texts: list[str],
-    gen: GenerationConfig,
-    max_source_length: int,
-    prompt: str = "{code}",
+    settings: InferenceSettings,
     writes_code: bool = False,
 ) -> list[str]:
-    """Greedy or beam generation in length-sorted batches (little padding); on GPU out-of-memory the batch is halved.
+    """Greedy or beam generation, in length-sorted batches that halve on out-of-memory.
 
     A decoder-only model continues the prompt with the text filled in, padded on the left so every
     row's prompt ends where generation starts. Prose comes back on one line; code keeps its layout.
     """
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    predictions: list[str] = [""] * len(texts)
-    batch_size, start = gen.batch_size, 0
-    started = reported = time.perf_counter()
-    decoder_only = not model.config.is_encoder_decoder
-    while start < len(order):
-        index = order[start : start + batch_size]
+    gen, decoder_only = settings.generation, not model.config.is_encoder_decoder
+
+    def generate_batch(batch_texts: list[str]) -> list[str]:
         if decoder_only:
-            prompts = [encode_prompt(tokenizer, prompt, texts[i], max_source_length) for i in index]
+            prompts = [encode_prompt(tokenizer, settings.prompt, t, settings.max_source_length) for t in batch_texts]
             batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
         else:
             batch = tokenizer(
-                [texts[i] for i in index],
-                max_length=max_source_length,
-                truncation=True,
-                padding=True,
-                return_tensors="pt",
+                batch_texts, max_length=settings.max_source_length, truncation=True, padding=True, return_tensors="pt"
             )
         batch = batch.to(model.device)
-        try:
-            with torch.inference_mode():
-                out = model.generate(
-                    **batch,
-                    num_beams=gen.num_beams,
-                    max_new_tokens=gen.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-        except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size //= 2
-            torch.cuda.empty_cache()
-            log.warning("out of memory in generation; retrying with generation batch size %d", batch_size)
-            continue
+        with torch.inference_mode():
+            out = model.generate(
+                **batch, num_beams=gen.num_beams, max_new_tokens=gen.max_new_tokens, pad_token_id=tokenizer.pad_token_id
+            )
         if decoder_only:
             out = out[:, batch["input_ids"].shape[1] :]
-        for i, text in zip(index, tokenizer.batch_decode(out, skip_special_tokens=True)):
-            predictions[i] = text.strip() if writes_code else " ".join(text.split())
-        start += len(index)
-        if time.perf_counter() - reported > PROGRESS_EVERY_S and start < len(order):
-            reported = time.perf_counter()
-            rate = start / (reported - started)
-            log.info("generated %d of %d, about %.0f s to go", start, len(order), (len(order) - start) / rate)
-    return predictions
+        decoded = tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [text.strip() if writes_code else " ".join(text.split()) for text in decoded]
+
+    return in_length_order(texts, settings.batch_size, generate_batch, done="generated")
 
 
 class Generative(FamilyDefaults):
@@ -142,10 +122,17 @@ class Generative(FamilyDefaults):
 
     scores_untuned = True
     batches_by_length = True
+    directions = tuple(OBJECTIVES)
 
     def __init__(self, direction: Direction = Direction.code_to_text):
         super().__init__(direction)
         self.objective = OBJECTIVES[direction]
+
+    def problems(self, cfg: Config) -> list[str]:
+        problems = super().problems(cfg)
+        if self.objective.writes_code and importlib.util.find_spec("codebleu") is None:
+            problems.append("model.direction=text_to_code is scored with CodeBLEU: pip install 'codetune[codegen]'")
+        return problems
 
     summary_card: Card
     """How the model card describes the family's summarisers; code generators share CODE_GENERATION_CARD."""
@@ -169,16 +156,7 @@ class Generative(FamilyDefaults):
         return metrics
 
     def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[str]:
-        texts = input_texts(model_input)
-        return generate(
-            model,
-            tokenizer,
-            texts,
-            settings.generation,
-            settings.max_source_length,
-            settings.prompt,
-            self.objective.writes_code,
-        )
+        return generate(model, tokenizer, input_texts(model_input), settings, self.objective.writes_code)
 
     def score(self, model, tokenizer, rows: list[dict], settings: InferenceSettings) -> Scored:
         inputs = [r[self.objective.source] for r in rows]

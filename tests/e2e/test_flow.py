@@ -280,7 +280,7 @@ def test_publishing_credentials_come_from_prefect_blocks(prefect_server, moto_ur
 
     from codetune.config import S3Config
     from codetune.publishing import upload_to_s3
-    from tasks.publish import hub_token, s3_client
+    from tasks.destinations import hub_token, s3_client
 
     credentials = AwsCredentials(
         aws_access_key_id="block-key",

@@ -36,7 +36,7 @@ FEW_STEPS = [
     "training.max_target_length=16",
     "evaluation.max_examples=8",
     "generation.max_new_tokens=12",
-    "generation.batch_size=8",
+    "evaluation.batch_size=8",
 ]
 
 

@@ -6,6 +6,7 @@ import torch
 
 from codetune.config import load_config
 from codetune.evaluation import evaluate_model
+from codetune.families import family_of
 from codetune.families.code_search import (
     BiEncoder,
     PairCollator,
@@ -57,7 +58,7 @@ def search_run(tiny_overrides):
     from codetune.training import train_model
 
     cfg = load_config(SEARCH, tiny_overrides)
-    data = prepare_data(cfg.data, labelled=cfg.model.task.labelled)
+    data = prepare_data(cfg.data, family_of(cfg.model).labelled)
     return cfg, data, train_model(cfg, data)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from codetune.config import EvaluationConfig, GenerationConfig, load_config
 from codetune.evaluation import collapse_warning, evaluate_model
+from codetune.families.base import InferenceSettings
 from codetune.families.generative import generate
 from codetune.rundir import METRICS_FILE
 from tests.conftest import TWIN
@@ -32,9 +33,15 @@ def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
     model.generation_config.suppress_tokens = [tokenizer.pad_token_id, tokenizer.bos_token_id]
     model.generation_config.min_new_tokens = 8
     codes = sorted((r["code"] for r in data.load("test")), key=len)[:12]  # short and of different lengths: padded
-    template = cfg.model.prompt
-    one = generate(model.eval(), tokenizer, codes, GenerationConfig(batch_size=1, max_new_tokens=8), 512, template)
-    batched = generate(model, tokenizer, codes, GenerationConfig(batch_size=12, max_new_tokens=8), 512, template)
+    one, batched = (
+        generate(
+            model.eval(),
+            tokenizer,
+            codes,
+            InferenceSettings(GenerationConfig(max_new_tokens=8), 512, 16, cfg.model.prompt, n),
+        )
+        for n in (1, 12)
+    )
     assert batched == one and any(batched)
 
 
@@ -42,12 +49,13 @@ def test_a_long_generation_reports_its_progress(tiny_cfg, monkeypatch, caplog):
     from codetune.data import prepare_data
     from codetune.model import load_model
 
-    monkeypatch.setattr("codetune.families.generative.PROGRESS_EVERY_S", 0.0)  # every batch counts as long
+    monkeypatch.setattr("codetune.families.base.PROGRESS_EVERY_S", 0.0)  # every batch counts as long
     data = prepare_data(tiny_cfg.data)
     model, tokenizer = load_model(tiny_cfg.model, (r["code"] for r in data.load("train")), seed=0)
     codes = [r["code"] for r in data.load("test")][:12]
-    with caplog.at_level(logging.INFO, logger="codetune.families.generative"):
-        generate(model.eval(), tokenizer, codes, GenerationConfig(batch_size=4, max_new_tokens=4), 64)
+    settings = InferenceSettings(GenerationConfig(max_new_tokens=4), 64, 16, tiny_cfg.model.prompt, batch_size=4)
+    with caplog.at_level(logging.INFO, logger="codetune.families.base"):
+        generate(model.eval(), tokenizer, codes, settings)
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generated ")]
     assert [m.split(",")[0] for m in progress] == ["generated 4 of 12", "generated 8 of 12"], progress
     assert all(re.search(r"about \d+ s to go$", m) for m in progress)

@@ -53,45 +53,46 @@ def test_a_disk_too_small_for_the_checkpoints_is_reported(tmp_path):
 def test_s3_destination_is_probed_with_a_write_before_training(moto_url, moto_credentials):
     import boto3
 
-    from tasks.preflight import s3_problems
+    from tasks.destinations import S3
 
+    s3_problems = S3().probe
     client = boto3.client("s3", endpoint_url=moto_url)
     client.create_bucket(Bucket="probed")
-    cfg = load_config(None, ["registry.s3.bucket=probed", f"registry.s3.endpoint_url={moto_url}"]).registry.s3
+    cfg = load_config(None, ["registry.s3.bucket=probed", f"registry.s3.endpoint_url={moto_url}"])
     assert s3_problems(cfg) == []
     assert client.list_objects_v2(Bucket="probed").get("KeyCount") == 0  # the probe object is gone again
-    cfg.bucket = "no-such-bucket"
+    cfg.registry.s3.bucket = "no-such-bucket"
     assert "S3 bucket 'no-such-bucket' does not exist" in s3_problems(cfg)[0]
 
 
 def test_a_struggling_s3_does_not_stop_the_run_before_it_starts(moto_url, moto_credentials):
     import boto3
 
-    from tasks.preflight import s3_problems
+    from tasks.destinations import S3
     from tests.servers import FlakyProxy
 
+    s3_problems = S3().probe
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="busy")
     with FlakyProxy(moto_url) as proxy:
         proxy.state.fail_next = 100  # every write answered 503: transient, so publishing's own retries get their turn
-        cfg = load_config(None, ["registry.s3.bucket=busy", f"registry.s3.endpoint_url={proxy.url}"]).registry.s3
+        cfg = load_config(None, ["registry.s3.bucket=busy", f"registry.s3.endpoint_url={proxy.url}"])
         assert s3_problems(cfg) == []
         assert proxy.state.fail_next < 100
 
 
 def test_hub_token_and_repo_visibility_are_checked_before_training(monkeypatch):
-    from tasks.preflight import hub_problems
+    from tasks.destinations import Hub
     from tests.servers import RecordingHub
 
+    hub_problems = Hub().probe
     with RecordingHub() as hub:
         cfg = load_config(None, ["registry.huggingface.repo_id=org/summ", f"registry.huggingface.endpoint={hub.url}"])
         monkeypatch.setenv("HF_TOKEN", "hf_wrong")
-        assert "refused the token" in hub_problems(cfg.registry.huggingface)[0]
+        assert "refused the token" in hub_problems(cfg)[0]
         monkeypatch.setenv("HF_TOKEN", hub.state.valid_token)
-        assert hub_problems(cfg.registry.huggingface) == []  # the repo does not exist yet: the push creates it
+        assert hub_problems(cfg) == []  # the repo does not exist yet: the push creates it
         hub.state.repos["org/summ"] = False
-        assert (
-            "'org/summ' is public, but registry.huggingface.private=true" in hub_problems(cfg.registry.huggingface)[0]
-        )
+        assert "'org/summ' is public, but registry.huggingface.private=true" in hub_problems(cfg)[0]
         assert hub.state.commits == []
 
 

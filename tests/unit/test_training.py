@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from codetune.config import load_config
 from codetune.data import prepare_data
+from codetune.families import family_of
 from codetune.precision import resolve_precision
 from codetune.rundir import last_complete_checkpoint
 from codetune.training import train_model
@@ -135,7 +136,7 @@ def test_every_family_exports_a_model_plain_transformers_loads(config, auto_clas
 
     labelled = [f"data.path={request.getfixturevalue('labelled_jsonl')}"] if config == "tiny-classifier" else []
     cfg = load_config(f"configs/{config}.yaml", tiny_overrides + labelled)
-    result = train_model(cfg, prepare_data(cfg.data, labelled=cfg.model.task.labelled))
+    result = train_model(cfg, prepare_data(cfg.data, family_of(cfg.model).labelled))
     model = getattr(transformers, auto_class).from_pretrained(result.run_dir)
     assert model.config.model_type == model_type and result.global_step == 12
 
