@@ -28,7 +28,7 @@ class ModelInit(str, Enum):
     scratch = "scratch"
 
 
-class HubWeights(str, Enum):
+class PublishedWeights(str, Enum):
     merged = "merged"
     adapter = "adapter"
     both = "both"
@@ -269,7 +269,7 @@ class HubConfig:
     """Hugging Face Hub repo, e.g. org/codet5-summarizer; null publishes nothing to the Hub."""
     private: bool = True
     """Create the repo private."""
-    weights: HubWeights = HubWeights.merged
+    weights: PublishedWeights = PublishedWeights.merged
     """merged: the model that loads without peft; adapter: the LoRA adapter alone; both."""
     token_block: Optional[str] = None
     """Name of a Prefect Secret block holding the token; null reads $HF_TOKEN."""

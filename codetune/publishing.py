@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from codetune.config import Config, HubWeights, ModelInit, to_dict
+from codetune.config import Config, ModelInit, PublishedWeights, to_dict
 from codetune.errors import CodetuneError, is_transient
 from codetune.evaluation import EvalReport
 from codetune.families import family_of
@@ -53,12 +53,12 @@ class UploadedObject:
     """False when an identical object was already there."""
 
 
-def publish_files(run_dir: Path, weights: HubWeights) -> list[tuple[Path, str]]:
+def publish_files(run_dir: Path, weights: PublishedWeights) -> list[tuple[Path, str]]:
     """(local path, name in the destination) for the chosen weights."""
     files = []
-    if weights in (HubWeights.merged, HubWeights.both):
+    if weights in (PublishedWeights.merged, PublishedWeights.both):
         files += [(p, p.name) for p in RunDir(run_dir).model_files()]
-    if weights in (HubWeights.adapter, HubWeights.both):
+    if weights in (PublishedWeights.adapter, PublishedWeights.both):
         files += [(p, f"{ADAPTER_DIR}/{p.name}") for p in sorted((run_dir / ADAPTER_DIR).iterdir())]
     return files
 
@@ -150,13 +150,13 @@ def publish_to_s3(
     client, cfg: Config, run_dir: Path, metadata: dict, version: str, workdir: Path
 ) -> list[UploadedObject]:
     """Model files, metadata.json and (registry.s3.archive) model.tar.gz + .sha256 under s3://bucket/prefix/<model>/<version>/."""
-    files = publish_files(run_dir, HubWeights.merged)
+    files = publish_files(run_dir, PublishedWeights.merged)
     metadata_file = workdir / "metadata.json"
     metadata_file.write_text(json.dumps(metadata, indent=2, sort_keys=True))
     files.append((metadata_file, "metadata.json"))
     if cfg.registry.s3.archive:
         archive = workdir / "model.tar.gz"
-        write_archive(publish_files(run_dir, HubWeights.merged), archive)
+        write_archive(publish_files(run_dir, PublishedWeights.merged), archive)
         checksum = workdir / "model.tar.gz.sha256"
         checksum.write_text(f"{sha256_file(archive)}  model.tar.gz\n")
         files += [(archive, archive.name), (checksum, checksum.name)]
@@ -179,7 +179,7 @@ def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: 
         model_name=cfg.registry.model_name,
         base_model=base,
         license=cfg.registry.huggingface.license,
-        library_name="peft" if cfg.registry.huggingface.weights is HubWeights.adapter else "transformers",
+        library_name="peft" if cfg.registry.huggingface.weights is PublishedWeights.adapter else "transformers",
         pipeline_tag=pipeline_tag,
         tags=["code", "codetune", cfg.model.task.value] + (["lora"] if cfg.peft.use_peft else []),
         eval_results=[

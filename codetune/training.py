@@ -125,7 +125,7 @@ def train_model(cfg: Config, data: PreparedData, trial: TrialRef | None = None) 
             log.info("training finished earlier in %s; merging its adapter without training again", run)
             trained = TrainedModel(**run.read_json(FITTED_RECORD))
         else:
-            fitted = fit_in_memory(cfg, family, run, train_rows, validation_rows, labels, weights, trial)
+            fitted = fit_with_oom_retry(cfg, family, run, train_rows, validation_rows, labels, weights, trial)
             if not rank_zero():
                 return fitted.record
             _save(fitted, run, cfg.peft.use_peft)
@@ -187,7 +187,7 @@ def _export_merged(cfg: Config, family: Family, run: RunDir, labels, validation_
     shutil.copyfile(run / ADAPTER_DIR / TRAINER_STATE, staged / TRAINER_STATE)
 
 
-def fit_in_memory(cfg: Config, *fit_args) -> Fit:
+def fit_with_oom_retry(cfg: Config, *fit_args) -> Fit:
     """fit; after a device out-of-memory, once more at half the micro-batch and twice the gradient accumulation.
 
     The effective batch, and so the optimisation, stays the same, and the retry resumes from the last checkpoint.

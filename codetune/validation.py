@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from codetune.config import Config, DataSource, HubWeights, ModelInit, service_urls
+from codetune.config import Config, DataSource, ModelInit, PublishedWeights, service_urls
 from codetune.errors import ConfigError
 from codetune.families import FAMILIES, family_of
 from codetune.weights import is_packaged, reference_problem
@@ -83,7 +83,7 @@ def _model(cfg: Config, family) -> list[str]:
         )
     if cfg.peft.last_layers is not None and cfg.peft.last_layers < 1:
         problems.append("peft.last_layers must be >= 1 (null adapts every layer)")
-    if cfg.registry.huggingface.weights is not HubWeights.merged and not cfg.peft.use_peft:
+    if cfg.registry.huggingface.weights is not PublishedWeights.merged and not cfg.peft.use_peft:
         problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
     return problems
 

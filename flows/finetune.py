@@ -72,13 +72,13 @@ def finetune(
     timeout = cfg.training.timeout_minutes
     train_task = train.with_options(timeout_seconds=timeout * 60 if timeout else None)
     if trial:
-        return run_trial(cfg, data, train_task, trial)
+        return train_trial(cfg, data, train_task, trial)
     trained = train_task(cfg, data)
     report = evaluate(cfg, trained, data)
     return release(cfg, data, trained, report)
 
 
-def run_trial(cfg, data, train_task, trial: dict) -> dict:
+def train_trial(cfg, data, train_task, trial: dict) -> dict:
     """A sweep's trial: train (pruned or not), evaluate, track under the sweep's MLflow run, tell the study."""
     from codetune.sweep import TrialPruned, TrialRef, tell_study
 

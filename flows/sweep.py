@@ -22,7 +22,7 @@ from tasks.track import lineage
 
 
 @task(name="trial")
-def run_trial(spec: SweepConfig, number: int, overrides: list[str], parent_run_id: str, deployment: Optional[str]):
+def launch_trial(spec: SweepConfig, number: int, overrides: list[str], parent_run_id: str, deployment: Optional[str]):
     """One trial as a finetune run: a subflow here, or a run of the finetune deployment on its work pool."""
     trial = {
         "storage": spec.storage,
@@ -86,7 +86,7 @@ def sweep(sweep_config: str, overrides: Optional[list[str]] = None, deployment: 
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     while (done := len(study.get_trials(deepcopy=False, states=finished))) < spec.trials:
         trials = [study.ask() for _ in range(min(spec.parallelism, spec.trials - done))]
-        futures = [run_trial.submit(spec, t.number, suggest(t, spec), parent_run_id, deployment) for t in trials]
+        futures = [launch_trial.submit(spec, t.number, suggest(t, spec), parent_run_id, deployment) for t in trials]
         for trial, future in zip(trials, futures):
             future.wait()
             if study.get_trials(deepcopy=False)[trial.number].state is TrialState.RUNNING:

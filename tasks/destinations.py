@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol
 
-from codetune.config import Config, HubWeights, S3Config
+from codetune.config import Config, PublishedWeights, S3Config
 from codetune.errors import is_transient
 from codetune.evaluation import EvalReport
 from codetune.publishing import (
@@ -118,7 +118,7 @@ class S3:
 
     def plan(self, cfg: Config, run_dir: Path) -> str:
         s3 = cfg.registry.s3
-        names = [n for _, n in publish_files(run_dir, HubWeights.merged)] + ["metadata.json"]
+        names = [n for _, n in publish_files(run_dir, PublishedWeights.merged)] + ["metadata.json"]
         names += ["model.tar.gz", "model.tar.gz.sha256"] if s3.archive else []
         return f"- upload to s3://{s3.bucket}/{s3_prefix(cfg, '<version>')}/: {', '.join(names)}"
 

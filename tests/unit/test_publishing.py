@@ -10,7 +10,7 @@ import boto3
 import pytest
 from botocore.config import Config as BotoConfig
 
-from codetune.config import HubWeights, load_config
+from codetune.config import PublishedWeights, load_config
 from codetune.evaluation import EvalReport
 from codetune.publishing import PublishError, model_card, publish_files, publish_to_s3, push_to_hub, upload_to_s3
 from tests.conftest import TWIN
@@ -116,9 +116,8 @@ def test_hub_push_creates_private_repo_and_one_commit_with_card(run_dir):
     )
     card = model_card(cfg, report, "code_tree (stdlib)")
     with RecordingHub() as hub:
-        url = push_to_hub(
-            "org/summ", hub.state.valid_token, True, publish_files(run_dir, HubWeights.merged), card, "v1", hub.url
-        )
+        files = publish_files(run_dir, PublishedWeights.merged)
+        url = push_to_hub("org/summ", hub.state.valid_token, True, files, card, "v1", hub.url)
         create = next(r for r in hub.state.requests if r.path == "/api/repos/create")
         assert json.loads(create.body)["visibility"] == "private"
         [commit] = hub.state.commits
@@ -157,8 +156,8 @@ def test_a_stalled_hub_times_out_and_the_push_is_retried(run_dir, monkeypatch):
 
 
 def test_hub_adapter_weights_push_only_the_adapter(run_dir):
-    assert [n for _, n in publish_files(run_dir, HubWeights.adapter)] == ["adapter/adapter_model.safetensors"]
-    assert len(publish_files(run_dir, HubWeights.both)) == 4
+    assert [n for _, n in publish_files(run_dir, PublishedWeights.adapter)] == ["adapter/adapter_model.safetensors"]
+    assert len(publish_files(run_dir, PublishedWeights.both)) == 4
 
 
 def test_hub_rejected_token_fails_at_once_naming_the_credential(run_dir):
