@@ -333,20 +333,20 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
-def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Every settable dotted key of the schema, with its annotation."""
+def _leaves(cls: type, prefix: str = "") -> dict[str, tuple[type, str, Any]]:
+    """Every settable dotted key of the schema: (the dataclass that holds it, its field name, its annotation)."""
     hints = typing.get_type_hints(cls)
-    leaves: dict[str, Any] = {}
+    leaves: dict[str, tuple[type, str, Any]] = {}
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
-            leaves.update(_leaf_types(hints[f.name], f"{key}."))
+            leaves.update(_leaves(hints[f.name], f"{key}."))
         else:
-            leaves[key] = hints[f.name]
+            leaves[key] = (cls, f.name, hints[f.name])
     return leaves
 
 
-SCHEMA_KEYS: dict[str, Any] = _leaf_types(Config)
+SCHEMA_KEYS: dict[str, Any] = {key: annotation for key, (_, _, annotation) in _leaves(Config).items()}
 
 
 def key_help() -> dict[str, str]:
@@ -354,28 +354,17 @@ def key_help() -> dict[str, str]:
     import ast
     import inspect
 
-    docs: dict[type, dict[str, str]] = {}
+    docs: dict[tuple[str, str], str] = {}
     for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
         if isinstance(node, ast.ClassDef):
-            fields = docs.setdefault(globals()[node.name], {})
             for stmt, after in zip(node.body, node.body[1:]):
                 if (
                     isinstance(stmt, ast.AnnAssign)
                     and isinstance(after, ast.Expr)
                     and isinstance(after.value, ast.Constant)
                 ):
-                    fields[stmt.target.id] = " ".join(str(after.value.value).split())
-
-    def walk(cls: type, prefix: str) -> dict[str, str]:
-        hints, found = typing.get_type_hints(cls), {}
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                found.update(walk(hints[f.name], f"{prefix}{f.name}."))
-            else:
-                found[f"{prefix}{f.name}"] = docs.get(cls, {}).get(f.name, "")
-        return found
-
-    return walk(Config, "")
+                    docs[node.name, stmt.target.id] = " ".join(str(after.value.value).split())
+    return {key: docs.get((owner.__name__, name), "") for key, (owner, name, _) in _leaves(Config).items()}
 
 
 def _type_name(annotation: Any) -> str:
