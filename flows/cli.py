@@ -24,7 +24,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="codetune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"codetune {version('codetune')}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_config_args(commands.add_parser("run", help="the Prefect flow: data, training, evaluation, MLflow tracking"))
     _add_config_args(
@@ -40,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     pools.add_argument(
         "--gpu-pool-type", choices=["docker", "kubernetes"], default="docker", help="kind of GPU work pool"
+    )
+    pools.add_argument(
+        "--no-gpu",
+        action="store_true",
+        help="the docker GPU pool's containers without a GPU (a laptop or CI trying the team stack on its CPU)",
     )
     pools.add_argument(
         "--s3-endpoint",
@@ -142,7 +150,9 @@ def _deploy_flows(args) -> dict:
     def prefect(*command: str) -> None:
         subprocess.run([sys.executable, "-m", "prefect", *command], check=True, env=env)
 
-    gpu_template = f"deployments/{args.gpu_pool_type}-gpu-pool.json"
+    if args.no_gpu and args.gpu_pool_type != "docker":
+        raise ConfigError("--no-gpu is for the docker pool: a kubernetes pool takes GPUs from its nodes' resources")
+    gpu_template = f"deployments/{args.gpu_pool_type}-{'cpu' if args.no_gpu else 'gpu'}-pool.json"
     prefect("work-pool", "create", "cpu-pool", "--type", "process", "--overwrite")
     prefect(
         "work-pool",

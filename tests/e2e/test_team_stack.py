@@ -1,0 +1,231 @@
+"""The team stack, run for real: the worker image, a Docker work pool running finetune/main in it, and every
+shared store on PostgreSQL (Prefect's server, MLflow's backend, the sweep's Optuna study), artifacts in S3.
+
+Needs a Docker daemon (docker/local-base.sh starts one as root, and builds the Debian base image the worker
+image is built on) and PostgreSQL's binaries; skipped, saying which is missing, elsewhere. Containers use host
+networking: every service is on 127.0.0.1.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.conftest import TINY
+from tests.e2e.conftest import REPO, free_port, run_command, wait_until_healthy
+from tests.postgres import PostgresCluster, postgres_bin
+
+IMAGE = "codetune-worker:0.1.0"  # the name prefect.yaml's deployments run
+BASE = "codetune-base:bookworm"
+
+
+def _docker_ready() -> str | None:
+    """Why the stack cannot run here, or None."""
+    if postgres_bin() is None:
+        return "PostgreSQL's binaries (initdb, pg_ctl) are not installed"
+    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return None
+    if os.geteuid() != 0:
+        return "no Docker daemon answers, and starting one (docker/local-base.sh) needs root"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_docker_ready() is not None, reason=str(_docker_ready()))
+
+
+def docker(*args: str, timeout: float = 600) -> str:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"docker {' '.join(args[:3])}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def worker_image() -> str:
+    """docker/Dockerfile built on the local Debian base, with the host's own CPU torch wheel (no CUDA download)."""
+    subprocess.run([str(REPO / "docker" / "local-base.sh"), BASE], check=True, capture_output=True, timeout=900)
+    local = REPO / "docker" / "local"
+    local.mkdir(exist_ok=True)
+    torch_pin = next(line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("torch=="))
+    if not list(local.glob("torch-*.whl")):
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(local), torch_pin]
+        subprocess.run(pip, check=True, timeout=600)
+    bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    if bundle and Path(bundle).is_file():  # an intercepting proxy's CA, for pip inside the build
+        shutil.copyfile(bundle, local / "ca-certificates.crt")
+    build = ["build", "--network", "host", "-f", "docker/Dockerfile", "-t", IMAGE]
+    build += ["--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "EXTRAS=orchestration,stack", str(REPO)]
+    docker(*build, timeout=1500)
+    return IMAGE
+
+
+def test_the_image_runs_codetune_as_a_user_without_secrets(worker_image, tmp_path):
+    inside = "id -u; codetune --version; ls -a /opt/prefect /opt/prefect/docker; env"
+    out = docker("run", "--rm", "--network", "host", worker_image, "bash", "-c", inside)
+    uid, version, *rest = out.splitlines()
+    assert uid == "1000" and version == "codetune 0.1.0"
+    assert ".env" not in rest and "local" not in rest  # no secrets, and the build's extras removed
+    assert not [line for line in rest if line.startswith(("AWS_", "HF_TOKEN", "MLFLOW_TRACKING_PASSWORD"))]
+    twin = ["--config", "configs/tiny-seq2seq.yaml", *TINY]
+    assert '"check": "passed"' in docker("run", "--rm", "--network", "host", worker_image, "codetune", "check", *twin)
+    trained = docker("run", "--rm", "--network", "host", worker_image, "codetune", "train", *twin)
+    assert '"bleu4_smoothed"' in trained
+
+
+def _wait(what: str, done, seconds: float = 600, every: float = 0.5):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = done()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"waited {seconds:.0f} s for {what}")
+
+
+@pytest.fixture
+def stack(worker_image, tmp_path, moto_url):
+    """Prefect's server and MLflow's on one PostgreSQL cluster, MLflow's artifacts in S3 (moto), the pools and
+    deployments of `codetune deploy-flows --no-gpu`, the GPU pool's containers on host networking with the run,
+    data and weights directories mounted from here, and two Docker workers."""
+    shared = {name: tmp_path / name for name in ("runs", "data", "weights")}
+    for path in shared.values():
+        path.mkdir()
+        path.chmod(0o777)  # the image's user (uid 1000) writes there
+    boto3.client(
+        "s3", endpoint_url=moto_url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    ).create_bucket(Bucket="mlflow-artifacts")
+    processes: list[subprocess.Popen] = []
+    with PostgresCluster(["prefect", "mlflow", "optuna"]) as pg:
+        try:
+            prefect_port, mlflow_port = free_port(), free_port()
+            env = {
+                **os.environ,
+                "PREFECT_HOME": str(tmp_path / "prefect-home"),
+                "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+                "PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "asyncpg"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "AWS_ACCESS_KEY_ID": "k",
+                "AWS_SECRET_ACCESS_KEY": "s",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "MLFLOW_S3_ENDPOINT_URL": moto_url,
+            }
+            server = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+            processes.append(subprocess.Popen([*server, "--port", str(prefect_port)], env=env, cwd=tmp_path))
+            wait_until_healthy(f"{env['PREFECT_API_URL']}/health", processes[-1], "prefect server on PostgreSQL")
+            mlflow = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port)]
+            mlflow += ["--workers", "1", "--backend-store-uri", pg.url("mlflow")]
+            mlflow += ["--artifacts-destination", "s3://mlflow-artifacts/artifacts"]
+            processes.append(subprocess.Popen(mlflow, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL))
+            mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+            wait_until_healthy(f"{mlflow_url}/health", processes[-1], "mlflow server on PostgreSQL")
+
+            run_command(env, sys.executable, "-m", "flows.cli", "deploy-flows", "--no-gpu", timeout=600)
+            # This environment's pool: host networking (test traffic stays on loopback), the image built here,
+            # directories of this machine as the volumes.
+            template = json.loads((REPO / "deployments" / "docker-cpu-pool.json").read_text())
+            defaults = template["variables"]["properties"]
+            defaults["networks"]["default"] = []
+            defaults["network_mode"]["default"] = "host"
+            defaults["image_pull_policy"]["default"] = "Never"
+            defaults["env"]["default"] = {"MLFLOW_TRACKING_URI": mlflow_url}
+            defaults["volumes"]["default"] = [
+                f"{shared['runs']}:/opt/prefect/runs",
+                f"{shared['data']}:/opt/prefect/.codetune",
+                f"{shared['weights']}:/home/codetune/.cache/codetune",
+            ]
+            (tmp_path / "pool.json").write_text(json.dumps(template))
+            prefect = [sys.executable, "-m", "prefect"]
+            pool = ["work-pool", "update", "gpu-pool", "--base-job-template", str(tmp_path / "pool.json")]
+            run_command(env, *prefect, *pool)
+            worker = [*prefect, "worker", "start", "--pool", "gpu-pool", "--type", "docker"]
+            for n in range(2):
+                log = open(tmp_path / f"worker-{n}.log", "w")
+                named = [*worker, "--name", f"docker-{n}"]
+                processes.append(subprocess.Popen(named, env=env, stdout=log, stderr=log))
+            yield {"env": env, "pg": pg, "mlflow": mlflow_url, **shared}
+        finally:
+            for process in reversed(processes):
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=60)
+            left = docker("ps", "-aq", "--filter", f"ancestor={IMAGE}").split()
+            if left:
+                docker("rm", "-f", *left)
+
+
+def _flow_run_state(env, flow_run_id: str) -> str:
+    run = f"get_client(sync_client=True).read_flow_run('{flow_run_id}')"
+    probe = f"from prefect import get_client; print({run}.state.type.value)"
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.timeout(1800)
+def test_a_docker_worker_runs_finetune_main_on_postgres_and_a_killed_container_resumes(stack, tmp_path):
+    import mlflow
+
+    env, runs = stack["env"], stack["runs"]
+    overrides = [o for o in TINY if not o.startswith(("training.max_steps", "training.save_steps", "model.scratch"))]
+    overrides += ["training.max_steps=120", "training.save_steps=10", "training.run_name=stacked"]
+    overrides += [f"mlflow.tracking_uri={stack['mlflow']}", "registry.model_name=stacked"]
+    out = run_command(
+        env,
+        sys.executable,
+        "-m",
+        "prefect",
+        "deployment",
+        "run",
+        "finetune/main",
+        "--param",
+        "config=configs/tiny-seq2seq.yaml",
+        "--param",
+        f"overrides={json.dumps(overrides)}",
+    )
+    flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+    checkpoints = runs / "stacked" / "checkpoints"
+    _wait("a first checkpoint in the runs volume", lambda: list(checkpoints.glob("checkpoint-*/trainer_state.json")))
+    [container] = docker("ps", "-q", "--filter", f"ancestor={IMAGE}").split()
+    docker("kill", container)  # mid-training: the kill a preempted or OOM-killed machine gives
+    _wait("the flow run to be seen crashed", lambda: _flow_run_state(env, flow_run_id) in ("CRASHED", "FAILED"), 120)
+    assert not (runs / "stacked" / "training.json").exists()
+
+    # What the UI's Retry does: the same flow run, scheduled again; a worker starts a new container for it.
+    retry = (
+        "from prefect import get_client; from prefect.states import AwaitingRetry; "
+        f"get_client(sync_client=True).set_flow_run_state('{flow_run_id}', AwaitingRetry(), force=True)"
+    )
+    run_command(env, sys.executable, "-c", retry)
+    ended = ("COMPLETED", "FAILED", "CRASHED")
+    _wait("the retried run to finish", lambda: _flow_run_state(env, flow_run_id) in ended, 900, 2)
+    assert _flow_run_state(env, flow_run_id) == "COMPLETED", (tmp_path / "worker-0.log").read_text()[-3000:]
+
+    record = json.loads((runs / "stacked" / "training.json").read_text())
+    assert record["resumed_from_step"] >= 10 and record["global_step"] == 120
+    assert (runs / "stacked" / "model.safetensors").is_file()
+    client = mlflow.MlflowClient(stack["mlflow"])
+    champion = client.get_model_version_by_alias("stacked", "champion")
+    assert champion.version == "1"
+    artifacts = boto3.client(
+        "s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], aws_access_key_id="k", aws_secret_access_key="s"
+    ).list_objects_v2(Bucket="mlflow-artifacts")
+    assert any(o["Key"].endswith("model.safetensors") for o in artifacts.get("Contents", []))
+
+
+@pytest.mark.timeout(1800)
+def test_a_sweep_runs_its_trials_on_two_docker_workers_sharing_one_postgres_study(stack, tmp_path):
+    import optuna
+
+    env, storage = stack["env"], stack["pg"].url("optuna")
+    sweep = [sys.executable, "-m", "flows.cli", "sweep", "--config", "configs/sweeps/tiny-seq2seq.yaml"]
+    sweep += ["--deployment", "finetune/trial", "trials=2", "parallelism=2", "pruner=none", f"storage={storage}"]
+    shared = [o for o in TINY if not o.startswith(("training.max_steps", "data.max_examples"))]
+    shared += [f"mlflow.tracking_uri={stack['mlflow']}", "registry.model_name=swept"]
+    sweep += [f"overrides=[{','.join(repr(o) for o in shared)}]"]
+    run_command(env, *sweep, timeout=1500)
+    trials = optuna.load_study(study_name="tiny-seq2seq", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 2
