@@ -217,15 +217,25 @@ def test_a_docker_worker_runs_finetune_main_on_postgres_and_a_killed_container_r
 
 @pytest.mark.timeout(1800)
 def test_a_sweep_runs_its_trials_on_two_docker_workers_sharing_one_postgres_study(stack, tmp_path):
+    import mlflow
     import optuna
 
     env, storage = stack["env"], stack["pg"].url("optuna")
-    sweep = [sys.executable, "-m", "flows.cli", "sweep", "--config", "configs/sweeps/tiny-seq2seq.yaml"]
-    sweep += ["--deployment", "finetune/trial", "trials=2", "parallelism=2", "pruner=none", f"storage={storage}"]
+    # The sweep runs as sweep/main does on the CPU pool: in the image, with the trials' run directories mounted,
+    # since it registers the best trial from its directory.
+    sweep = ["run", "--rm", "--network", "host", "-e", f"PREFECT_API_URL={env['PREFECT_API_URL']}"]
+    sweep += ["-v", f"{stack['runs']}:/opt/prefect/runs", "-v", f"{stack['data']}:/opt/prefect/.codetune", IMAGE]
+    sweep += ["codetune", "sweep", "--config", "configs/sweeps/tiny-seq2seq.yaml", "--deployment", "finetune/trial"]
+    sweep += ["trials=2", "parallelism=2", "pruner=none", f"storage={storage}"]
+    # The sweep file's own overrides, and the twin's small shape: `overrides=` replaces the file's list.
     shared = [o for o in TINY if not o.startswith(("training.max_steps", "data.max_examples"))]
+    shared += ["training.max_steps=24", "training.eval_steps=6", "data.max_examples=400"]
     shared += [f"mlflow.tracking_uri={stack['mlflow']}", "registry.model_name=swept"]
     sweep += [f"overrides=[{','.join(repr(o) for o in shared)}]"]
-    run_command(env, *sweep, timeout=1500)
+    docker(*sweep, timeout=1500)
     trials = optuna.load_study(study_name="tiny-seq2seq", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert len({t.user_attrs["run_dir"] for t in trials}) == 2
+    champion = mlflow.MlflowClient(stack["mlflow"]).get_model_version_by_alias("swept", "champion")
+    best = min(trials, key=lambda t: t.value)
+    assert champion.run_id == best.user_attrs["mlflow_run_id"]
