@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test
+.PHONY: run test stack-test
 run: $(VENV)/.installed
 	$(VENV)/bin/codetune run
 
@@ -10,6 +10,11 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# The team stack alone (docs/team-stack.md): builds the image, runs it under a Docker worker on PostgreSQL,
+# and compose up ... down. Needs root where no Docker daemon runs yet; `make test` runs it too.
+stack-test: $(VENV)/.installed
+	$(PY) -m pytest tests/e2e/test_team_stack.py
 
 # constraints.txt pins the whole resolved stack: an unconstrained resolve takes ~9 minutes here
 # and picks a fastapi that crashes prefect's server at start.

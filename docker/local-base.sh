@@ -7,7 +7,8 @@ set -euo pipefail
 image="${1:-codetune-base:bookworm}"
 
 if ! command -v dockerd > /dev/null || ! command -v debootstrap > /dev/null; then
-    apt-get install -y --no-install-recommends docker.io debootstrap > /dev/null
+    apt-get install -y --no-install-recommends docker.io debootstrap > /dev/null \
+        || { apt-get update > /dev/null && apt-get install -y --no-install-recommends docker.io debootstrap > /dev/null; }
 fi
 if ! docker info > /dev/null 2>&1; then
     nohup dockerd --bridge=none --iptables=false > /var/log/dockerd.log 2>&1 &
