@@ -106,3 +106,15 @@ def run_command(env, *command, timeout=300) -> str:
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{command}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done.stdout
+
+
+def run_twin_deployment(env, overrides: list[str], *params: str) -> str:
+    """`prefect deployment run finetune/main` on the seq2seq twin with these overrides; returns the flow run's id."""
+    import json
+
+    command = [sys.executable, "-m", "prefect", "deployment", "run", "finetune/main"]
+    command += ["--param", "config=configs/tiny-seq2seq.yaml", "--param", f"overrides={json.dumps(overrides)}"]
+    for param in params:
+        command += ["--param", param]
+    out = run_command(env, *command)
+    return next(line.split()[-1] for line in out.splitlines() if "UUID" in line)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import mlflow
 import pytest
 
 from tests.conftest import TINY
-from tests.e2e.conftest import REPO
+from tests.e2e.conftest import REPO, run_twin_deployment
 from tests.e2e.conftest import run_command as _run
 from tests.servers import FlakyProxy
 
@@ -61,20 +60,7 @@ def test_deployment_run_on_a_process_worker_with_a_parameter_and_a_flaky_upload(
             "registry.s3.bucket=deployed-models",
             f"registry.s3.endpoint_url={proxy.url}",
         ]
-        out = _run(
-            env,
-            *prefect,
-            "deployment",
-            "run",
-            "finetune/main",
-            "--param",
-            "config=configs/tiny-seq2seq.yaml",
-            "--param",
-            f"overrides={json.dumps(overrides)}",
-            "--param",
-            "learning_rate=0.002",
-        )
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+        flow_run_id = run_twin_deployment(env, overrides, "learning_rate=0.002")
         _run(env, *prefect, "worker", "start", "--pool", "test-pool", "--run-once", timeout=600)
         assert proxy.state.fail_next == 0
 

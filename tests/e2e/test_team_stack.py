@@ -18,7 +18,7 @@ import boto3
 import pytest
 
 from tests.conftest import TINY
-from tests.e2e.conftest import REPO, free_port, run_command, wait_until_healthy
+from tests.e2e.conftest import REPO, free_port, run_command, run_twin_deployment, wait_until_healthy
 from tests.postgres import PostgresCluster, postgres_bin
 
 IMAGE = "codetune-worker:0.1.0"  # the name prefect.yaml's deployments run
@@ -87,6 +87,22 @@ def _wait(what: str, done, seconds: float = 600, every: float = 0.5):
     pytest.fail(f"waited {seconds:.0f} s for {what}")
 
 
+def _pool_on_this_machine(env, tmp_path: Path, mlflow_url: str, volumes: list[str] | None = None) -> None:
+    """gpu-pool's defaults for this environment: host networking (test traffic stays on loopback), the image built
+    here, MLflow's URL, and where given, directories of this machine as the volumes."""
+    template = json.loads((REPO / "deployments" / "docker-cpu-pool.json").read_text())
+    defaults = template["variables"]["properties"]
+    defaults["networks"]["default"] = []
+    defaults["network_mode"]["default"] = "host"
+    defaults["image_pull_policy"]["default"] = "Never"
+    defaults["env"]["default"] = {"MLFLOW_TRACKING_URI": mlflow_url}
+    if volumes:
+        defaults["volumes"]["default"] = volumes
+    (tmp_path / "pool.json").write_text(json.dumps(template))
+    run_command(env, sys.executable, "-m", "prefect", "work-pool", "update", "gpu-pool", "--base-job-template",
+                str(tmp_path / "pool.json"))  # fmt: skip
+
+
 @pytest.fixture
 def stack(worker_image, tmp_path, moto_url):
     """Prefect's server and MLflow's on one PostgreSQL cluster, MLflow's artifacts in S3 (moto), the pools and
@@ -125,23 +141,13 @@ def stack(worker_image, tmp_path, moto_url):
             wait_until_healthy(f"{mlflow_url}/health", processes[-1], "mlflow server on PostgreSQL")
 
             run_command(env, sys.executable, "-m", "flows.cli", "deploy-flows", "--no-gpu", timeout=600)
-            # This environment's pool: host networking (test traffic stays on loopback), the image built here,
-            # directories of this machine as the volumes.
-            template = json.loads((REPO / "deployments" / "docker-cpu-pool.json").read_text())
-            defaults = template["variables"]["properties"]
-            defaults["networks"]["default"] = []
-            defaults["network_mode"]["default"] = "host"
-            defaults["image_pull_policy"]["default"] = "Never"
-            defaults["env"]["default"] = {"MLFLOW_TRACKING_URI": mlflow_url}
-            defaults["volumes"]["default"] = [
+            volumes = [
                 f"{shared['runs']}:/opt/prefect/runs",
                 f"{shared['data']}:/opt/prefect/.codetune",
                 f"{shared['weights']}:/home/codetune/.cache/codetune",
             ]
-            (tmp_path / "pool.json").write_text(json.dumps(template))
+            _pool_on_this_machine(env, tmp_path, mlflow_url, volumes)
             prefect = [sys.executable, "-m", "prefect"]
-            pool = ["work-pool", "update", "gpu-pool", "--base-job-template", str(tmp_path / "pool.json")]
-            run_command(env, *prefect, *pool)
             worker = [*prefect, "worker", "start", "--pool", "gpu-pool", "--type", "docker"]
             for n in range(2):
                 log = open(tmp_path / f"worker-{n}.log", "w")
@@ -172,20 +178,7 @@ def test_a_docker_worker_runs_finetune_main_on_postgres_and_a_killed_container_r
     overrides = [o for o in TINY if not o.startswith(("training.max_steps", "training.save_steps", "model.scratch"))]
     overrides += ["training.max_steps=120", "training.save_steps=10", "training.run_name=stacked"]
     overrides += [f"mlflow.tracking_uri={stack['mlflow']}", "registry.model_name=stacked"]
-    out = run_command(
-        env,
-        sys.executable,
-        "-m",
-        "prefect",
-        "deployment",
-        "run",
-        "finetune/main",
-        "--param",
-        "config=configs/tiny-seq2seq.yaml",
-        "--param",
-        f"overrides={json.dumps(overrides)}",
-    )
-    flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+    flow_run_id = run_twin_deployment(env, overrides)
     checkpoints = runs / "stacked" / "checkpoints"
     _wait("a first checkpoint in the runs volume", lambda: list(checkpoints.glob("checkpoint-*/trainer_state.json")))
     [container] = docker("ps", "-q", "--filter", f"ancestor={IMAGE}").split()
@@ -273,31 +266,10 @@ def test_compose_brings_the_stack_up_runs_a_deployment_and_leaves_nothing_runnin
     try:
         run_command(env, *compose, "up", "-d", "--wait", "--build", timeout=900)
         run_command(env, sys.executable, "-m", "flows.cli", "deploy-flows", "--no-gpu", timeout=600)
-        template = json.loads((REPO / "deployments" / "docker-cpu-pool.json").read_text())
-        defaults = template["variables"]["properties"]
-        defaults["networks"]["default"] = []
-        defaults["network_mode"]["default"] = "host"
-        defaults["image_pull_policy"]["default"] = "Never"
-        defaults["env"]["default"] = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
-        (tmp_path / "pool.json").write_text(json.dumps(template))
-        prefect = [sys.executable, "-m", "prefect"]
-        run_command(
-            env, *prefect, "work-pool", "update", "gpu-pool", "--base-job-template", str(tmp_path / "pool.json")
-        )
+        _pool_on_this_machine(env, tmp_path, "http://127.0.0.1:5000")  # the volumes: compose's own
         overrides = TINY + ["training.run_name=composed", "registry.model_name=composed"]
         overrides += ["mlflow.tracking_uri=http://127.0.0.1:5000"]
-        out = run_command(
-            env,
-            *prefect,
-            "deployment",
-            "run",
-            "finetune/main",
-            "--param",
-            "config=configs/tiny-seq2seq.yaml",
-            "--param",
-            f"overrides={json.dumps(overrides)}",
-        )
-        flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+        flow_run_id = run_twin_deployment(env, overrides)
         ended = ("COMPLETED", "FAILED", "CRASHED")
         _wait("the deployment run", lambda: _flow_run_state(env, flow_run_id) in ended, 900, 2)
         logs = subprocess.run([*compose, "logs", "worker"], env=env, cwd=REPO, capture_output=True, text=True)
