@@ -95,7 +95,7 @@ def _pool_on_this_machine(env, tmp_path: Path, mlflow_url: str, volumes: list[st
     defaults["networks"]["default"] = []
     defaults["network_mode"]["default"] = "host"
     defaults["image_pull_policy"]["default"] = "Never"
-    defaults["env"]["default"] = {"MLFLOW_TRACKING_URI": mlflow_url}
+    defaults["env"]["default"] |= {"MLFLOW_TRACKING_URI": mlflow_url}
     if volumes:
         defaults["volumes"]["default"] = volumes
     (tmp_path / "pool.json").write_text(json.dumps(template))
@@ -196,6 +196,15 @@ def test_a_docker_worker_runs_finetune_main_on_postgres_and_a_killed_container_r
     _wait("the retried run to finish", lambda: _flow_run_state(env, flow_run_id) in ended, 900, 2)
     assert _flow_run_state(env, flow_run_id) == "COMPLETED", (tmp_path / "worker-0.log").read_text()[-3000:]
 
+    # The tasks the killed container finished were taken from their results on the volume, not run again.
+    of_this_run = f"FlowRunFilter(id=FlowRunFilterId(any_=['{flow_run_id}']))"
+    states = (
+        "from prefect import get_client; from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId; "
+        f"runs = get_client(sync_client=True).read_task_runs(flow_run_filter={of_this_run}); "
+        "print(' '.join(sorted(f'{r.name.split(chr(45))[0]}:{r.state.name}' for r in runs)))"
+    )
+    task_runs = run_command(env, sys.executable, "-c", states).split()
+    assert task_runs.count("load:Completed") == 1 and task_runs.count("load:Cached") == 1, task_runs
     record = json.loads((runs / "stacked" / "training.json").read_text())
     assert record["resumed_from_step"] >= 10 and record["global_step"] == 120
     assert (runs / "stacked" / "model.safetensors").is_file()
