@@ -36,7 +36,8 @@ def _docker_ready() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_docker_ready() is not None, reason=str(_docker_ready()))
+NOT_HERE = _docker_ready()
+pytestmark = pytest.mark.skipif(NOT_HERE is not None, reason=str(NOT_HERE))
 
 
 def docker(*args: str, timeout: float = 600) -> str:
@@ -64,7 +65,7 @@ def worker_image() -> str:
     return IMAGE
 
 
-def test_the_image_runs_codetune_as_a_user_without_secrets(worker_image, tmp_path):
+def test_the_image_runs_codetune_as_a_user_without_secrets(worker_image):
     inside = "id -u; codetune --version; ls -a /opt/prefect /opt/prefect/docker; env"
     out = docker("run", "--rm", "--network", "host", worker_image, "bash", "-c", inside)
     uid, version, *rest = out.splitlines()
