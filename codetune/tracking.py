@@ -13,6 +13,7 @@ from pathlib import Path
 from codetune.config import Config, flatten, without_credentials
 from codetune.errors import CodetuneError
 from codetune.rundir import (
+    BENCHMARK_RESULTS,
     CONFIG_FILE,
     DATA_MANIFEST,
     DATA_PROFILE,
@@ -22,7 +23,7 @@ from codetune.rundir import (
     RunDir,
 )
 
-ARTIFACTS = (METRICS_FILE, EXAMPLES_FILE, CONFIG_FILE, DATA_MANIFEST, DATA_PROFILE, TRAINER_STATE)
+ARTIFACTS = (METRICS_FILE, EXAMPLES_FILE, BENCHMARK_RESULTS, CONFIG_FILE, DATA_MANIFEST, DATA_PROFILE, TRAINER_STATE)
 
 # trainer_state log_history key -> MLflow metric name
 CURVES = {

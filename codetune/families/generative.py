@@ -15,6 +15,14 @@ from typing import Callable
 import torch
 
 from codetune.config import Config, Direction
+from codetune.execution import (
+    STOP_SEQUENCES,
+    function_only,
+    functional_correctness,
+    rows_as_problems,
+    time_limits,
+    truncate,
+)
 from codetune.families.base import (
     Card,
     FamilyDefaults,
@@ -32,7 +40,8 @@ SUMMARY_SCORING = "smoothed BLEU-4 as CodeXGLUE computes it, corpus BLEU, ROUGE-
 CODE_GENERATION_CARD = Card(
     "text-generation",
     "Writes a Python function from a one-sentence description of what it does.",
-    "CodeBLEU from codebleu 0.7 (n-gram, syntax-tree and data-flow match), exact match, x100",
+    "CodeBLEU from codebleu 0.7 (n-gram, syntax-tree and data-flow match), exact match, and pass@k of the functions "
+    "run against tests in a sandbox (HumanEval, the data's own tests) where configured, x100",
 )
 
 
@@ -117,6 +126,38 @@ def generate(
     return in_length_order(texts, settings.batch_size, generate_batch, done="generated")
 
 
+def complete_code(
+    model, tokenizer, prompts: list[str], batch_size: int, samples: int, temperature: float, max_new_tokens: int
+) -> list[list[str]]:
+    """`samples` continuations of each code prompt (greedy when 1), each cut where the function ends.
+
+    Generation stops at the stop sequences (a row at a time: a finished row pads while the others go on).
+    """
+
+    def complete_batch(batch_prompts: list[str]) -> list[list[str]]:
+        batch = tokenizer(
+            batch_prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+        ).to(model.device)
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 0.95, "num_return_sequences": samples}
+            if samples > 1
+            else {"do_sample": False}
+        )
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                stop_strings=list(STOP_SEQUENCES),
+                tokenizer=tokenizer,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [[truncate(t) for t in texts[i * samples : (i + 1) * samples]] for i in range(len(batch_prompts))]
+
+    return in_length_order(prompts, batch_size, complete_batch, done="completed")
+
+
 class Generative(FamilyDefaults):
     """The generation half of a generative family; subclasses say how the model is built, tokenised and batched."""
 
@@ -145,6 +186,18 @@ class Generative(FamilyDefaults):
     def primary_metric(self) -> str:
         return self.objective.primary_metric
 
+    @property
+    def writes_code(self) -> bool:
+        return self.objective.writes_code
+
+    def gate_metric(self, cfg: Config, benchmarks: bool = True) -> str:
+        """Code that runs against the data's own tests, else a benchmark's, else the objective's text metric."""
+        if self.writes_code and cfg.data.tests_field:
+            return "pass_at_1"
+        if self.writes_code and benchmarks and cfg.evaluation.benchmarks:
+            return f"{cfg.evaluation.benchmarks[0].value}_pass_at_1"
+        return self.primary_metric
+
     def probe_inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k not in ("labels", "shift_labels", "logits_to_keep")}
 
@@ -163,4 +216,22 @@ class Generative(FamilyDefaults):
         references = [r[self.objective.target] for r in rows]
         predictions = self.predict(model, tokenizer, inputs, settings)
         baseline = (self.objective.baseline_name, [self.objective.baseline(r) for r in rows])
-        return scored_predictions(rows, inputs, references, predictions, baseline, self.metrics)
+        scored = scored_predictions(rows, inputs, references, predictions, baseline, self.metrics)
+        if self.writes_code and rows and "tests" in rows[0]:
+            run_tests(scored, rows, predictions, baseline[1])
+        return scored
+
+
+def run_tests(scored: Scored, rows: list[dict], predictions: list[str], baseline: list[str]) -> None:
+    """Add pass_at_1 of the predicted functions (and the baseline's) against each row's tests, and each record's
+    verdict."""
+    problems = rows_as_problems(rows)
+    limits = time_limits(problems)
+    model = functional_correctness(problems, [[function_only(p)] for p in predictions], limits)
+    scored.metrics.update(model.metrics)
+    scored.baseline.update(functional_correctness(problems, [[b] for b in baseline], limits).metrics)
+    verdicts = {r["task_id"]: r for r in model.records}
+    for record, problem in zip(scored.records, problems):
+        verdict = verdicts.get(problem.task_id)
+        record["passed"] = bool(verdict and verdict["passed"])
+        record["failure"] = verdict["failures"][0] if verdict and verdict["failures"] else None

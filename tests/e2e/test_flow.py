@@ -364,3 +364,64 @@ def test_code_generation_direction_end_to_end(prefect_server, tiny_overrides, tm
     assert all(r["baseline"].startswith("def ") and r["baseline"].endswith("pass") for r in records)
     functions = champion_predicts(uri, "codetune-code-generator", ["Return the sum of two numbers."])
     assert len(functions) == 1 and isinstance(functions[0], str)
+
+
+def arithmetic_rows() -> list[dict]:
+    """MBPP-shaped rows (a summary, a function, its asserts) small enough for a scratch model."""
+    ops = [("plus", "+", lambda x, k: x + k), ("times", "*", lambda x, k: x * k), ("minus", "-", lambda x, k: x - k)]
+    return [
+        {
+            "text": f"Return {v} {word} {k}.",
+            "code": f"def {word}_{k}({v}):\n    return {v} {sym} {k}",
+            "test_list": [f"assert {word}_{k}(3) == {f(3, k)}", f"assert {word}_{k}(-1) == {f(-1, k)}"],
+        }
+        for k in range(1, 10)
+        for word, sym, f in ops
+        for v in ("x", "y", "n", "value", "a", "b", "num", "item")
+    ]
+
+
+@pytest.mark.timeout(600)
+def test_code_generation_with_tests_registers_on_pass_at_1(prefect_server, tiny_overrides, tmp_path, monkeypatch):
+    """Rows that carry tests: the generated functions run in the sandbox, pass@1 is reported beside CodeBLEU and the
+    HumanEval problems asked for, and the registry gates on pass@1."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "arithmetic.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows()))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = finetune(
+        config=str(Path(__file__).parents[2] / "configs" / "tiny-code-generation.yaml"),
+        overrides=tiny_overrides
+        + [
+            f"mlflow.tracking_uri={uri}",
+            "data.source=files",
+            f"data.path={data}",
+            "data.target_field=text",
+            "data.tests_field=test_list",
+            "evaluation.benchmarks=[humaneval]",
+            "evaluation.max_benchmark_problems=3",
+            "evaluation.benchmark_max_new_tokens=16",
+            "registry.min_score=101",  # above any pass@1: the reason shows which metric the gate read
+        ],
+    )
+    metrics = result["metrics"]
+    assert {"codebleu", "pass_at_1", "humaneval_pass_at_1"} <= set(metrics)
+    assert result["registration"] == result["registration"] | {
+        "alias": "challenger",
+        "reason": f"pass_at_1 {metrics['pass_at_1']:.2f} is below registry.min_score 101.00",
+    }
+    run_dir = Path(result["run_dir"])
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert records and all(isinstance(r["passed"], bool) for r in records)
+    assert all(r["failure"] for r in records if not r["passed"])  # each failure says why
+    assert 100 * sum(r["passed"] for r in records) / len(records) == pytest.approx(metrics["pass_at_1"], abs=0.01)
+    solved = [json.loads(line) for line in (run_dir / "benchmarks.jsonl").read_text().splitlines()]
+    assert [s["task_id"] for s in solved] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert json.loads((run_dir / "metrics.json").read_text())["benchmarks"]["humaneval"]["problems"] == 3
+
+    client = mlflow.MlflowClient(uri)
+    logged = client.get_run(result["mlflow_run_id"]).data.metrics
+    assert logged["test_pass_at_1"] == metrics["pass_at_1"]
+    assert logged["test_humaneval_pass_at_1"] == metrics["humaneval_pass_at_1"]
+    version = client.get_model_version("codetune-code-generator", result["registration"]["version"])
+    assert float(version.tags["metric.pass_at_1"]) == metrics["pass_at_1"]

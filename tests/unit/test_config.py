@@ -150,3 +150,28 @@ def test_run_name_must_stay_inside_output_dir():
 def test_evaluation_needs_at_least_one_example():
     with pytest.raises(ConfigError, match="evaluation.max_examples must be >= 1"):
         load_config(None, ["evaluation.max_examples=0"])
+
+
+def test_benchmarks_and_tests_need_a_model_that_writes_code():
+    cfg = load_config("configs/code-generation.yaml")
+    assert [b.value for b in cfg.evaluation.benchmarks] == ["humaneval"]
+    from codetune.families import family_of
+
+    assert family_of(cfg.model).gate_metric(cfg) == "humaneval_pass_at_1"
+    assert family_of(cfg.model).gate_metric(cfg, benchmarks=False) == "codebleu"
+    with pytest.raises(ConfigError, match="evaluation.benchmarks are code a model continues"):
+        load_config(None, ["evaluation.benchmarks=[humaneval]"])  # the default summarises
+    with pytest.raises(ConfigError, match="a code tree has no tests"):
+        load_config("configs/code-generation.yaml", ["data.tests_field=test_list"])
+    with pytest.raises(ConfigError, match="data.tests_field runs generated code against tests"):
+        load_config(None, ["data.source=files", "data.path=mbpp.jsonl", "data.tests_field=test_list"])
+    with pytest.raises(
+        ConfigError, match=r"evaluation.benchmarks' \(override\) expects list of one of humaneval, got \['humanevel'\]"
+    ):
+        load_config(None, ["evaluation.benchmarks=[humanevel]"])
+    own_tests = load_config(
+        "configs/code-generation.yaml", ["data.source=files", "data.path=mbpp.jsonl", "data.tests_field=test_list"]
+    )
+    assert family_of(own_tests.model).gate_metric(own_tests) == "pass_at_1"  # the data's own tests come first
+    with pytest.raises(ConfigError, match="evaluation.samples_per_problem"):
+        load_config("configs/code-generation.yaml", ["evaluation.samples_per_problem=0"])

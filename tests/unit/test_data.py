@@ -283,3 +283,22 @@ def test_a_large_source_is_streamed_not_held(tmp_path, suffix):
     large_peak, large_size = _peak_preparing(tmp_path, suffix, 8000)
     grown, extra = large_peak - small_peak, large_size - small_size
     assert grown < extra / 4, f"{grown >> 10} KiB more memory for {extra >> 10} KiB more source"
+
+
+def test_a_tests_field_travels_with_each_example(tmp_path):
+    rows = [
+        {
+            "code": f"def add_{i}(x):\n    return x + {i}",
+            "text": f"Add {i} to x and return it.",
+            "test_list": [f"assert add_{i}(1) == {1 + i}", f"assert add_{i}(0) == {i}"],
+        }
+        for i in range(40)
+    ]
+    path = write_jsonl(tmp_path / "mbpp.jsonl", rows)
+    data = prepare_data(_cfg(tmp_path, path=str(path), target_field="text", tests_field="test_list"))
+    example = data.load("train")[0]
+    i = example["code"].split("_")[1].split("(")[0]
+    assert example["tests"] == f"assert add_{i}(1) == {1 + int(i)}\nassert add_{i}(0) == {i}"
+    without = write_jsonl(tmp_path / "d.jsonl", [{"code": "def f(): pass", "text": "Do it now please."}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: missing field 'test_list'.*data.tests_field"):
+        prepare_data(_cfg(tmp_path, path=str(without), target_field="text", tests_field="test_list"))

@@ -106,3 +106,14 @@ def test_a_registry_failure_during_promotion_fails_closed(tracked):
     assert newcomer.version != champion.version and not newcomer.aliases
     assert newcomer.tags["promotion"].startswith("undecided: ")
     assert str(client.get_model_version_by_alias("summarizer", CHAMPION).version) == champion.version
+
+
+def test_a_benchmark_gated_champion_keeps_its_score_on_another_test_split():
+    """HumanEval is the same problems whatever the test split: the champion's recorded pass@1 is what is compared."""
+    from types import SimpleNamespace
+
+    from codetune.registry import _champion_score
+
+    cfg = load_config("configs/code-generation.yaml")
+    champion = SimpleNamespace(version="3", tags={"metric.humaneval_pass_at_1": "4.27", "test_split": "old"})
+    assert _champion_score(cfg, champion, "new", test_rows=[]) == 4.27
