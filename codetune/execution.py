@@ -68,10 +68,12 @@ def rows_as_problems(rows: list[dict]) -> list[Problem]:
     return [Problem(r.get("origin", str(i)), "", r["tests"], r["code"]) for i, r in enumerate(rows)]
 
 
-def truncate(completion: str) -> str:
-    """The completion up to where the function ends (a stop sequence), as the harness runs it."""
-    cut = min((i for i in (completion.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(completion))
-    return completion[:cut].rstrip()
+def truncate(completion: str, after_newline: bool = False) -> str:
+    """The completion up to where the function ends (a stop sequence), as the harness runs it. after_newline: the
+    prompt ends a line, so a completion that starts with `def ` has ended the function at once."""
+    text = "\n" + completion if after_newline else completion
+    cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
+    return text[int(after_newline) : max(cut, int(after_newline))].rstrip()
 
 
 _DEFINITION = re.compile(r"^(async\s+def|def|class)\s", re.MULTILINE)

@@ -153,7 +153,10 @@ def complete_code(
                 **sampling,
             )
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [[truncate(t) for t in texts[i * samples : (i + 1) * samples]] for i in range(len(batch_prompts))]
+        return [
+            [truncate(t, prompt.endswith("\n")) for t in texts[i * samples : (i + 1) * samples]]
+            for i, prompt in enumerate(batch_prompts)
+        ]
 
     return in_length_order(prompts, batch_size, complete_batch, done="completed")
 

@@ -109,8 +109,8 @@ def test_the_untuned_base_is_scored_once_per_base_and_test_split(tmp_path, tiny_
         [*tiny_overrides, "model.init=pretrained", f"model.name={base}", f"data.cache_dir={tmp_path / 'cache'}"],
     )
     settings, family = InferenceSettings.of(cfg), family_of(cfg.model)
-    first = untuned_metrics(cfg, family, rows, settings, "cpu")
+    first = untuned_metrics(cfg, family, rows, settings, "cpu", [])
     shutil.rmtree(base)  # a second scoring would have to load it
-    assert untuned_metrics(cfg, family, rows, settings, "cpu") == first
+    assert untuned_metrics(cfg, family, rows, settings, "cpu", []) == first
     with pytest.raises(Exception, match="cannot load"):  # other rows are scored afresh
-        untuned_metrics(cfg, family, rows[:2], settings, "cpu")
+        untuned_metrics(cfg, family, rows[:2], settings, "cpu", [])

@@ -80,6 +80,9 @@ def test_generation_is_cut_where_the_function_ends():
     assert truncate("    if x:\n        return 1\n    return 2\nif __name__ == '__main__':\n    main()") == (
         "    if x:\n        return 1\n    return 2"
     )
+    # After a prompt that ends its line (HumanEval's docstring), a new top-level `def` ends the function at once.
+    assert truncate("def truncate_number(x):\n    return x", after_newline=True) == ""
+    assert truncate("    return x\ndef g():", after_newline=True) == "    return x"
     predicted = "def square(x):\n    return x * x\n\n\ndef unrelated():\n    pass"
     assert function_only(predicted) == "def square(x):\n    return x * x"
     assert function_only("@cache\ndef f():\n    return 1\n# done") == "@cache\ndef f():\n    return 1"

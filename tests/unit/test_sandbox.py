@@ -74,7 +74,7 @@ def test_a_fork_bomb_is_stopped_by_the_process_limit_and_swept():
     program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     verdict = run_program(program, QUICK)
     assert not verdict.passed
-    assert processes_with("-I -B program.py") == []
+    assert processes_with("-B program.py") == []
 
 
 def test_a_memory_hog_gets_memory_error():
