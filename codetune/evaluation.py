@@ -170,6 +170,9 @@ def solve_benchmark(cfg: Config, model_ref: str, name: Benchmark) -> dict:
     if model_ref.startswith("models:/"):
         import mlflow
 
+        from codetune.tracking import use_tracking_server
+
+        use_tracking_server(cfg.mlflow.tracking_uri)
         served = mlflow.pyfunc.load_model(model_ref).unwrap_python_model()
         model, tokenizer = served.model, served.tokenizer
     elif Path(model_ref).is_dir():

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     benchmarking.add_argument(
         "--model", required=True, help="models:/<name>@<alias>, a run directory, or weights model.name would name"
     )
-    benchmarking.add_argument("benchmark", choices=["humaneval"])
+    benchmarking.add_argument("--benchmark", choices=["humaneval"], default="humaneval", help="default: humaneval")
     benchmarking.add_argument("--output", help="write each problem's completions and verdicts to this jsonl file")
     _add_config_args(benchmarking)
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))

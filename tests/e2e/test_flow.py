@@ -382,7 +382,9 @@ def arithmetic_rows() -> list[dict]:
 
 
 @pytest.mark.timeout(600)
-def test_code_generation_with_tests_registers_on_pass_at_1(prefect_server, tiny_overrides, tmp_path, monkeypatch):
+def test_code_generation_with_tests_registers_on_pass_at_1(
+    prefect_server, tiny_overrides, tmp_path, monkeypatch, capsys
+):
     """Rows that carry tests: the generated functions run in the sandbox, pass@1 is reported beside CodeBLEU and the
     HumanEval problems asked for, and the registry gates on pass@1."""
     monkeypatch.chdir(tmp_path)
@@ -425,3 +427,24 @@ def test_code_generation_with_tests_registers_on_pass_at_1(prefect_server, tiny_
     assert logged["test_humaneval_pass_at_1"] == metrics["humaneval_pass_at_1"]
     version = client.get_model_version("codetune-code-generator", result["registration"]["version"])
     assert float(version.tags["metric.pass_at_1"]) == metrics["pass_at_1"]
+
+    # Any registered model solves a benchmark the same way from the command line.
+    from flows.cli import main
+
+    model_uri = f"models:/codetune-code-generator/{version.version}"
+    output = tmp_path / "solved.jsonl"
+    capsys.readouterr()
+    argv = [
+        "bench-eval",
+        "--model",
+        model_uri,
+        "--benchmark",
+        "humaneval",
+        "--output",
+        str(output),
+        f"mlflow.tracking_uri={uri}",
+    ]
+    assert main(argv + ["evaluation.max_benchmark_problems=3", "evaluation.benchmark_max_new_tokens=16"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"] == model_uri and set(printed["metrics"]) == {"humaneval_pass_at_1"}
+    assert [json.loads(line)["task_id"] for line in output.read_text().splitlines()] == [s["task_id"] for s in solved]
