@@ -13,6 +13,10 @@ class DataError(CodetuneError):
     pass
 
 
+class SandboxError(CodetuneError):
+    """Generated code cannot run on this machine: no score is better than a score of 0."""
+
+
 class ModelError(CodetuneError):
     pass
 

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from math import comb
 
-from codetune.errors import DataError
-from codetune.sandbox import Limits, Verdict, run_programs
+from codetune.errors import DataError, SandboxError
+from codetune.sandbox import Limits, SandboxUnavailable, Verdict, run_programs
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,17 @@ class Correctness:
     """Problems whose reference fails its own tests: not scored."""
 
 
+def _run(sources: list[str], limits: list[Limits], workers: int | None) -> list[Verdict]:
+    try:
+        return run_programs(sources, limits, workers)
+    except SandboxUnavailable as exc:
+        raise SandboxError(f"{exc}; the trained model is kept, and `codetune bench-eval` scores it later") from None
+
+
 def time_limits(problems: list[Problem], workers: int | None = None) -> list[Limits | None]:
     """Each problem's limits from its reference's time; None where the reference fails its own tests (the problem
     is not scored, and a warning names the first)."""
-    verdicts = run_programs([p.program(p.reference) for p in problems], [Limits(timeout=60.0)] * len(problems), workers)
+    verdicts = _run([p.program(p.reference) for p in problems], [Limits(timeout=60.0)] * len(problems), workers)
     failing = [(p, v) for p, v in zip(problems, verdicts) if not v.passed]
     if failing:
         log.warning(
@@ -141,7 +148,7 @@ def functional_correctness(
         if limit is not None
         for c in samples
     ]
-    verdicts = run_programs([program for _, program, _ in jobs], [limit for _, _, limit in jobs], workers)
+    verdicts = _run([program for _, program, _ in jobs], [limit for _, _, limit in jobs], workers)
     by_problem: dict[int, list[Verdict]] = {}
     for (i, _, _), verdict in zip(jobs, verdicts):
         by_problem.setdefault(i, []).append(verdict)

@@ -54,8 +54,19 @@ class Verdict:
     """Wall-clock time of the program, interpreter start included."""
 
 
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot start programs on this machine (no verdict on the program)."""
+
+
+UNAVAILABLE_FIX = (
+    "as root it needs namespaces (CAP_SYS_ADMIN: a container run as root without --privileged has none; run it as a "
+    "non-root user, where programs are confined without them)"
+)
+
+
 def run_program(source: str, limits: Limits = Limits()) -> Verdict:
-    """Run one Python program; it passes when it exits with status 0 within the limits."""
+    """Run one Python program; it passes when it exits with status 0 within the limits. Raises SandboxUnavailable
+    when no program can run here, so that a broken sandbox never reads as failing code."""
     import subprocess  # here, not above: the launcher imports this module, and each import delays every program
 
     request = json.dumps({"source": source, "limits": asdict(limits)})
@@ -73,9 +84,12 @@ def run_program(source: str, limits: Limits = Limits()) -> Verdict:
     except subprocess.TimeoutExpired:
         return Verdict(False, f"the sandbox's launcher did not finish within {limits.timeout + 30:.0f} s", math.inf)
     try:
-        return Verdict(**json.loads(done.stdout))
-    except (json.JSONDecodeError, TypeError):
-        return Verdict(False, f"the sandbox's launcher failed: {done.stderr.strip()[-300:]}", 0.0)
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        answer = {"unavailable": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no answer"}
+    if "unavailable" in answer:
+        raise SandboxUnavailable(f"the sandbox cannot run programs here ({answer['unavailable']}): {UNAVAILABLE_FIX}")
+    return Verdict(**answer)
 
 
 def run_programs(sources: list[str], limits: list[Limits], workers: int | None = None) -> list[Verdict]:
@@ -312,9 +326,12 @@ def _launch(source: str, limits: Limits) -> Verdict:
     # half the time.
     interpreter = getattr(sys, "_base_executable", sys.executable)
     started = time.perf_counter()
+    # The child reports a failure to set the program up here; a successful exec closes the pipe (close-on-exec).
+    setup_failed, setup_report = os.pipe()
     pid = os.fork()
     if pid == 0:  # the program's first process
         try:
+            os.close(setup_failed)
             os.setsid()
             os.chdir(workdir)
             out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -328,12 +345,21 @@ def _launch(source: str, limits: Limits) -> Verdict:
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(out, 1)
             os.dup2(err, 2)
-            os.closerange(3, 1 << 16)
+            os.closerange(3, setup_report)
+            os.closerange(setup_report + 1, 1 << 16)
             _set_limits(limits, cpu_seconds, processes)
             os.execve(interpreter, [interpreter, "-I", "-S", "-B", "program.py"], env)
+        except BaseException as exc:
+            os.write(setup_report, f"{type(exc).__name__}: {exc}".encode())
         finally:
             os._exit(127)
 
+    os.close(setup_report)
+    with os.fdopen(setup_failed, "rb") as report:
+        failure = report.read().decode()
+    if failure:
+        os.waitpid(pid, 0)
+        raise OSError(f"starting the program: {failure}")
     pidfd = os.pidfd_open(pid)
     timed_out = not select.select([pidfd], [], [], limits.timeout)[0]
     if timed_out:
@@ -354,5 +380,8 @@ def _launch(source: str, limits: Limits) -> Verdict:
 
 if __name__ == "__main__":
     request = json.loads(sys.stdin.read())
-    verdict = _launch(request["source"], Limits(**request["limits"]))
-    sys.stdout.write(json.dumps(asdict(verdict)))
+    try:
+        answer = asdict(_launch(request["source"], Limits(**request["limits"])))
+    except OSError as exc:  # namespaces, mounts or the interpreter refused: no program can run like this
+        answer = {"unavailable": str(exc)}
+    sys.stdout.write(json.dumps(answer))

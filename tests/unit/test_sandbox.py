@@ -191,3 +191,23 @@ def test_the_launcher_starts_from_a_clean_interpreter():
     imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
     assert imports <= set(sys.stdlib_module_names) | {"__future__"}
     assert signal.SIGKILL  # the module's kill path uses only signal/os
+
+
+def test_a_sandbox_that_cannot_start_programs_is_an_error_not_a_failing_program(tmp_path, monkeypatch):
+    """Where the program's interpreter cannot start (here: a path that does not exist), nothing is scored as failing:
+    evaluation stops with the reason."""
+    import codetune.sandbox
+    from codetune.errors import SandboxError
+    from codetune.execution import Problem, time_limits
+
+    sandbox = REPO / "codetune" / "sandbox.py"
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(
+        "import sys\nsys._base_executable = '/nonexistent/python3'\n"
+        f"exec(compile(open({str(sandbox)!r}).read(), {str(sandbox)!r}, 'exec'), {{'__name__': '__main__'}})\n"
+    )
+    monkeypatch.setattr(codetune.sandbox, "__file__", str(launcher))
+    with pytest.raises(codetune.sandbox.SandboxUnavailable, match="/nonexistent/python3"):
+        run_program("pass")
+    with pytest.raises(SandboxError, match="the sandbox cannot run programs here"):
+        time_limits([Problem("p", "", "pass", "pass")])
