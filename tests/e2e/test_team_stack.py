@@ -289,8 +289,11 @@ def test_compose_brings_the_stack_up_runs_a_deployment_and_leaves_nothing_runnin
         files = docker("run", "--rm", "-v", "codetune_runs:/runs", worker_image, "ls", "/runs/composed")
         assert "model.safetensors" in files.split() and "training.json" in files.split()
     finally:
-        subprocess.run([*compose, "down", "-v"], env=env, cwd=REPO, capture_output=True, timeout=300)
+        # The worker's flow-run containers are not compose's: removed first, or they hold its volumes through `down -v`
+        # (and the next run would find this run's directory in them).
         left = docker("ps", "-aq", "--filter", f"ancestor={IMAGE}").split()
         if left:
             docker("rm", "-f", *left)
+        subprocess.run([*compose, "down", "-v"], env=env, cwd=REPO, capture_output=True, timeout=300)
     assert docker("ps", "-q", "--filter", "label=com.docker.compose.project=codetune") == ""
+    assert docker("volume", "ls", "-q", "--filter", "label=com.docker.compose.project=codetune") == ""
