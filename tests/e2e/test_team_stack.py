@@ -9,6 +9,7 @@ networking: every service is on 127.0.0.1.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -153,16 +154,29 @@ def stack(worker_image, tmp_path, moto_url):
             for n in range(2):
                 log = open(tmp_path / f"worker-{n}.log", "w")
                 named = [*worker, "--name", f"docker-{n}"]
-                processes.append(subprocess.Popen(named, env=env, stdout=log, stderr=log))
+                processes.append(subprocess.Popen(named, env=env, stdout=log, stderr=log, start_new_session=True))
             yield {"env": env, "pg": pg, "mlflow": mlflow_url, **shared}
         finally:
+            # Workers first, each waited for, while the server they report to still answers: stopped together,
+            # a worker retried its last calls to a dead server for minutes on a fresh machine.
             for process in reversed(processes):
-                process.terminate()
-            for process in processes:
-                process.wait(timeout=60)
+                _stop(process)
             left = docker("ps", "-aq", "--filter", f"ancestor={IMAGE}").split()
             if left:
                 docker("rm", "-f", *left)
+
+
+def _stop(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL to its whole process group (a worker's own children included) after `grace` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (PermissionError, ProcessLookupError):
+            process.kill()  # not a group leader (the server and MLflow share pytest's group)
+        process.wait(timeout=grace)
 
 
 def _flow_run_state(env, flow_run_id: str) -> str:
