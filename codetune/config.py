@@ -41,6 +41,7 @@ ModelTask = Enum("ModelTask", [(task, task) for task in REGISTERED], type=str, m
 class Direction(str, Enum):
     code_to_text = "code_to_text"
     text_to_code = "text_to_code"
+    fill_in_middle = "fill_in_middle"
 
 
 class Benchmark(str, Enum):
@@ -91,7 +92,9 @@ class ModelConfig:
     code_search: an encoder embeds queries (summaries) and code alike and ranks code by cosine similarity."""
     direction: Direction = Direction.code_to_text
     """code_to_text: read a function, write its summary (CodeXGLUE code-to-text, scored with BLEU); text_to_code: read
-    a summary, write the function (scored with CodeBLEU and exact match). seq2seq, encoder_decoder and causal_lm."""
+    a summary, write the function (scored with CodeBLEU and exact match). seq2seq, encoder_decoder and causal_lm.
+    fill_in_middle (causal_lm): complete code at a cursor from the code before and after it, trained on whole files
+    of data.source=code_tree (docs/completion.md)."""
     prompt_template: Optional[str] = None
     """causal_lm: the prompt the output follows, the input where {code} (code_to_text) or {summary} (text_to_code)
     stands, cut so the prompt's end always fits; null: "{code}\n# Summary:" or "# {summary}\n"."""
@@ -103,7 +106,7 @@ class ModelConfig:
 
     @property
     def prompt(self) -> str:
-        return self.prompt_template or DEFAULT_PROMPTS[self.direction]
+        return self.prompt_template or DEFAULT_PROMPTS.get(self.direction, "")
 
 
 @dataclass
@@ -124,7 +127,6 @@ class DataConfig:
     """model.direction=text_to_code, files/hub: field holding each row's tests (asserts as text, or a list of them as
     MBPP's test_list). Generated functions then run against them in the sandbox: pass_at_1, which the registry gates
     on."""
-    """model.task=classification: field holding each example's label (CodeXGLUE defect detection: target)."""
     validation_fraction: float = 0.05
     """Share of examples, by content hash, in the validation split (of train, where a source publishes no validation
     split)."""
@@ -224,6 +226,12 @@ class TrainingConfig:
     timeout_minutes: Optional[int] = None
     """Fail the training task after this long (it is retried, resuming from its last checkpoint); null never times
     out."""
+    fim_rate: float = 0.9
+    """model.direction=fill_in_middle: share of training windows cut into prefix, middle and suffix; the rest train
+    left to right (the FIM paper's 0.9 keeps left-to-right skill)."""
+    spm_rate: float = 0.5
+    """model.direction=fill_in_middle: share of the fill-in-the-middle windows in suffix-prefix-middle order; the rest
+    are prefix-suffix-middle."""
     num_processes: Optional[int] = None
     """Data-parallel training processes (DDP through torch.distributed.run; gloo on a CPU); null: one per visible GPU,
     1 on a CPU. The effective batch is per_device_train_batch_size x processes x gradient_accumulation_steps."""

@@ -273,8 +273,8 @@ def _evaluate(run: RunDir, test_rows: list[dict], cfg: Config) -> EvalReport:
         metrics=scored.metrics,
         baseline=scored.baseline,
         baseline_name=scored.baseline_name,
-        num_examples=len(rows),
-        examples_per_second=round(len(rows) / seconds, 2),
+        num_examples=len(scored.records),  # a completion model's are cursors, several to a test file
+        examples_per_second=round(len(scored.records) / seconds, 2),
         examples=scored.examples[: cfg.evaluation.num_saved_examples],
         untuned=untuned,
         warnings=warnings,
@@ -293,6 +293,6 @@ def _evaluate(run: RunDir, test_rows: list[dict], cfg: Config) -> EvalReport:
         report.metrics[name],
         report.baseline[name],
         untuned_note,
-        len(rows),
+        report.num_examples,
     )
     return report

@@ -174,3 +174,24 @@ def stub_function(summary: str) -> str:
     """The trivial code-generation baseline: an empty function named from the summary's first words."""
     words = re.findall(r"[a-z0-9]+", summary.lower())[:3] or ["f"]
     return f"def {'_'.join(words)}():\n    pass"
+
+
+def _edit_similarity(reference: str, hypothesis: str) -> float:
+    from rapidfuzz import fuzz
+
+    return fuzz.ratio(hypothesis.strip(), reference.strip())
+
+
+def line_completion_metrics(references: list[str], hypotheses: list[str]) -> dict[str, float]:
+    """CodeXGLUE's line completion (code-completion-line evaluator): exact match of the whitespace-split tokens, and
+    edit similarity, fuzz.ratio (100 x the normalised Indel similarity) of the stripped lines; both x100 means."""
+    n = max(len(references), 1)
+    return {
+        "exact_match": 100 * sum(r.split() == h.split() for r, h in zip(references, hypotheses)) / n,
+        "edit_similarity": sum(_edit_similarity(r, h) for r, h in zip(references, hypotheses)) / n,
+    }
+
+
+def block_completion_metrics(references: list[str], hypotheses: list[str]) -> dict[str, float]:
+    """The same for multi-line middles: a block matches when every token of every line does."""
+    return {f"block_{k}": v for k, v in line_completion_metrics(references, hypotheses).items()}

@@ -30,5 +30,16 @@ class CodeModel(PythonModel):
     def predict(self, context, model_input, params=None) -> list[str] | list[float]:
         return self.family.predict(self.model, self.tokenizer, model_input, self.settings)
 
+    def generate(self, route: str, prompts: list, sampling):
+        """The OpenAI routes' completions (codetune serve): route "completions" takes (prompt, suffix) pairs, "chat"
+        conversations. A ValueError says what this model cannot answer."""
+        answer = getattr(self.family, "chat" if route == "chat" else "complete", None)
+        if answer is None:
+            raise ValueError(
+                f"a {self.family.task.value} model does not generate text from a prompt: use /invocations "
+                "(MLflow's scoring protocol)"
+            )
+        return answer(self.model, self.tokenizer, prompts, self.settings, sampling)
+
 
 mlflow.models.set_model(CodeModel())

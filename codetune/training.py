@@ -152,7 +152,9 @@ def _held(run: RunDir, cfg: Config, data: PreparedData) -> Iterator[None]:
 def _save(fitted: Fit, run: RunDir, lora: bool) -> None:
     """LoRA: the adapter alone, kept whatever the merge does; else the whole model, the export itself."""
     staged = run.staging(ADAPTER_DIR if lora else EXPORT)
-    fitted.model.save_pretrained(staged)
+    # PEFT saves the whole embedding and LM head of a model whose vocabulary grew; the added tokens' trained rows
+    # are in the adapter already, and the base's rows are the base's.
+    fitted.model.save_pretrained(staged, **({"save_embedding_layers": False} if lora else {}))
     fitted.tokenizer.save_pretrained(staged)
     fitted.state.save_to_json(str(staged / TRAINER_STATE))
     if lora:
@@ -169,9 +171,11 @@ def _export_merged(cfg: Config, family: Family, run: RunDir, labels, validation_
     from peft import PeftModel
 
     base, tokenizer = load_pretrained(cfg.model, labels)
+    family.add_tokens(base, tokenizer)  # the adapter's vocabulary: the trained rows replace the added ones
     model = PeftModel.from_pretrained(base, run / ADAPTER_DIR)
     label2id = model.config.label2id if labels else None
-    examples = family.tokenize(validation_rows[:4], tokenizer, InferenceSettings.of(cfg), label2id)
+    # Four examples, as many positions as MERGE_RTOL was measured on (a completion file gives up to 16 windows).
+    examples = family.tokenize(validation_rows[:4], tokenizer, InferenceSettings.of(cfg), label2id)[:4]
     probe = family.probe_inputs(dict(_collator(family, tokenizer, model)(examples)))
     try:
         merged = merge_adapter(model, probe)
@@ -256,7 +260,8 @@ def fit(
     # or download weights and draw on the global generator, which once gave the first run on a machine (a cold
     # weights cache) another model than every later run. A scratch model seeds its own initialisation.
     set_seed(t.seed)
-    model = add_lora(base, cfg.peft) if cfg.peft.use_peft else base
+    added = family.add_tokens(base, tokenizer)  # new embedding rows draw on the generator too
+    model = add_lora(base, cfg.peft, added) if cfg.peft.use_peft else base
     trainable, total = count_parameters(model)
     log.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     trainer = _trainer(cfg, family, run, model, base, tokenizer, train_rows, validation_rows, labels)

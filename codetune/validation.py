@@ -11,12 +11,20 @@ from urllib.parse import urlsplit
 
 from codetune.config import Config, DataSource, ModelInit, PublishedWeights, service_urls
 from codetune.errors import ConfigError
-from codetune.families import FAMILIES, family_of
+from codetune.families import FAMILIES, family_class, family_of
 from codetune.weights import is_packaged, reference_problem
 
 
 def validate(cfg: Config) -> None:
     """Raise one ConfigError listing every problem of cfg, each with its fix."""
+    m = cfg.model
+    if m.direction not in family_class(m.task.value, m.direction.value).directions:
+        # No family to ask: the rest of the checks are the family's.
+        implementing = ", ".join(t for t in FAMILIES if m.direction in family_class(t, m.direction.value).directions)
+        raise ConfigError(
+            f"invalid configuration:\n  model.direction={m.direction.value} needs a generative model.task "
+            f"({implementing})"
+        )
     family = family_of(cfg.model)
     problems = (
         _data(cfg)
@@ -88,9 +96,6 @@ def _model(cfg: Config, family) -> list[str]:
         if not family.decoder_only:
             problems.append(f"model.name={m.name} holds GGUF weights of a decoder-only LM: set model.task=causal_lm")
         problems += filter(None, [reference_problem(m.name)])
-    if m.direction not in family.directions:
-        implementing = ", ".join(task for task, cls in FAMILIES.items() if m.direction in cls.directions)
-        problems.append(f"model.direction={m.direction.value} needs a generative model.task ({implementing})")
     if cfg.peft.use_peft and m.init is ModelInit.scratch:
         problems.append(
             "peft.use_peft=true with model.init=scratch adapts random weights; "

@@ -227,7 +227,8 @@ def _train(args) -> dict:
     from codetune.training import train_model
 
     cfg = _checked(args)
-    data = prepare_data(cfg.data, family_of(cfg.model).labelled)
+    family = family_of(cfg.model)
+    data = prepare_data(cfg.data, family.labelled, family.whole_files)
     trained = train_model(cfg, data)
     report = evaluate_model(trained.run_dir, data.load("test"), cfg)
     return {

@@ -1,4 +1,4 @@
-"""The registered model behind HTTP on Ray Serve, speaking MLflow's scoring protocol.
+"""The registered model behind HTTP on Ray Serve, speaking MLflow's scoring protocol and the OpenAI API.
 
 `POST /invocations` takes what `mlflow models serve` takes (`inputs`, `instances`, `dataframe_split`,
 `dataframe_records`, parsed by MLflow's own parser) and answers `{"predictions": [...]}`, plus
@@ -6,6 +6,10 @@
 `predict` call (`serve.batch`; generation then sorts the batch by length). The server follows the
 alias: when it moves, the new version is loaded beside the old one and swapped in between batches,
 so no request fails or is answered by a half-loaded model.
+
+The OpenAI routes (`/v1/models`, `/v1/completions` with `suffix` for a fill-in-the-middle model,
+`/v1/chat/completions` through the tokenizer's chat template) are what editors and chat clients send;
+their requests are batched the same way, grouped by sampling settings (docs/serving.md).
 """
 
 import asyncio
@@ -22,13 +26,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from ray import serve
 
 from codetune.config import without_credentials
 from codetune.families import FAMILIES, FAMILY_KEY
-from codetune.families.base import input_texts
+from codetune.families.base import Completion, input_texts
+from server.openai_api import CompletionJob, OpenAIError, chat_job, completion_job, events, response_body
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +112,9 @@ class ModelServer:
         self.limits = limits
         self.inputs_log = Path(inputs_log) if inputs_log else None
         self.served = load_alias(self.name, self.alias)
-        self.predict_batch.set_max_batch_size(limits.batch_requests)
-        self.predict_batch.set_batch_wait_timeout_s(limits.batch_wait_s)
+        for batched in (self.predict_batch, self.generate_batch):
+            batched.set_max_batch_size(limits.batch_requests)
+            batched.set_batch_wait_timeout_s(limits.batch_wait_s)
         self.metrics = CollectorRegistry()
         self.latency = Histogram("codetune_request_seconds", "request latency", ["status"], registry=self.metrics)
         self.batch_rows = Histogram(
@@ -187,6 +193,65 @@ class ModelServer:
         if self.inputs_log:
             log_inputs(self.inputs_log, input_texts(frame), version)
         return JSONResponse({"predictions": predictions, "model_version": version})
+
+    @serve.batch
+    async def generate_batch(self, jobs: list[CompletionJob]) -> list[list[list[Completion]] | ValueError]:
+        """The OpenAI routes' generation: one call per group of jobs that sample alike, on one version."""
+        model = self.served.model.unwrap_python_model()
+        answers: list = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.route, job.sampling), []).append(i)
+        for (route, sampling), members in groups.items():
+            prompts = [p for i in members for p in jobs[i].prompts]
+            try:
+                done = await asyncio.to_thread(model.generate, route, prompts, sampling)
+            except ValueError as exc:
+                for i in members:
+                    answers[i] = exc
+                continue
+            self.batch_rows.observe(len(prompts))
+            start = 0
+            for i in members:
+                answers[i] = done[start : start + len(jobs[i].prompts)]
+                start += len(jobs[i].prompts)
+        return answers
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "codetune", "created": 0}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._openai(request, completion_job)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._openai(request, chat_job)
+
+    async def _openai(self, request: Request, parse) -> Response:
+        started = time.perf_counter()
+        try:
+            body = await request.body()
+            if len(body) > self.limits.body_bytes:
+                raise OpenAIError(413, f"request body over {self.limits.body_bytes} bytes", "body")
+            job = parse(body, self.name, self.limits)
+            answer = await self.generate_batch(job)
+            if isinstance(answer, ValueError):
+                raise OpenAIError(400, str(answer), None)
+        except OpenAIError as exc:
+            response = JSONResponse(exc.body(), exc.status)
+        else:
+            if self.inputs_log and job.route == "completions":
+                log_inputs(self.inputs_log, [prefix + suffix for prefix, suffix in job.prompts], self.served.version)
+            body = response_body(job, answer, self.name, self.served.version)
+            response = (
+                StreamingResponse(events(job, body), media_type="text/event-stream")
+                if job.stream
+                else JSONResponse(body)
+            )
+        self.latency.labels(str(response.status_code)).observe(time.perf_counter() - started)
+        return response
 
     @app.get("/ping")
     @app.get("/health")

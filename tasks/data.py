@@ -10,7 +10,8 @@ from tasks.retry import stage_task
 def load_data(cfg: Config) -> PreparedData:
     """Prepared splits of the examples the family trains on; the core caches them by source content, so an unchanged
     source is not read again."""
-    data = prepare_data(cfg.data, family_of(cfg.model).labelled)
+    family = family_of(cfg.model)
+    data = prepare_data(cfg.data, family.labelled, family.whole_files)
     counts = data.counts
     rows = [{"split": s, "examples": n} for s, n in counts["kept"].items()]
     rows += [{"split": f"dropped: {reason}", "examples": n} for reason, n in counts["dropped"].items()]

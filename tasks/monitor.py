@@ -23,7 +23,8 @@ def champion(cfg: Config) -> Champion:
 def measure_drift(cfg: Config, champion: Champion) -> tuple[DriftReport, Path]:
     """Every check of the source against the champion's training data; the report and plot written to disk."""
     source = cfg.data.path or "the stdlib"
-    current = read_source(cfg.data, family_of(cfg.model).labelled)
+    family = family_of(cfg.model)
+    current = read_source(cfg.data, family.labelled, family.whole_files)
     checks, seen, fresh = compare(champion.profile, current, cfg.monitor)
     m = cfg.monitor
     quality, examples = quality_check(

@@ -133,3 +133,31 @@ def code_tree(tmp_path) -> Path:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_base(tmp_path_factory) -> Path:
+    """A 'pretrained' decoder as a Hub model directory: a scratch Qwen2 and its tokenizer, trained on the stdlib's json
+    package, with SmolLM2's chat tokens and template and no FIM tokens."""
+    from collections import Counter
+
+    from codetune.config import ModelConfig, ModelTask, ScratchArchitecture
+    from codetune.data.code_tree import default_tree, read_source_files
+    from codetune.model import build_scratch_model, train_tokenizer
+
+    files = [r["code"] for r in read_source_files(default_tree() / "json", Counter())]
+    tokenizer = train_tokenizer(files, vocab_size=400)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    arch = ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2)
+    model = build_scratch_model(ModelConfig(task=ModelTask.causal_lm, scratch=arch), tokenizer, seed=0)
+    base = tmp_path_factory.mktemp("tiny-decoder")
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return base

@@ -1,4 +1,5 @@
-"""(code without its docstring, docstring summary) pairs from a tree of Python source: the CodeSearchNet recipe."""
+"""Examples from a tree of Python source: (code without its docstring, docstring summary) pairs, the CodeSearchNet
+recipe; or the whole files, for completion."""
 
 from __future__ import annotations
 
@@ -82,3 +83,26 @@ def read_code_tree(root: Path, dropped: Counter) -> Iterator[dict]:
         rel = path.relative_to(root)
         for line, code, summary in found:
             yield {"code": code, "summary": summary, "origin": f"{rel}:{line}"}
+
+
+# StarCoder's filters of generated or data files: a line this long is not code anyone completes.
+MAX_LINE_CHARS = 1000
+MAX_FILE_BYTES = 1 << 20
+
+
+def read_source_files(root: Path, dropped: Counter) -> Iterator[dict]:
+    """Examples {code, origin}: every source file under root, whole."""
+    for path in source_files(root):
+        if path.stat().st_size > MAX_FILE_BYTES:
+            dropped["file_too_large"] += 1
+            continue
+        try:
+            with tokenize.open(path) as f:
+                source = f.read()
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            dropped["unreadable_file"] += 1
+            continue
+        if max(map(len, source.splitlines()), default=0) > MAX_LINE_CHARS:
+            dropped["generated_file"] += 1
+            continue
+        yield {"code": source, "origin": str(path.relative_to(root))}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from codetune.config import DataConfig, DataSource, content_hash
-from codetune.data.code_tree import default_tree, read_code_tree, source_files
+from codetune.data.code_tree import default_tree, read_code_tree, read_source_files, source_files
 from codetune.data.records import data_files, file_rows, hub_rows, read_examples
 from codetune.errors import DataError
 from codetune.monitoring import profile_splits
@@ -69,13 +69,15 @@ def _source_files(cfg: DataConfig) -> list[Path]:
     return []
 
 
-def _settings_hash(cfg: DataConfig, labelled: bool) -> str:
-    return content_hash({"data": dataclasses.asdict(cfg), "labelled": labelled})
+def _settings_hash(cfg: DataConfig, labelled: bool, whole_files: bool = False) -> str:
+    return content_hash(
+        {"data": dataclasses.asdict(cfg), "labelled": labelled} | ({"whole_files": 1} if whole_files else {})
+    )
 
 
-def source_fingerprint(cfg: DataConfig, labelled: bool = False) -> str:
+def source_fingerprint(cfg: DataConfig, labelled: bool = False, whole_files: bool = False) -> str:
     """Hash of the data settings and of every source file's content: unchanged data, same hash."""
-    digest = hashlib.sha256(_settings_hash(cfg, labelled).encode())
+    digest = hashlib.sha256(_settings_hash(cfg, labelled, whole_files).encode())
     for path in _source_files(cfg):
         digest.update(str(path).encode())
         with open(path, "rb") as f:
@@ -84,15 +86,18 @@ def source_fingerprint(cfg: DataConfig, labelled: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _read(cfg: DataConfig, dropped: Counter, labelled: bool):
+def _read(cfg: DataConfig, dropped: Counter, labelled: bool, whole_files: bool):
     if cfg.source is DataSource.code_tree:
-        return read_code_tree(Path(cfg.path) if cfg.path else default_tree(), dropped)
+        root = Path(cfg.path) if cfg.path else default_tree()
+        return read_source_files(root, dropped) if whole_files else read_code_tree(root, dropped)
     rows = file_rows(data_files(cfg.path)) if cfg.source is DataSource.files else hub_rows(cfg.path, cfg.hub_subset)
     target = cfg.label_field if labelled else cfg.target_field
     return read_examples(rows, cfg.input_field, target, cfg.skip_invalid, dropped, labelled, cfg.tests_field)
 
 
 def _drop_reason(example: dict, cfg: DataConfig) -> str | None:
+    if "summary" not in example and "label" not in example:  # a whole file: data.max_code_lines is for functions
+        return None if example["code"].strip() else "empty_code"
     if "summary" in example:
         words = len(example["summary"].split())
         if words < cfg.min_summary_words:
@@ -154,17 +159,17 @@ def select_examples(examples: Iterable[dict], max_examples: int | None, dropped:
     return {key: example for _, key, example in chosen}
 
 
-def _selected(cfg: DataConfig, labelled: bool) -> tuple[dict[str, dict], Counter, Counter]:
+def _selected(cfg: DataConfig, labelled: bool, whole_files: bool) -> tuple[dict[str, dict], Counter, Counter]:
     """select_examples' answer for cfg's source after the filters, with the drop reasons and the read/kept tally."""
     dropped, tally = Counter(), Counter()
-    keyed = select_examples(_filtered(_read(cfg, dropped, labelled), cfg, dropped, tally), cfg.max_examples, dropped)
-    return keyed, dropped, tally
+    examples = _filtered(_read(cfg, dropped, labelled, whole_files), cfg, dropped, tally)
+    return select_examples(examples, cfg.max_examples, dropped), dropped, tally
 
 
-def read_source(cfg: DataConfig, labelled: bool = False) -> list[dict]:
+def read_source(cfg: DataConfig, labelled: bool = False, whole_files: bool = False) -> list[dict]:
     """The examples prepare_data would split, unsplit: the same filters, deduplication and max_examples."""
     _source_files(cfg)  # a missing path is named here, not found empty
-    keyed, dropped, tally = _selected(cfg, labelled)
+    keyed, dropped, tally = _selected(cfg, labelled, whole_files)
     examples = list(keyed.values())
     if not examples:
         raise DataError(
@@ -214,14 +219,17 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
+def prepare_data(cfg: DataConfig, labelled: bool = False, whole_files: bool = False) -> PreparedData:
     """Read, filter, deduplicate and split cfg's source into cache_dir/<fingerprint>/; reuse it if already there.
 
-    labelled: examples are {code, label} (classification) instead of {code, summary}.
+    labelled: examples are {code, label} (classification) instead of {code, summary}. whole_files: examples are a code
+    tree's files, {code, origin}, so a split holds whole files and the test split's are unseen code.
     """
     # A hub dataset cannot be hashed without downloading it; its name and the settings stand in.
     fingerprint = (
-        source_fingerprint(cfg, labelled) if cfg.source is not DataSource.hub else _settings_hash(cfg, labelled)
+        source_fingerprint(cfg, labelled, whole_files)
+        if cfg.source is not DataSource.hub
+        else _settings_hash(cfg, labelled)
     )
     directory = Path(cfg.cache_dir) / fingerprint[:16]
     manifest_path = directory / "manifest.json"
@@ -234,7 +242,7 @@ def prepare_data(cfg: DataConfig, labelled: bool = False) -> PreparedData:
             write_atomic(prepared.profile_path, json.dumps(profile))
         return prepared
 
-    keyed, dropped, tally = _selected(cfg, labelled)
+    keyed, dropped, tally = _selected(cfg, labelled, whole_files)
     split_by = "published splits" if uses_published_splits(keyed.values()) else "content hash"
     splits = split_examples(keyed, cfg, dropped)
     read = tally["read"]

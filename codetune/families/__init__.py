@@ -31,17 +31,36 @@ REGISTERED = {
 """model.task -> the class implementing it. The one place a family is registered: the schema takes model.task's
 choices from here (names only, so reading a config imports no torch)."""
 
+BY_DIRECTION = {("causal_lm", "fill_in_middle"): "codetune.families.fill_in_middle:FillInMiddle"}
+"""(model.task, model.direction) -> the class, where a direction is built differently from its task's others (a
+completion model trains on whole files, not on pairs)."""
+
 FAMILY_KEY, DIRECTION_KEY = "codetune_family", "codetune_direction"
 
-__all__ = ["FAMILIES", "REGISTERED", "Family", "InferenceSettings", "Scored", "family_of", "family_of_model", "stamp"]
+__all__ = [
+    "BY_DIRECTION",
+    "FAMILIES",
+    "REGISTERED",
+    "Family",
+    "InferenceSettings",
+    "Scored",
+    "family_class",
+    "family_of",
+    "family_of_model",
+    "stamp",
+]
+
+
+def _load(reference: str) -> type:
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class _Families(Mapping):
     """model.task -> family class, each module imported when its family is first asked for."""
 
     def __getitem__(self, task: str) -> type:
-        module, name = REGISTERED[task].split(":")
-        return getattr(importlib.import_module(module), name)
+        return _load(REGISTERED[task])
 
     def __iter__(self) -> Iterator[str]:
         return iter(REGISTERED)
@@ -62,9 +81,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def family_class(task: str, direction: str) -> type:
+    """The class implementing model.task in model.direction (its task's class where no direction has its own)."""
+    reference = BY_DIRECTION.get((task, direction))
+    return _load(reference) if reference else FAMILIES[task]
+
+
 def family_of(model: ModelConfig) -> Family:
     """The family a config's model.task and model.direction name."""
-    return FAMILIES[model.task](model.direction)
+    return family_class(model.task.value, model.direction.value)(model.direction)
 
 
 def stamp(model, family: Family):
@@ -84,4 +109,5 @@ def family_of_model(config) -> Family:
             f"the model's config.json has no '{FAMILY_KEY}': it was not exported by codetune (or by one older than "
             f'model families); re-export it with `codetune run`, or add "{FAMILY_KEY}": "<model.task>" to config.json'
         )
-    return FAMILIES[task](Direction(getattr(config, DIRECTION_KEY, Direction.code_to_text.value)))
+    direction = Direction(getattr(config, DIRECTION_KEY, Direction.code_to_text.value))
+    return family_class(task, direction.value)(direction)

@@ -32,12 +32,24 @@ class InferenceSettings:
     """causal_lm: the template the output follows."""
     batch_size: int = 16
     """Inputs predicted together (generated, classified or embedded): evaluation.batch_size."""
+    fim_rate: float = 0.9
+    """fill_in_middle: the share of training windows cut into prefix, middle and suffix."""
+    spm_rate: float = 0.5
+    seed: int = 42
+    """fill_in_middle: where the training windows are cut."""
 
     @classmethod
     def of(cls, cfg: Config) -> "InferenceSettings":
         t = cfg.training
         return cls(
-            cfg.generation, t.max_source_length, t.max_target_length, cfg.model.prompt, cfg.evaluation.batch_size
+            cfg.generation,
+            t.max_source_length,
+            t.max_target_length,
+            cfg.model.prompt,
+            cfg.evaluation.batch_size,
+            t.fim_rate,
+            t.spm_rate,
+            t.seed,
         )
 
     def save(self, path: Path) -> None:
@@ -105,6 +117,8 @@ class Family(Protocol):
     """The model.direction values it implements."""
     decoder_only: bool
     """Loads decoder-only LMs (the packaged GGUF weights hold one)."""
+    whole_files: bool
+    """Trains on whole source files ({code, origin}) instead of one example per function."""
 
     def problems(self, cfg: Config) -> list[str]:
         """What this family cannot do with cfg's settings, each with its fix (validation reports them)."""
@@ -130,6 +144,9 @@ class Family(Protocol):
     ) -> list[dict]: ...
 
     def collator(self, tokenizer, model: PreTrainedModel, pad_to_multiple_of: int | None) -> Callable: ...
+
+    def add_tokens(self, model: PreTrainedModel, tokenizer) -> list[int]:
+        """Tokens the family needs that the tokenizer lacks, added to both; the ids whose embedding rows train."""
 
     def trainable(self, model: torch.nn.Module) -> torch.nn.Module:
         """What the Trainer runs: the model, or a module around it that computes this family's loss."""
@@ -180,6 +197,7 @@ class FamilyDefaults:
     directions = (Direction.code_to_text,)
     decoder_only = False
     writes_code = False
+    whole_files = False
 
     def __init__(self, direction: Direction = Direction.code_to_text):
         self.direction = direction
@@ -205,6 +223,9 @@ class FamilyDefaults:
 
     def modules_to_save(self, model: PreTrainedModel) -> list[str] | None:
         return None
+
+    def add_tokens(self, model: PreTrainedModel, tokenizer) -> list[int]:
+        return []
 
     def trainable(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -295,3 +316,65 @@ def input_texts(model_input: Any) -> list[str]:
     if hasattr(model_input, "iloc"):
         model_input = model_input.iloc[:, 0].tolist()
     return [model_input] if isinstance(model_input, str) else [str(text) for text in model_input]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a completion is drawn: what an OpenAI-style request asks for (`max_tokens`, `temperature`, `n`, `stop`)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    """0: greedy (n > 1 then gives the n best beams)."""
+    n: int = 1
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """"stop": the end token or a stop sequence came; "length": max_tokens did."""
+
+
+def sample_completions(
+    model, tokenizer, prompts: list[list[int]], sampling: Sampling, end_id: int, batch_size: int
+) -> list[list[Completion]]:
+    """`sampling.n` completions of each prompt (token ids), in length-sorted batches that halve on out-of-memory.
+
+    Generation stops at end_id or a stop sequence, which the text does not include.
+    """
+    n, stop = sampling.n, list(sampling.stop)
+
+    def complete_batch(batch_prompts: list[list[int]]) -> list[list[Completion]]:
+        encoded = tokenizer.pad({"input_ids": batch_prompts}, padding_side="left", return_tensors="pt").to(model.device)
+        drawing = (
+            {"do_sample": True, "temperature": sampling.temperature, "top_p": 0.95, "num_return_sequences": n}
+            if sampling.temperature > 0
+            else {"do_sample": False, "num_beams": n, "num_return_sequences": n}
+        )
+        with torch.inference_mode():
+            out = model.generate(
+                **encoded,
+                max_new_tokens=sampling.max_tokens,
+                eos_token_id=end_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **({"stop_strings": stop, "tokenizer": tokenizer} if stop else {}),
+                **drawing,
+            )
+        completions = []
+        for row, ids in enumerate(out[:, encoded["input_ids"].shape[1] :].tolist()):
+            ended = end_id in ids
+            ids = ids[: ids.index(end_id)] if ended else ids
+            while ids and ids[-1] == tokenizer.pad_token_id:  # a row that stopped at a stop sequence, padded
+                ids.pop()
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text, ended = text[:cut], True
+            prompt = batch_prompts[row // n]
+            completions.append(Completion(text, len(prompt), len(ids), "stop" if ended else "length"))
+        return [completions[i * n : (i + 1) * n] for i in range(len(batch_prompts))]
+
+    return in_length_order(prompts, batch_size, complete_batch, done="completed")

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from codetune.config import Config, ModelTask
-from codetune.families.base import Card, InferenceSettings
+from codetune.families.base import Card, Completion, InferenceSettings, Sampling, sample_completions
 from codetune.families.generative import SUMMARY_SCORING, Generative, encode_prompt
 
 
@@ -109,3 +109,32 @@ class CausalLM(Generative):
 
     def collator(self, tokenizer, model, pad_to_multiple_of):
         return CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of)
+
+    def complete(
+        self, model, tokenizer, prompts: list[tuple[str, str]], settings: InferenceSettings, sampling: Sampling
+    ) -> list[list[Completion]]:
+        """Continuations of each (prompt, suffix) as a plain LM continues text; a suffix needs fill-in-the-middle."""
+        if any(suffix for _, suffix in prompts):
+            raise ValueError(
+                "this model was not trained to fill in the middle: send no suffix, or fine-tune with "
+                "model.direction=fill_in_middle"
+            )
+        ids = [
+            tokenizer(prompt, add_special_tokens=False)["input_ids"][-settings.max_source_length :]
+            for prompt, _ in prompts
+        ]
+        return sample_completions(model, tokenizer, ids, sampling, tokenizer.eos_token_id, settings.batch_size)
+
+    def chat(
+        self, model, tokenizer, conversations: list[list[dict]], settings: InferenceSettings, sampling: Sampling
+    ) -> list[list[Completion]]:
+        """The assistant's next message in each conversation, through the tokenizer's chat template."""
+        if not tokenizer.chat_template:
+            raise ValueError("the model's tokenizer has no chat template: use /v1/completions")
+        ids = [
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+            for messages in conversations
+        ]
+        return sample_completions(model, tokenizer, ids, sampling, tokenizer.eos_token_id, settings.batch_size)

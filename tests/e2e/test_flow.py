@@ -448,3 +448,25 @@ def test_code_generation_with_tests_registers_on_pass_at_1(
     printed = json.loads(capsys.readouterr().out)
     assert printed["model"] == model_uri and set(printed["metrics"]) == {"humaneval_pass_at_1"}
     assert [json.loads(line)["task_id"] for line in output.read_text().splitlines()] == [s["task_id"] for s in solved]
+
+
+def test_a_completion_model_trains_on_whole_files_and_registers_on_edit_similarity(
+    prefect_server, tiny_overrides, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = finetune(
+        config=str(Path(__file__).parents[2] / "configs" / "tiny-completion.yaml"),
+        overrides=tiny_overrides + [f"mlflow.tracking_uri={uri}", "registry.min_score=101"],
+    )
+    metrics = result["metrics"]
+    assert {"exact_match", "edit_similarity", "block_exact_match", "block_edit_similarity"} <= set(metrics)
+    assert result["registration"]["reason"] == (
+        f"edit_similarity {metrics['edit_similarity']:.2f} is below registry.min_score 101.00"
+    )
+    run_dir = Path(result["run_dir"])
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert report["num_examples"] == len(records) > len({r["id"] for r in records})  # cursors, several to a file
+    assert {r["kind"] for r in records} == {"line", "rest_of_line", "block"}
+    assert all(r["prefix_end"] and r["reference"].strip() for r in records)

@@ -129,6 +129,7 @@ def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
         ("tiny-encoder-decoder", "AutoModelForSeq2SeqLM", "encoder-decoder"),
         ("tiny-classifier", "AutoModelForSequenceClassification", "roberta"),
         ("tiny-code-search", "AutoModel", "roberta"),
+        ("tiny-completion", "AutoModelForCausalLM", "qwen2"),
     ],
 )
 def test_every_family_exports_a_model_plain_transformers_loads(config, auto_class, model_type, tiny_overrides, request):
@@ -136,7 +137,8 @@ def test_every_family_exports_a_model_plain_transformers_loads(config, auto_clas
 
     labelled = [f"data.path={request.getfixturevalue('labelled_jsonl')}"] if config == "tiny-classifier" else []
     cfg = load_config(f"configs/{config}.yaml", tiny_overrides + labelled)
-    result = train_model(cfg, prepare_data(cfg.data, family_of(cfg.model).labelled))
+    family = family_of(cfg.model)
+    result = train_model(cfg, prepare_data(cfg.data, family.labelled, family.whole_files))
     model = getattr(transformers, auto_class).from_pretrained(result.run_dir)
     assert model.config.model_type == model_type and result.global_step == 12
 
