@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from codetune import execution as execution_module
+from codetune import metrics as metrics_module
 from codetune.config import Benchmark, Config, GenerationConfig, ModelInit, content_hash
 from codetune.errors import ModelError
 from codetune.execution import Problem, benchmark_problems, functional_correctness, time_limits
@@ -185,6 +187,16 @@ def solve_benchmark(cfg: Config, model_ref: str, name: Benchmark) -> dict:
     return {"model": model_ref, "metrics": metrics, "seconds_per_problem": round(seconds, 2), "problems": records}
 
 
+def scoring_code(family: Family) -> str:
+    """A hash of the code that scores: the family's modules (its class's and its bases'), the metrics and the harness.
+    A changed cursor, metric or harness is scored anew, not read from an earlier codetune's cache."""
+    import inspect
+
+    family_modules = {inspect.getfile(c) for c in type(family).__mro__ if c.__module__.startswith("codetune.")}
+    modules = sorted(family_modules) + [metrics_module.__file__, execution_module.__file__]
+    return content_hash([Path(m).read_text() for m in modules])
+
+
 def untuned_metrics(
     cfg: Config,
     family: Family,
@@ -200,6 +212,7 @@ def untuned_metrics(
         {
             "base": base_weights(cfg.model),
             "family": [cfg.model.task.value, cfg.model.direction.value],
+            "scoring": scoring_code(family),
             "rows": rows,
             "settings": dataclasses.asdict(settings),
         }

@@ -149,10 +149,11 @@ class MergeError(ModelError):
     pass
 
 
-# Relative to the largest output: fp32 sums over 30 layers drift ~1e-4 absolute on logits of ~40 (SmolLM2-135M), and
-# up to 5.6e-4 at the worst of 636 positions (mean 8.5e-6) for the completion adapter, whose LoRA weights moved
-# further (configs/completion.yaml, 2026-12-04).
-MERGE_RTOL = 2e-5
+# Relative to the largest output. fp32 sums over 30 layers drift ~1e-4 absolute on logits of ~40 (SmolLM2-135M); a
+# completion adapter, whose LoRA weights moved further, drifted 5.6e-4 and 9.3e-4 at the worst of ~600 positions
+# (2.1e-5 of the scale; mean 8.5e-6). A merge that loses something is off by far more: the adapter's own effect on
+# those logits is up to 41 (2026-12-04, configs/completion.yaml).
+MERGE_RTOL = 1e-4
 
 
 @torch.no_grad()
