@@ -70,6 +70,13 @@ class FimIds:
         return cls(*ids, end)
 
 
+ORDER_KEY = "codetune_fim_order"
+"""In config.json: the order a model completes in. A model that learned its FIM tokens here completes in SPM, where
+the middle continues the prefix as in its pretraining (edit similarity 53.3 against 32.6 in PSM after the shipped
+run's 150 steps, trained on both; docs/completion.md); one pretrained with FIM tokens (Qwen2.5-Coder) in PSM, its
+own order."""
+
+
 def add_fim_tokens(model, tokenizer) -> list[int]:
     """Give a tokenizer without FIM tokens Qwen2.5-Coder's, and the model their embedding rows; the new rows' ids.
 
@@ -81,17 +88,10 @@ def add_fim_tokens(model, tokenizer) -> list[int]:
     if fim_tokens(tokenizer) is not None:
         return []
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ADDED_FIM_TOKENS], special_tokens=True)
-    # Rows initialised to the mean embedding (transformers' mean_resizing): a start that does not disturb the others.
+    # Rows drawn around the mean embedding (transformers' mean_resizing), after set_seed: the same rows every run.
     model.resize_token_embeddings(len(tokenizer))
     setattr(model.config, ORDER_KEY, "spm")
     return tokenizer.convert_tokens_to_ids(list(ADDED_FIM_TOKENS))
-
-
-ORDER_KEY = "codetune_fim_order"
-"""In config.json: the order a model completes in. A model that learned its FIM tokens here completes in SPM, where
-the middle continues the prefix as in its pretraining (edit similarity 53.3 against 32.6 in PSM after the shipped
-run's 150 steps, trained on both; docs/completion.md); one pretrained with FIM tokens (Qwen2.5-Coder) in PSM, its
-own order."""
 
 
 def end_token_id(tokenizer) -> int:
@@ -282,7 +282,6 @@ class FillInMiddle(CausalLM):
     directions = (Direction.fill_in_middle,)
     whole_files = True
     writes_code = False  # completes at a cursor: no whole program to run against tests
-    rows_independent = True
     primary_metric = "edit_similarity"
     card = Card(
         "text-generation",
