@@ -107,7 +107,7 @@ def measure(name: str, command: list[str], port: int, env: dict, codes: list[str
         server.wait(timeout=120)
 
 
-async def post_load(url: str, bodies: list[dict], concurrency: int, answer) -> dict:
+async def post_load(url: str, bodies: list[dict], concurrency: int, answer) -> tuple[dict, list]:
     """`concurrency` clients post `bodies` back to back; latency percentiles, throughput and answer(json) of each."""
     import httpx
 

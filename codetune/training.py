@@ -174,7 +174,7 @@ def _export_merged(cfg: Config, family: Family, run: RunDir, labels, validation_
     family.add_tokens(base, tokenizer)  # the adapter's vocabulary: the trained rows replace the added ones
     model = PeftModel.from_pretrained(base, run / ADAPTER_DIR)
     label2id = model.config.label2id if labels else None
-    # Four examples, as many positions as MERGE_RTOL was measured on (a completion file gives up to 16 windows).
+    # Four examples, as for every family: a completion file alone gives up to 16 windows.
     examples = family.tokenize(validation_rows[:4], tokenizer, InferenceSettings.of(cfg), label2id)[:4]
     probe = family.probe_inputs(dict(_collator(family, tokenizer, model)(examples)))
     try:

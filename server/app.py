@@ -195,9 +195,10 @@ class ModelServer:
         return JSONResponse({"predictions": predictions, "model_version": version})
 
     @serve.batch
-    async def generate_batch(self, jobs: list[CompletionJob]) -> list[list[list[Completion]] | ValueError]:
-        """The OpenAI routes' generation: one call per group of jobs that sample alike, on one version."""
-        model = self.served.model.unwrap_python_model()
+    async def generate_batch(self, jobs: list[CompletionJob]) -> list[tuple[list[list[Completion]] | ValueError, str]]:
+        """The OpenAI routes' generation: one call per group of jobs that sample alike, all on one version."""
+        served = self.served
+        model = served.model.unwrap_python_model()
         answers: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -215,7 +216,7 @@ class ModelServer:
             for i in members:
                 answers[i] = done[start : start + len(jobs[i].prompts)]
                 start += len(jobs[i].prompts)
-        return answers
+        return [(answer, served.version) for answer in answers]
 
     @app.get("/v1/models")
     async def models(self) -> dict:
@@ -236,15 +237,15 @@ class ModelServer:
             if len(body) > self.limits.body_bytes:
                 raise OpenAIError(413, f"request body over {self.limits.body_bytes} bytes", "body")
             job = parse(body, self.name, self.limits)
-            answer = await self.generate_batch(job)
+            answer, version = await self.generate_batch(job)
             if isinstance(answer, ValueError):
                 raise OpenAIError(400, str(answer), None)
         except OpenAIError as exc:
             response = JSONResponse(exc.body(), exc.status)
         else:
             if self.inputs_log and job.route == "completions":
-                log_inputs(self.inputs_log, [prefix + suffix for prefix, suffix in job.prompts], self.served.version)
-            body = response_body(job, answer, self.name, self.served.version)
+                log_inputs(self.inputs_log, [prefix + suffix for prefix, suffix in job.prompts], version)
+            body = response_body(job, answer, self.name, version)
             response = (
                 StreamingResponse(events(job, body), media_type="text/event-stream")
                 if job.stream

@@ -64,14 +64,14 @@ def _number(request: dict, key: str, default, kind: type, low, high):
     return kind(value)
 
 
-def _sampling(request: dict, max_tokens_default: int, max_tokens_key: str = "max_tokens") -> Sampling:
+def _sampling(request: dict, max_tokens_default: int, max_tokens_keys: tuple[str, ...] = ("max_tokens",)) -> Sampling:
     stop = request.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stop):
         raise OpenAIError(400, f"'stop' must be a string or up to {MAX_STOP_SEQUENCES} non-empty strings", "stop")
-    max_tokens = request.get(max_tokens_key) if request.get(max_tokens_key) is not None else request.get("max_tokens")
+    max_tokens_key = next((k for k in max_tokens_keys if request.get(k) is not None), max_tokens_keys[0])
     return Sampling(
-        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", max_tokens_default, int, 1, 4096),
+        max_tokens=_number(request, max_tokens_key, max_tokens_default, int, 1, 4096),
         temperature=_number(request, "temperature", 0.0, float, 0, 2),
         n=_number(request, "n", 1, int, 1, MAX_N),
         stop=tuple(stop),
@@ -112,7 +112,7 @@ def chat_job(body: bytes, model_name: str, limits) -> CompletionJob:
             raise OpenAIError(400, "each message needs a role: system, user or assistant", "messages")
         _text(message.get("content"), "messages.content", limits.input_chars)
     conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
-    sampling = _sampling(request, 256, max_tokens_key="max_completion_tokens")
+    sampling = _sampling(request, 256, ("max_completion_tokens", "max_tokens"))  # the first is chat's newer name
     return CompletionJob("chat", [conversation], sampling, bool(request.get("stream")))
 
 

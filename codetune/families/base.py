@@ -339,13 +339,14 @@ class Completion:
 
 
 def sample_completions(
-    model, tokenizer, prompts: list[list[int]], sampling: Sampling, end_id: int, batch_size: int
+    model, tokenizer, prompts: list[list[int]], sampling: Sampling, end_id: int | list[int], batch_size: int
 ) -> list[list[Completion]]:
     """`sampling.n` completions of each prompt (token ids), in length-sorted batches that halve on out-of-memory.
 
-    Generation stops at end_id or a stop sequence, which the text does not include.
+    Generation stops at an end_id (one, or a generation config's list) or a stop sequence; the text includes neither.
     """
     n, stop = sampling.n, list(sampling.stop)
+    ends = {end_id} if isinstance(end_id, int) else set(end_id)
 
     def complete_batch(batch_prompts: list[list[int]]) -> list[list[Completion]]:
         encoded = tokenizer.pad({"input_ids": batch_prompts}, padding_side="left", return_tensors="pt").to(model.device)
@@ -365,16 +366,16 @@ def sample_completions(
             )
         completions = []
         for row, ids in enumerate(out[:, encoded["input_ids"].shape[1] :].tolist()):
-            ended = end_id in ids
-            ids = ids[: ids.index(end_id)] if ended else ids
+            ended = next((i for i, token in enumerate(ids) if token in ends), None)
+            ids = ids[:ended] if ended is not None else ids
             while ids and ids[-1] == tokenizer.pad_token_id:  # a row that stopped at a stop sequence, padded
                 ids.pop()
             text = tokenizer.decode(ids, skip_special_tokens=True)
             cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                text, ended = text[:cut], True
+            stopped = ended is not None or cut >= 0
+            text = text[:cut] if cut >= 0 else text
             prompt = batch_prompts[row // n]
-            completions.append(Completion(text, len(prompt), len(ids), "stop" if ended else "length"))
+            completions.append(Completion(text, len(prompt), len(ids), "stop" if stopped else "length"))
         return [completions[i * n : (i + 1) * n] for i in range(len(batch_prompts))]
 
     return in_length_order(prompts, batch_size, complete_batch, done="completed")

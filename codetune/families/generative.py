@@ -27,9 +27,11 @@ from codetune.families.base import (
     Card,
     FamilyDefaults,
     InferenceSettings,
+    Sampling,
     Scored,
     in_length_order,
     input_texts,
+    sample_completions,
     scored_predictions,
 )
 from codetune.metrics import code_metrics, function_name_words, stub_function, summary_metrics
@@ -133,32 +135,10 @@ def complete_code(
 
     Generation stops at the stop sequences (a row at a time: a finished row pads while the others go on).
     """
-
-    def complete_batch(batch_prompts: list[str]) -> list[list[str]]:
-        batch = tokenizer(
-            batch_prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
-        ).to(model.device)
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": 0.95, "num_return_sequences": samples}
-            if samples > 1
-            else {"do_sample": False}
-        )
-        with torch.inference_mode():
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                stop_strings=list(STOP_SEQUENCES),
-                tokenizer=tokenizer,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [
-            [truncate(t, prompt.endswith("\n")) for t in texts[i * samples : (i + 1) * samples]]
-            for i, prompt in enumerate(batch_prompts)
-        ]
-
-    return in_length_order(prompts, batch_size, complete_batch, done="completed")
+    ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    sampling = Sampling(max_new_tokens, temperature if samples > 1 else 0.0, samples, STOP_SEQUENCES)
+    done = sample_completions(model, tokenizer, ids, sampling, model.generation_config.eos_token_id, batch_size)
+    return [[truncate(c.text, prompt.endswith("\n")) for c in row] for prompt, row in zip(prompts, done)]
 
 
 class Generative(FamilyDefaults):

@@ -12,6 +12,7 @@ from codetune.families.fill_in_middle import (
     BLOCK,
     LINE,
     REST_OF_LINE,
+    Cut,
     FimIds,
     add_fim_tokens,
     completes_in_spm,
@@ -157,9 +158,9 @@ def test_line_completion_metrics_as_codexglue_computes_them():
 
 
 def test_the_baseline_repeats_the_line_above():
-    c = cut(SOURCE, LINE, random.Random(3))
-    above = [line for line in c.prefix.splitlines()[:-1] if len(line.strip()) > 3][-1]
-    assert line_above(c) == above.strip()
+    prefix = "def f(x):\n    x = 1\n    #\n    "  # a line too short to repeat is passed over
+    assert line_above(Cut(prefix, "y = 2", "\n", LINE)) == "x = 1"
+    assert line_above(Cut(prefix, "y = 2\n    z = 3", "\n", BLOCK)) == "x = 1\nx = 1"  # one per line of the block
 
 
 def test_completion_is_only_for_decoder_only_models_on_whole_files(tiny_overrides):
