@@ -72,8 +72,8 @@ class FimIds:
 
 ORDER_KEY = "codetune_fim_order"
 """In config.json: the order a model completes in. A model that learned its FIM tokens here completes in SPM, where
-the middle continues the prefix as in its pretraining (edit similarity 53.3 against 32.6 in PSM after the shipped
-run's 150 steps, trained on both; docs/completion.md); one pretrained with FIM tokens (Qwen2.5-Coder) in PSM, its
+the middle continues the prefix as in its pretraining (edit similarity 53.3 against 32.6 in PSM on the same weights,
+150 steps trained on both; docs/completion.md); one pretrained with FIM tokens (Qwen2.5-Coder) in PSM, its
 own order."""
 
 
