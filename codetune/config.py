@@ -267,6 +267,9 @@ class EvaluationConfig:
     """Sampling temperature where samples_per_problem > 1 (Codex and StarCoder report pass@1 at 0.2)."""
     benchmark_max_new_tokens: int = 384
     """Longest completion of a benchmark problem; generation also stops where the function ends."""
+    allow_unconfined_execution: bool = False
+    """Where the sandbox cannot confine generated code on this machine (no Landlock, not root), run it anyway,
+    unconfined, instead of stopping; the report, the MLflow run and the model card say so (docs/code-execution.md)."""
 
 
 @dataclass

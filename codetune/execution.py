@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from math import comb
 
 from codetune.errors import DataError, SandboxError
-from codetune.sandbox import Limits, SandboxUnavailable, Verdict, run_programs
+from codetune.sandbox import Confinement, Limits, SandboxUnavailable, Verdict, confinement, run_programs
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,26 @@ def _run(sources: list[str], limits: list[Limits], workers: int | None) -> list[
     try:
         return run_programs(sources, limits, workers)
     except SandboxUnavailable as exc:
-        raise SandboxError(f"{exc}; the trained model is kept, and `codetune bench-eval` scores it later") from None
+        raise _cannot_run(exc) from None
+
+
+def _cannot_run(exc: SandboxUnavailable) -> SandboxError:
+    return SandboxError(f"{exc}; the trained model is kept, and `codetune bench-eval` scores it later")
+
+
+def sandbox_warning() -> str | None:
+    """Checked before any code is generated: raises SandboxError where programs cannot run here; a warning for the
+    report where they will run unconfined (evaluation.allow_unconfined_execution)."""
+    try:
+        mode = confinement()
+    except SandboxUnavailable as exc:
+        raise _cannot_run(exc) from None
+    if mode is Confinement.unconfined:
+        return (
+            "generated code ran unconfined: this machine offers neither Landlock nor root's namespaces, and "
+            "evaluation.allow_unconfined_execution=true let it run anyway"
+        )
+    return None
 
 
 def time_limits(problems: list[Problem], workers: int | None = None) -> list[Limits | None]:

@@ -212,6 +212,7 @@ def model_card(cfg: Config, report: EvalReport, data_source: str, base_weights: 
         if report.untuned
         else "",
         metrics_table=report.metrics_table(),
+        warnings="".join(f"\n\n**Warning:** {w}." for w in report.warnings),
         data_source=data_source,
         method=f"LoRA r={peft.r}, alpha={peft.alpha}, dropout={peft.dropout}" if peft.use_peft else "full fine-tuning",
         schedule=f"{t.num_train_epochs:g} epochs (max_steps {t.max_steps}), learning rate {t.learning_rate:g}, "

@@ -1,6 +1,7 @@
 """The sandbox against what model output does by accident or by design: each is contained, reported as a failure
 with its reason, and leaves nothing running."""
 
+import json
 import os
 import shutil
 import signal
@@ -150,27 +151,84 @@ def test_killing_the_parent_or_the_caller_fails():
     assert os.getpid()  # still here: the test process was not killed
 
 
+def run_hostile_programs(directory: Path, as_user: str | None = None) -> dict:
+    """tests/hostile_programs.py's report, run as this process's user or (through su, with the system Python, since
+    the virtual environment's interpreter may lie where other users cannot reach) as as_user."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "CODETUNE_CANARY": f"canary-{uuid.uuid4().hex}"}
+    command = [sys.executable, str(REPO / "tests" / "hostile_programs.py"), str(directory)]
+    if as_user:
+        assignments = " ".join(f"{k}={v}" for k, v in env.items())
+        command = [
+            "su",
+            "-s",
+            "/bin/sh",
+            as_user,
+            "-c",
+            f"cd / && {assignments} /usr/bin/python3 {' '.join(command[1:])}",
+        ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def assert_contained(report: dict) -> None:
+    """Every hostile program failed (none killed its launcher), nothing it tried left a trace, correct ones passed."""
+    assert {name: v for name, v in report["hostile"].items() if v["passed"] is not False} == {}
+    assert report["escapes"] == []
+    assert all(v["passed"] for v in report["correct"].values()), report["correct"]
+    early = {name: v["reason"] for name, v in report["hostile"].items() if name.startswith("early exit")}
+    assert set(early.values()) == {"exited before its tests finished"}, early
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the namespaces mode needs root")
+def test_as_root_hostile_programs_stay_in_their_namespaces(world_writable_dir):
+    report = run_hostile_programs(world_writable_dir)
+    assert report["confinement"] == "namespaces"
+    assert_contained(report)
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("su") or not Path("/usr/bin/python3").exists(),
-    reason="runs the unprivileged path as `nobody` through the system Python",
+    reason="runs the unprivileged mode as `nobody` through the system Python",
 )
-def test_the_unprivileged_path_contains_the_same_programs():
-    """Without root (a container's user) there are no namespaces: the process sweep and the prelude contain them."""
-    marker = f"codetune-unprivileged-{uuid.uuid4().hex}"
-    cases = {
-        "loop": "while True:\n    pass",
-        "orphan": f"import subprocess, time\nsubprocess.Popen(['/bin/sh', '-c', 'sleep 1000; echo {marker}'], "
-        "start_new_session=True)\ntime.sleep(1000)",
-        "socket": "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
-        "kill": "import os, signal\nos.kill(1, signal.SIGKILL)",
-        "outside": "open('/tmp/codetune-unprivileged-escape', 'w').write('x')",
-        "environ": "open('/proc/1/environ', 'rb').read()",
-        "correct": "assert 1 + 1 == 2",
-    }
-    script = (
-        "import json\nfrom codetune.sandbox import Limits, run_program\n"
-        f"cases = {cases!r}\n"
-        "print(json.dumps({k: run_program(v, Limits(timeout=2.0)).passed for k, v in cases.items()}))\n"
+def test_as_an_unprivileged_user_hostile_programs_are_held_by_landlock_and_seccomp(world_writable_dir):
+    """The case of the worker image's uid 1000: the same user id as the caller, so only the kernel's Landlock and
+    seccomp stand between the programs and the caller's files, sockets and processes."""
+    report = run_hostile_programs(world_writable_dir, as_user="nobody")
+    assert report["confinement"] == "landlock" and report["uid"] != 0
+    assert_contained(report)
+
+
+# Makes the kernel look as if it had no Landlock (as a container runtime's seccomp profile without its calls does).
+WITHOUT_LANDLOCK = """
+import ctypes, errno
+from codetune.sandbox import seccomp
+lib = seccomp.library()
+ctx = lib.seccomp_init(seccomp.ALLOW)
+lib.seccomp_rule_add_array(ctx, 0x00050000 | errno.ENOSYS, lib.seccomp_syscall_resolve_name(b"landlock_create_ruleset"), 0, None)
+assert lib.seccomp_load(ctx) == 0
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("su") or not Path("/usr/bin/python3").exists(),
+    reason="needs a user without namespaces: runs as `nobody` through the system Python",
+)
+def test_where_nothing_confines_programs_scoring_stops_with_the_fix_unless_allowed():
+    """No namespaces (not root) and no Landlock: no program runs and no score is made, rather than a weaker mode;
+    with allow_unconfined the programs run, and say so."""
+    script = WITHOUT_LANDLOCK + (
+        "import json\n"
+        "from codetune.errors import SandboxError\n"
+        "from codetune.execution import Problem, time_limits\n"
+        "from codetune.sandbox import SandboxUnavailable, run_program, unconfined_execution\n"
+        "answer = {}\n"
+        "try:\n    time_limits([Problem('p', '', 'pass', 'pass')])\nexcept SandboxError as exc:\n"
+        "    answer['refused'] = str(exc)\n"
+        "with unconfined_execution(True):\n"
+        "    answer['allowed'] = run_program('assert 1 + 1 == 2').confinement.value\n"
+        "    answer['early exit'] = run_program('raise SystemExit(0)').reason\n"
+        "print(json.dumps(answer))\n"
     )
     done = subprocess.run(
         ["su", "-s", "/bin/sh", "nobody", "-c", f"cd / && PYTHONPATH={REPO} /usr/bin/python3 -"],
@@ -180,36 +238,42 @@ def test_the_unprivileged_path_contains_the_same_programs():
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    import json
-
-    assert json.loads(done.stdout) == {name: name == "correct" for name in cases}
-    assert processes_with(marker) == []
-    assert not Path("/tmp/codetune-unprivileged-escape").exists()
+    answer = json.loads(done.stdout)
+    assert "the sandbox cannot run programs here" in answer["refused"]
+    assert "Landlock" in answer["refused"] and "evaluation.allow_unconfined_execution=true" in answer["refused"]
+    assert "the trained model is kept" in answer["refused"]
+    assert answer["allowed"] == "unconfined"
+    assert answer["early exit"] == "exited before its tests finished"
 
 
 def test_the_launcher_starts_from_a_clean_interpreter():
-    """The launcher is this module run as a script: it must not import anything of codetune or beyond the stdlib."""
-    source = (REPO / "codetune" / "sandbox.py").read_text()
-    imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    assert imports <= set(sys.stdlib_module_names) | {"__future__"}
-    assert signal.SIGKILL  # the module's kill path uses only signal/os
+    """The launcher imports the sandbox package from a `python -I -S`: nothing of codetune beyond it, nothing beyond
+    the standard library."""
+    for module in (REPO / "codetune" / "sandbox").glob("*.py"):
+        imports = {
+            line.split()[1].split(".")[0]
+            for line in module.read_text().splitlines()
+            if line.startswith(("import ", "from "))
+        }
+        imports -= {"codetune"} if "from codetune.sandbox import" in module.read_text() else set()
+        assert imports <= set(sys.stdlib_module_names) | {"__future__"}, (module.name, imports)
+    imported = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+         "import codetune.sandbox.launcher; print(sorted(m for m in sys.modules if m.startswith('codetune')))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert set(eval(imported.stdout)) <= {
+        "codetune", "codetune.sandbox", "codetune.sandbox.launcher", "codetune.sandbox.landlock",
+        "codetune.sandbox.namespaces", "codetune.sandbox.seccomp",
+    }  # fmt: skip
 
 
-def test_a_sandbox_that_cannot_start_programs_is_an_error_not_a_failing_program(tmp_path, monkeypatch):
-    """Where the program's interpreter cannot start (here: a path that does not exist), nothing is scored as failing:
-    evaluation stops with the reason."""
-    import codetune.sandbox
-    from codetune.errors import SandboxError
-    from codetune.execution import Problem, time_limits
-
-    sandbox = REPO / "codetune" / "sandbox.py"
-    launcher = tmp_path / "launcher.py"
-    launcher.write_text(
-        "import sys\nsys._base_executable = '/nonexistent/python3'\n"
-        f"exec(compile(open({str(sandbox)!r}).read(), {str(sandbox)!r}, 'exec'), {{'__name__': '__main__'}})\n"
-    )
-    monkeypatch.setattr(codetune.sandbox, "__file__", str(launcher))
-    with pytest.raises(codetune.sandbox.SandboxUnavailable, match="/nonexistent/python3"):
-        run_program("pass")
-    with pytest.raises(SandboxError, match="the sandbox cannot run programs here"):
-        time_limits([Problem("p", "", "pass", "pass")])
+def test_a_program_passes_only_when_it_runs_to_its_end():
+    """A pass is status 0 and the line after the tests reached: an exit with status 0 before the tests, from the
+    module or from the function the tests call, fails and says why."""
+    tests = "\n\nassert add(1, 2) == 3\n"
+    for body in ("raise SystemExit(0)", "import sys; sys.exit()", "import os; os._exit(0)", "raise SystemExit"):
+        verdict = run_program(f"def add(a, b):\n    {body}{tests}")
+        assert not verdict.passed and verdict.reason == "exited before its tests finished", body
+    assert run_program(f"def add(a, b):\n    return a + b{tests}").passed
+    assert not run_program("import os\nos.write(3, b'0' * 32)\nos._exit(0)").passed  # a guessed token
