@@ -29,6 +29,21 @@ TINY = [
 ]
 
 
+def arithmetic_rows() -> list[dict]:
+    """MBPP-shaped rows (a summary, a function, its asserts) small enough for a scratch model."""
+    ops = [("plus", "+", lambda x, k: x + k), ("times", "*", lambda x, k: x * k), ("minus", "-", lambda x, k: x - k)]
+    return [
+        {
+            "text": f"Return {v} {word} {k}.",
+            "code": f"def {word}_{k}({v}):\n    return {v} {sym} {k}",
+            "test_list": [f"assert {word}_{k}(3) == {f(3, k)}", f"assert {word}_{k}(-1) == {f(-1, k)}"],
+        }
+        for k in range(1, 10)
+        for word, sym, f in ops
+        for v in ("x", "y", "n", "value", "a", "b", "num", "item")
+    ]
+
+
 @pytest.fixture(scope="session")
 def stdlib_cache(tmp_path_factory) -> Path:
     """One data cache per test session: the stdlib is parsed once."""

@@ -27,13 +27,11 @@ EARLY_EXITS = ("raise SystemExit(0)", "sys.exit()", "os._exit(0)", "atexit os._e
 
 
 def hostile_programs(outside: Path, tcp: int, udp: int, unix: Path, victim: int, marker: str) -> dict[str, str]:
-    caller, canary, secret, victim_file = (
-        os.getpid(),
-        os.environ["CODETUNE_CANARY"],
-        outside / "secret",
-        outside / "victim",
-    )
+    caller, canary = os.getpid(), os.environ["CODETUNE_CANARY"]
+    secret, victim_file = outside / "secret", outside / "victim"
     libc = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    # Where success leaves a verdict no different from failure, the script judges the program by its traces.
+    judged = "\nraise AssertionError('judged by what it leaves')"
     return {
         "endless loop": "while True:\n    pass",
         "sleep": "import time\ntime.sleep(1000)",
@@ -64,10 +62,11 @@ def hostile_programs(outside: Path, tcp: int, udp: int, unix: Path, victim: int,
         "unix socket": f"import _socket\ns = _socket.socket(1)\ns.connect({str(unix)!r})\ns.send(b'x')",
         "signal a process of its user": f"import posix\nposix.kill({victim}, 9)",
         "signal the caller (ctypes)": f"{libc}assert libc.kill({caller}, 10) == 0",
-        "signal the launcher": "import posix\nposix.kill(posix.getppid(), 9)\nraise AssertionError('judged by what it leaves')",
-        "signal every process it may": "import posix\nposix.kill(-1, 9)\nraise AssertionError('judged by what it leaves')",
+        "signal the launcher": f"import posix\nposix.kill(posix.getppid(), 9){judged}",
+        "signal every process it may": f"import posix\nposix.kill(-1, 9){judged}",
         "ptrace": f"{libc}assert libc.ptrace(16, {victim}, 0, 0) == 0",
-        "lower another process's limits": f"import resource\nresource.prlimit({victim}, resource.RLIMIT_NOFILE, (3, 3))",
+        "lower another process's limits": f"import resource\nresource.prlimit({victim}, resource.RLIMIT_NOFILE, "
+        "(3, 3))",
         "orphan": f"import subprocess, time\nsubprocess.Popen(['/bin/sh', '-c', 'sleep 1000; echo {marker}'], "
         "start_new_session=True)\ntime.sleep(1000)",
         "kill its own test runner": "import os, signal\nos.killpg(0, signal.SIGKILL)\nassert False",
@@ -83,7 +82,8 @@ def early_exit(how: str) -> str:
         "os._exit(0)": "    import os\n    os._exit(0)",
         "atexit os._exit(0)": "    import atexit, os\n    atexit.register(os._exit, 0)\n    return 0",
     }[how]
-    return f'def add(a, b):\n    """a + b"""\n{body}\n\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n\n\ncheck(add)'
+    tests = "def check(candidate):\n    assert candidate(1, 2) == 3\n\n\ncheck(add)"
+    return f'def add(a, b):\n    """a + b"""\n{body}\n\n\n{tests}'
 
 
 CORRECT = {

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from flows.finetune import finetune
-from tests.conftest import TWIN
+from tests.conftest import TWIN, arithmetic_rows
 from tests.e2e.conftest import champion_predicts
 from tests.servers import RecordingHub
 
@@ -364,21 +364,6 @@ def test_code_generation_direction_end_to_end(prefect_server, tiny_overrides, tm
     assert all(r["baseline"].startswith("def ") and r["baseline"].endswith("pass") for r in records)
     functions = champion_predicts(uri, "codetune-code-generator", ["Return the sum of two numbers."])
     assert len(functions) == 1 and isinstance(functions[0], str)
-
-
-def arithmetic_rows() -> list[dict]:
-    """MBPP-shaped rows (a summary, a function, its asserts) small enough for a scratch model."""
-    ops = [("plus", "+", lambda x, k: x + k), ("times", "*", lambda x, k: x * k), ("minus", "-", lambda x, k: x - k)]
-    return [
-        {
-            "text": f"Return {v} {word} {k}.",
-            "code": f"def {word}_{k}({v}):\n    return {v} {sym} {k}",
-            "test_list": [f"assert {word}_{k}(3) == {f(3, k)}", f"assert {word}_{k}(-1) == {f(-1, k)}"],
-        }
-        for k in range(1, 10)
-        for word, sym, f in ops
-        for v in ("x", "y", "n", "value", "a", "b", "num", "item")
-    ]
 
 
 @pytest.mark.timeout(600)

@@ -18,9 +18,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, arithmetic_rows
 from tests.e2e.conftest import REPO, free_port, run_command, run_twin_deployment, wait_until_healthy
 from tests.postgres import PostgresCluster, postgres_bin
+from tests.unit.test_sandbox import assert_contained
 
 IMAGE = "codetune-worker:0.1.0"  # the name prefect.yaml's deployments run
 BASE = "codetune-base:bookworm"
@@ -61,7 +62,13 @@ def worker_image() -> str:
     if bundle and Path(bundle).is_file():  # an intercepting proxy's CA, for pip inside the build
         shutil.copyfile(bundle, local / "ca-certificates.crt")
     build = ["build", "--network", "host", "-f", "docker/Dockerfile", "-t", IMAGE]
-    build += ["--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "EXTRAS=orchestration,stack,local-s3", str(REPO)]
+    build += [
+        "--build-arg",
+        f"BASE_IMAGE={BASE}",
+        "--build-arg",
+        "EXTRAS=orchestration,stack,local-s3,codegen",
+        str(REPO),
+    ]
     docker(*build, timeout=1500)
     return IMAGE
 
@@ -77,6 +84,45 @@ def test_the_image_runs_codetune_as_a_user_without_secrets(worker_image):
     assert '"check": "passed"' in docker("run", "--rm", "--network", "host", worker_image, "codetune", "check", *twin)
     trained = docker("run", "--rm", "--network", "host", worker_image, "codetune", "train", *twin)
     assert '"bleu4_smoothed"' in trained
+
+
+def test_inside_the_image_generated_code_is_confined(worker_image):
+    """As uid 1000 under Docker's default seccomp profile: the worker's own user, owner of the runs volume, with
+    loopback's services in reach. Landlock and seccomp hold every hostile program, as root's namespaces do."""
+    hostile = REPO / "tests" / "hostile_programs.py"
+    run = ["run", "--rm", "--network", "host", "-e", "CODETUNE_CANARY=canary-in-the-worker"]
+    run += ["-v", f"{hostile}:/opt/hostile_programs.py:ro", worker_image]
+    report = json.loads(docker(*run, "python", "/opt/hostile_programs.py", "/opt/prefect/runs"))
+    assert report["uid"] == 1000 and report["confinement"] == "landlock"
+    assert_contained(report)
+
+
+def test_where_a_seccomp_profile_hides_landlock_scoring_stops_and_the_model_is_kept(worker_image, tmp_path):
+    """A runtime without Landlock (an older Docker's profile): the run stops at evaluation with the fix, after the
+    model is saved; allowed explicitly, the programs run unconfined and the run's metrics say so."""
+    profile = tmp_path / "without-landlock.json"
+    hidden = {"names": ["landlock_create_ruleset"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}  # ENOSYS
+    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [hidden]}))
+    data = tmp_path / "arithmetic.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows()))
+    data.chmod(0o644)
+    train = ["codetune", "train", "--config", "configs/tiny-code-generation.yaml", *TINY, "data.source=files"]
+    train += ["data.path=/data/arithmetic.jsonl", "data.target_field=text", "data.tests_field=test_list"]
+    script = (
+        f'{" ".join(train)} > /dev/null 2> refused.txt; echo "status $?"; tail -1 refused.txt; '
+        "ls runs/*/export/model.safetensors 2> /dev/null | wc -l; "
+        f"{' '.join(train)} evaluation.allow_unconfined_execution=true > /dev/null && cat runs/*/metrics.json"
+    )
+    run = ["run", "--rm", "--network", "host", "--security-opt", f"seccomp={profile}"]
+    out = docker(*run, "-v", f"{data}:/data/arithmetic.jsonl:ro", worker_image, "bash", "-c", script, timeout=900)
+    status, refusal, kept, metrics = out.split("\n", 3)
+    assert status == "status 2"
+    assert "the sandbox cannot run programs here" in refusal and "Landlock" in refusal
+    assert "evaluation.allow_unconfined_execution=true" in refusal and "the trained model is kept" in refusal
+    assert int(kept) >= 1
+    unconfined = json.loads(metrics)
+    assert "pass_at_1" in unconfined["model"]
+    assert any("ran unconfined" in w for w in unconfined["warnings"])
 
 
 def _wait(what: str, done, seconds: float = 600, every: float = 0.5):

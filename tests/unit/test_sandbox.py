@@ -4,7 +4,6 @@ with its reason, and leaves nothing running."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -205,7 +204,8 @@ import ctypes, errno
 from codetune.sandbox import seccomp
 lib = seccomp.library()
 ctx = lib.seccomp_init(seccomp.ALLOW)
-lib.seccomp_rule_add_array(ctx, 0x00050000 | errno.ENOSYS, lib.seccomp_syscall_resolve_name(b"landlock_create_ruleset"), 0, None)
+landlock = lib.seccomp_syscall_resolve_name(b"landlock_create_ruleset")
+lib.seccomp_rule_add_array(ctx, 0x00050000 | errno.ENOSYS, landlock, 0, None)
 assert lib.seccomp_load(ctx) == 0
 """
 
