@@ -66,8 +66,9 @@ class SandboxUnavailable(RuntimeError):
 
 
 UNAVAILABLE_FIX = (
-    "run the worker on a kernel with Landlock (Linux 5.13+ with landlock among its LSMs; Docker's default seccomp "
-    "profile allows it since 23.0) and libseccomp installed, or as root with CAP_SYS_ADMIN; or set "
+    "run the worker on a kernel with Landlock (Linux 5.13+ with landlock among its LSMs; Docker's and Podman's "
+    "default seccomp profiles allow its calls, an old or custom one may not) and libseccomp installed, or as root "
+    "with CAP_SYS_ADMIN; or set "
     "evaluation.allow_unconfined_execution=true to run generated code without confinement (the report, the MLflow "
     "run and the model card then say so)"
 )

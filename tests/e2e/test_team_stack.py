@@ -110,7 +110,7 @@ def test_where_a_seccomp_profile_hides_landlock_scoring_stops_and_the_model_is_k
     train += ["data.path=/data/arithmetic.jsonl", "data.target_field=text", "data.tests_field=test_list"]
     script = (
         f'{" ".join(train)} > /dev/null 2> refused.txt; echo "status $?"; tail -1 refused.txt; '
-        "ls runs/*/export/model.safetensors 2> /dev/null | wc -l; "
+        "ls runs/*/model.safetensors 2> /dev/null | wc -l; "
         f"{' '.join(train)} evaluation.allow_unconfined_execution=true > /dev/null && cat runs/*/metrics.json"
     )
     run = ["run", "--rm", "--network", "host", "--security-opt", f"seccomp={profile}"]
