@@ -1,5 +1,6 @@
 """S3 uploads against moto's S3 server over real HTTP, and Hub pushes against a recording local endpoint."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -129,6 +130,15 @@ def test_hub_push_creates_private_repo_and_one_commit_with_card(run_dir):
     readme = base64.b64decode(files["README.md"]["content"]).decode()
     assert "model-index:" in readme and "value: 9.1" in readme and "license: apache-2.0" in readme
     assert "| bleu4_smoothed | 9.10 | 5.80 | 4.20 |" in readme and "Intended use and limitations" in readme
+
+
+def test_the_model_card_states_the_run_s_warnings():
+    """An unconfined evaluation (or a collapsed model) is said where a consumer of the model reads."""
+    warning = "generated code ran unconfined: this machine offers neither Landlock nor root's namespaces"
+    report = EvalReport({"bleu4_smoothed": 9.1}, {"bleu4_smoothed": 4.2}, "a baseline", 10, 1.0, [], warnings=[warning])
+    card = model_card(load_config(TWIN), report, "code_tree (stdlib)")
+    assert f"**Warning:** {warning}." in card
+    assert "Warning" not in model_card(load_config(TWIN), dataclasses.replace(report, warnings=[]), "stdlib")
 
 
 def test_hub_server_errors_are_retried(run_dir):
