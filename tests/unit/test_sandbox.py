@@ -4,6 +4,7 @@ with its reason, and leaves nothing running."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -143,11 +144,18 @@ def test_a_socket_reaches_nothing():
             listener.accept()
 
 
-def test_killing_the_parent_or_the_caller_fails():
-    verdict = run_program(f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)")
-    assert not verdict.passed
-    run_program("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
-    assert os.getpid()  # still here: the test process was not killed
+def test_signalling_the_caller_or_the_launcher_fails_and_reaches_neither():
+    """SIGUSR1 rather than SIGKILL at the caller: a handler records whether it arrived (a SIGKILL would end the test
+    run, which also fails it, but says nothing). A killed launcher leaves no verdict: SandboxUnavailable."""
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))
+    try:
+        verdict = run_program(f"import os, signal\nos.kill({os.getpid()}, signal.SIGUSR1)")
+        assert not verdict.passed
+        run_program("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")  # a verdict: the launcher lived
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert received == []
 
 
 def run_hostile_programs(directory: Path, as_user: str | None = None) -> dict:
