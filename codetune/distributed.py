@@ -1,9 +1,9 @@
-"""Training in several processes: the launch (torch.distributed.run) and what each process runs.
+"""Training in several processes: the launch (torch.distributed.run) and which process is which.
 
-    python -m torch.distributed.run --standalone --nproc-per-node=N -m codetune.distributed CONFIG DATA RUN_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node=N -m codetune.training_process CONFIG DATA RUN_DIR
 
-The caller has claimed and locked RUN_DIR; each process runs train_model in it, whose Trainer sees the
-launcher's environment and runs DDP; only rank 0 writes.
+The caller has claimed and locked RUN_DIR; each process runs train_model in it (training_process.py), whose Trainer
+sees the launcher's environment and runs DDP; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-from codetune.config import Config, load_config, to_yaml
+from codetune.config import Config, to_yaml
 from codetune.data import PreparedData
 from codetune.errors import TrainingProcessLost
 from codetune.rundir import CHECKPOINTS, RunDir, write_atomic
@@ -53,7 +52,7 @@ def launch_processes(cfg: Config, data: PreparedData, run: RunDir) -> None:
     settings = run / ".launch-config.yaml"
     write_atomic(settings, to_yaml(cfg))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
-    command += ["-m", "codetune.distributed", str(settings), data.directory, str(run.path)]
+    command += ["-m", "codetune.training_process", str(settings), data.directory, str(run.path)]
     log.info("training in %d processes (%s)", n, "nccl" if torch.cuda.is_available() else "gloo")
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as launcher:
         for line in launcher.stdout:
@@ -63,20 +62,3 @@ def launch_processes(cfg: Config, data: PreparedData, run: RunDir) -> None:
             f"a training process failed (torch.distributed.run exited with {launcher.returncode}; its output is above)"
             f"; checkpoints are kept in {run / CHECKPOINTS} and the next try resumes from the newest"
         )
-
-
-def main(config: str, data_directory: str, run_dir: str) -> None:
-    from codetune.training import train_model  # training launches this module: imported here, not at the top
-
-    # Each line reaches the launching task's log, which adds time and level: the rank is what it lacks.
-    rank = os.environ["RANK"]
-    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
-    logging.getLogger("codetune").setLevel(logging.INFO if rank_zero() else logging.WARNING)
-    cfg, data = load_config(config), PreparedData.open(data_directory)
-    if RunDir.of(cfg, data).path != Path(run_dir):
-        raise RuntimeError(f"the launched configuration names another run than {run_dir}: {RunDir.of(cfg, data)}")
-    train_model(cfg, data)
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])

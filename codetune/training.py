@@ -115,7 +115,7 @@ def train_model(cfg: Config, data: PreparedData, trial: TrialRef | None = None) 
         weights = base_weights(cfg.model)
         if rank_zero():
             run.write(CONFIG_FILE, f"# base weights: {json.dumps(weights)}\n" + to_yaml(cfg))
-            shutil.copyfile(Path(data.directory) / "manifest.json", run / DATA_MANIFEST)
+            shutil.copyfile(data.manifest_path, run / DATA_MANIFEST)
             shutil.copyfile(data.profile_path, run / DATA_PROFILE)
         family = family_of(cfg.model)
         train_rows, validation_rows = data.load("train"), data.load("validation")

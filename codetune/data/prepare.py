@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 PROFILE_FILE = "profile.json"
 """What the drift monitor compares a source with (codetune.monitoring.profile_splits)."""
+MANIFEST_FILE = "manifest.json"
+"""The data cache entry's counts and content hashes (a run keeps a copy as rundir.DATA_MANIFEST)."""
 
 
 @dataclass
@@ -46,8 +48,12 @@ class PreparedData:
     @classmethod
     def open(cls, directory: str | Path) -> "PreparedData":
         """Splits prepare_data wrote earlier, from their directory's manifest."""
-        manifest = json.loads((Path(directory) / "manifest.json").read_text())
+        manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
         return cls(str(directory), manifest["fingerprint"], manifest["counts"], manifest["sha256"])
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.directory) / MANIFEST_FILE
 
     @property
     def profile_path(self) -> Path:
@@ -232,7 +238,7 @@ def prepare_data(cfg: DataConfig, labelled: bool = False, whole_files: bool = Fa
         else _settings_hash(cfg, labelled)
     )
     directory = Path(cfg.cache_dir) / fingerprint[:16]
-    manifest_path = directory / "manifest.json"
+    manifest_path = directory / MANIFEST_FILE
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         log.info("data unchanged (fingerprint %s): reusing %s", fingerprint[:16], directory)
@@ -267,7 +273,7 @@ def prepare_data(cfg: DataConfig, labelled: bool = False, whole_files: bool = Fa
         "sha256": {s: _write_jsonl(staging / f"{s}.jsonl", splits[s]) for s in SPLITS},
     }
     (staging / PROFILE_FILE).write_text(json.dumps(profile_splits(splits)))
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     try:
         os.rename(staging, directory)
     except OSError:  # another process prepared the same data first
