@@ -161,6 +161,15 @@ def main(base: Path) -> dict:
     }
 
 
+def assert_contained(report: dict) -> None:
+    """Every hostile program failed (none killed its launcher), nothing it tried left a trace, correct ones passed."""
+    assert {name: v for name, v in report["hostile"].items() if v["passed"] is not False} == {}
+    assert report["escapes"] == []
+    assert all(v["passed"] for v in report["correct"].values()), report["correct"]
+    early = {name: v["reason"] for name, v in report["hostile"].items() if name.startswith("early exit")}
+    assert set(early.values()) == {"exited before its tests finished"}, early
+
+
 def _cmdline(pid: str) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()

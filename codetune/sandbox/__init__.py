@@ -58,7 +58,8 @@ class Verdict:
     """'passed', 'timed out after 3.0 s', 'exited before its tests finished', or the last line of its error."""
     seconds: float
     """Wall-clock time of the program, interpreter start included."""
-    confinement: Confinement
+    confinement: Confinement | None
+    """How the program was confined; None where its launcher gave no answer."""
 
 
 class SandboxUnavailable(RuntimeError):
@@ -109,7 +110,7 @@ def run_program(source: str, limits: Limits = Limits(), allow_unconfined: bool |
         )
     except subprocess.TimeoutExpired:
         reason = f"the sandbox's launcher did not finish within {limits.timeout + 30:.0f} s"
-        return Verdict(False, reason, math.inf, Confinement.unconfined)
+        return Verdict(False, reason, math.inf, None)
     try:
         answer = json.loads(done.stdout)
     except json.JSONDecodeError:

@@ -133,20 +133,20 @@ def launch(source: str, limits: Limits, allow_unconfined: bool) -> Verdict:
 def _choose_confinement(libc, allow_unconfined: bool) -> tuple[Confinement, str, object]:
     """The first mode that works here, the program's directory, and libseccomp (both modes load its filter: a read-only
     file system in a network namespace still lets a program connect to a Unix socket, PostgreSQL's say)."""
-    refusals = []
     seccomp_library = seccomp.library()
     if seccomp_library is None:
-        refusals.append("seccomp: libseccomp is not installed")
-    elif os.geteuid() == 0:
-        try:
-            return Confinement.namespaces, namespaces.enter(libc), seccomp_library
-        except namespaces.Refused as exc:
-            refusals.append(f"namespaces: {exc.strerror}")
+        refusals = ["seccomp: libseccomp is not installed"]
     else:
-        refusals.append("namespaces: not root")
-    if seccomp_library is not None and landlock.abi(libc) >= 1:
-        return Confinement.landlock, tempfile.mkdtemp(prefix="codetune-sandbox-"), seccomp_library
-    refusals.append("Landlock: this kernel has none, or a seccomp profile refuses it")
+        if os.geteuid() == 0:
+            try:
+                return Confinement.namespaces, namespaces.enter(libc), seccomp_library
+            except namespaces.Refused as exc:
+                refusals = [f"namespaces: {exc.strerror}"]
+        else:
+            refusals = ["namespaces: not root"]
+        if landlock.abi(libc) >= 1:
+            return Confinement.landlock, tempfile.mkdtemp(prefix="codetune-sandbox-"), seccomp_library
+        refusals.append("Landlock: this kernel has none, or a seccomp profile refuses it")
     if not allow_unconfined:
         raise Unconfinable("; ".join(refusals))
     return Confinement.unconfined, tempfile.mkdtemp(prefix="codetune-sandbox-"), None

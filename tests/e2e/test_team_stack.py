@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import TINY, arithmetic_rows
 from tests.e2e.conftest import REPO, free_port, run_command, run_twin_deployment, wait_until_healthy
+from tests.hostile_programs import assert_contained
 from tests.postgres import PostgresCluster, postgres_bin
-from tests.unit.test_sandbox import assert_contained
 
 IMAGE = "codetune-worker:0.1.0"  # the name prefect.yaml's deployments run
 BASE = "codetune-base:bookworm"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from codetune.sandbox import Limits, run_program
+from tests.hostile_programs import assert_contained
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = Limits(timeout=2.0)
@@ -178,15 +179,6 @@ def run_hostile_programs(directory: Path, as_user: str | None = None) -> dict:
     return json.loads(done.stdout)
 
 
-def assert_contained(report: dict) -> None:
-    """Every hostile program failed (none killed its launcher), nothing it tried left a trace, correct ones passed."""
-    assert {name: v for name, v in report["hostile"].items() if v["passed"] is not False} == {}
-    assert report["escapes"] == []
-    assert all(v["passed"] for v in report["correct"].values()), report["correct"]
-    early = {name: v["reason"] for name, v in report["hostile"].items() if name.startswith("early exit")}
-    assert set(early.values()) == {"exited before its tests finished"}, early
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="the namespaces mode needs root")
 def test_as_root_hostile_programs_stay_in_their_namespaces(world_writable_dir):
     report = run_hostile_programs(world_writable_dir)
@@ -267,10 +259,11 @@ def test_the_launcher_starts_from_a_clean_interpreter():
         assert imports <= set(sys.stdlib_module_names) | {"__future__"}, (module.name, imports)
     imported = subprocess.run(
         [sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-         "import codetune.sandbox.launcher; print(sorted(m for m in sys.modules if m.startswith('codetune')))"],
+         "import json, codetune.sandbox.launcher; "
+         "print(json.dumps([m for m in sys.modules if m.startswith('codetune')]))"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert set(eval(imported.stdout)) <= {
+    assert set(json.loads(imported.stdout)) <= {
         "codetune", "codetune.sandbox", "codetune.sandbox.launcher", "codetune.sandbox.landlock",
         "codetune.sandbox.namespaces", "codetune.sandbox.seccomp",
     }  # fmt: skip
