@@ -14,16 +14,18 @@ import json
 import random
 from pathlib import Path
 
-from codetune.config import DataConfig, MonitorConfig
-from codetune.data.prepare import read_source
-from codetune.monitoring import compare, profile_splits
+from codetune.core.config import DataConfig, MonitorConfig
+from codetune.core.data import Examples
+from codetune.core.data.prepare import read_source
+from codetune.core.data.profile import profile_splits
+from codetune.lifecycle.monitoring import compare
 
 PACKAGES = ("omegaconf", "prefect", "mlflow", "transformers")
 RESULTS = Path(__file__).parent / "results" / "drift-thresholds.json"
 
 
 def main() -> None:
-    stdlib = read_source(DataConfig())
+    stdlib = read_source(DataConfig(), Examples.pairs)
     random.Random(0).shuffle(stdlib)
     half = len(stdlib) // 2
     profile = profile_splits({"train": stdlib[:half], "validation": [], "test": []})
@@ -31,7 +33,9 @@ def main() -> None:
     sources = {"stdlib half": stdlib[half:], "300 stdlib functions": stdlib[half : half + 300]}
     sources["90 stdlib functions"] = stdlib[half : half + 90]
     for name in PACKAGES:
-        sources[name] = read_source(DataConfig(path=str(Path(importlib.import_module(name).__file__).parent)))
+        sources[name] = read_source(
+            DataConfig(path=str(Path(importlib.import_module(name).__file__).parent)), Examples.pairs
+        )
     settings = MonitorConfig()
     rows = {}
     for name, current in sources.items():

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.run import AVX2_ENV, cpu_model  # noqa: E402
+from codetune.core.data import Examples  # noqa: E402
 
 # (source tokens, adapted layers); the first is the baseline every ratio is taken against.
 LEVERS = [(128, 30), (64, 30), (128, 10), (96, 15), (64, 10), (64, 6)]
@@ -34,9 +35,9 @@ STEPS = 8  # after one warm-up step; the same 72 shuffled training pairs for eve
 def step_seconds(source_tokens: int, layers: int, rows: list[dict], bf16: bool) -> dict:
     import torch
 
-    from codetune.config import load_config
-    from codetune.families import InferenceSettings, family_of
-    from codetune.model import add_lora, load_pretrained
+    from codetune.core.config.loader import load_config
+    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.model import add_lora, load_pretrained
 
     cfg = load_config(None, [f"training.max_source_length={source_tokens}"])
     model, tokenizer = load_pretrained(cfg.model)
@@ -69,12 +70,12 @@ def step_seconds(source_tokens: int, layers: int, rows: list[dict], bf16: bool) 
 def measure() -> dict:
     import torch
 
-    from codetune.config import load_config
-    from codetune.data import prepare_data
-    from codetune.precision import cpu_has_bf16
+    from codetune.core.config.loader import load_config
+    from codetune.core.data import prepare_data
+    from codetune.core.precision import cpu_has_bf16
 
     bf16 = cpu_has_bf16()
-    rows = prepare_data(load_config(None, []).data).load("train")
+    rows = prepare_data(load_config(None, []).data, Examples.pairs).load("train")
     random.Random(0).shuffle(rows)
     rows = rows[: (STEPS + 1) * 8]
     levers = [step_seconds(source, layers, rows, bf16) for source, layers in LEVERS]

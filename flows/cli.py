@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from codetune.errors import CodetuneError, ConfigError
+from codetune.core.errors import CodetuneError, ConfigError
 from flows.temporary_server import prepare_temporary_server
 
 
@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _checked(args):
     """The config, after the pre-flight check: a mistake is reported before Prefect or a model is loaded."""
-    from codetune.config import load_config
-    from codetune.preflight import check
+    from codetune.core.config.loader import load_config
+    from codetune.core.preflight import check
 
     cfg = load_config(args.config, args.overrides + args.assignments)
     check(cfg)
@@ -102,8 +102,8 @@ def _checked(args):
 
 
 def _check(args) -> dict:
-    from codetune.config import load_config
-    from codetune.preflight import fail_on, preflight
+    from codetune.core.config.loader import load_config
+    from codetune.core.preflight import fail_on, preflight
     from tasks.preflight import publishing_problems
 
     cfg = load_config(args.config, args.overrides + args.assignments)
@@ -112,15 +112,18 @@ def _check(args) -> dict:
 
 
 def _run(args) -> dict:
-    _checked(args)
+    from codetune.core.config.loader import load_config
+
+    # Read here, so a typo is reported before Prefect starts; the flow takes it as read (and runs the pre-flight).
+    cfg = load_config(args.config, args.overrides + args.assignments)
     prepare_temporary_server()
     from flows.finetune import finetune
 
-    return finetune(config=args.config, overrides=args.overrides + args.assignments)
+    return finetune(config=cfg)
 
 
 def _sweep(args) -> dict:
-    from codetune.sweep import load_sweep
+    from codetune.lifecycle.sweep import load_sweep
 
     if not args.config:
         raise ConfigError("codetune sweep needs --config configs/sweeps/<file>.yaml")
@@ -132,7 +135,7 @@ def _sweep(args) -> dict:
 
 
 def _monitor(args) -> dict:
-    from codetune.config import load_config
+    from codetune.core.config.loader import load_config
 
     load_config(args.config, args.overrides + args.assignments)  # a typo is reported before Prefect starts
     prepare_temporary_server()
@@ -209,11 +212,18 @@ def _serve(args) -> dict:
 def _bench_eval(args) -> dict:
     from pathlib import Path
 
-    from codetune.config import Benchmark, load_config
-    from codetune.evaluation import solve_benchmark
+    from codetune.core.config import Benchmark
+    from codetune.core.config.loader import load_config
+    from codetune.core.evaluation import load_model_ref, solve_benchmark
 
     cfg = load_config(args.config, args.overrides + args.assignments)
-    result = solve_benchmark(cfg, args.model, Benchmark(args.benchmark))
+    if args.model.startswith("models:/"):
+        from codetune.lifecycle.registry import load_registered
+
+        model, tokenizer = load_registered(cfg, args.model)
+    else:
+        model, tokenizer = load_model_ref(cfg, args.model)
+    result = {"model": args.model} | solve_benchmark(cfg, model, tokenizer, Benchmark(args.benchmark))
     problems = result.pop("problems")
     if args.output:
         Path(args.output).write_text("".join(json.dumps(p) + "\n" for p in problems))
@@ -221,16 +231,10 @@ def _bench_eval(args) -> dict:
 
 
 def _train(args) -> dict:
-    from codetune.data import prepare_data
-    from codetune.evaluation import evaluate_model
-    from codetune.families import family_of
-    from codetune.training import train_model
+    from codetune.core.pipeline import run_pipeline
 
-    cfg = _checked(args)
-    family = family_of(cfg.model)
-    data = prepare_data(cfg.data, family.labelled, family.whole_files)
-    trained = train_model(cfg, data)
-    report = evaluate_model(trained.run_dir, data.load("test"), cfg)
+    outcome = run_pipeline(_checked(args))
+    trained, report = outcome.trained, outcome.report
     return {
         "run_dir": trained.run_dir,
         "global_step": trained.global_step,
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("codetune").setLevel(logging.INFO)
     try:
         if args.command == "keys":
-            from codetune.config import SCHEMA_KEYS, Config, _type_name, flatten, key_help
+            from codetune.core.config import SCHEMA_KEYS, Config
+            from codetune.core.config.loader import _type_name, flatten, key_help
 
             defaults, docs = flatten(Config()), key_help()
             for key, annotation in SCHEMA_KEYS.items():
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    {docs[key]}")
             return 0
         if args.command == "config":
-            from codetune.config import load_config, to_yaml
+            from codetune.core.config.loader import load_config, to_yaml
 
             print(to_yaml(load_config(args.config, args.overrides + args.assignments)), end="")
             return 0

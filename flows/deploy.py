@@ -6,9 +6,10 @@ from typing import Optional
 
 from prefect import flow
 
-from codetune.config import load_config
-from codetune.evaluation import EvalReport
-from codetune.training import TrainedModel
+from codetune.core.config.loader import load_config
+from codetune.core.evaluation import EvalReport
+from codetune.core.families import family_of
+from codetune.core.training import TrainedModel
 from flows.finetune import release
 from tasks.data import load_data
 
@@ -24,4 +25,4 @@ def deploy(model_path: str, config: Optional[str] = None, overrides: Optional[li
     """
     cfg = load_config(config, overrides or [])
     trained, report = TrainedModel.load(model_path), EvalReport.load(model_path)
-    return release(cfg, load_data(cfg), trained, report)
+    return release(cfg, load_data(cfg, family_of(cfg.model)), trained, report)

@@ -5,12 +5,16 @@ Run it with `codetune run`, or as the deployment finetune/main.
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Optional, Union
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from codetune.config import load_config
+from codetune.core.config import Config
+from codetune.core.config.loader import load_config
+from codetune.core.pipeline import Stages, run_pipeline
+from codetune.core.training import TrainingStopped
 from tasks.data import load_data
 from tasks.evaluate import evaluate
 from tasks.preflight import preflight
@@ -35,7 +39,7 @@ FORM_FIELDS = {
 # results of the tasks that finished; the others find their partial work on disk and go on from it.
 @flow(name="finetune", log_prints=True)
 def finetune(
-    config: Optional[str] = None,
+    config: Union[str, Config, None] = None,
     overrides: Optional[list[str]] = None,
     model_name: Optional[str] = None,
     num_train_epochs: Optional[float] = None,
@@ -48,7 +52,8 @@ def finetune(
     code-search encoder, per model.task and model.direction.
 
     Args:
-        config: YAML file in configs/; empty runs the embedded offline default.
+        config: YAML file in configs/; empty runs the embedded offline default. `codetune run` hands in the config
+            it has read and validated already, so it is read once.
         overrides: dot-list settings, e.g. ["training.num_train_epochs=3", "peft.use_peft=true"].
         model_name: Hub id or local directory of the model (model.name); empty keeps the config's.
         num_train_epochs: passes over the train split (training.num_train_epochs).
@@ -66,31 +71,34 @@ def finetune(
         "lora_r": lora_r,
     }
     form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None]
-    cfg = load_config(config, [*(overrides or []), *form_overrides])
+    if isinstance(config, Config):
+        if overrides or form_overrides:
+            raise ValueError("a Config is handed in resolved: apply overrides before, not beside it")
+        cfg = config
+    else:
+        cfg = load_config(config, [*(overrides or []), *form_overrides])
     preflight(cfg)
-    data = load_data(cfg)
     timeout = cfg.training.timeout_minutes
     train_task = train.with_options(timeout_seconds=timeout * 60 if timeout else None)
     if trial:
-        return train_trial(cfg, data, train_task, trial)
-    trained = train_task(cfg, data)
-    report = evaluate(cfg, trained, data)
-    return release(cfg, data, trained, report)
+        return train_trial(cfg, train_task, trial)
+    outcome = run_pipeline(cfg, Stages(prepare=load_data, train=train_task, evaluate=evaluate))
+    return release(cfg, outcome.data, outcome.trained, outcome.report)
 
 
-def train_trial(cfg, data, train_task, trial: dict) -> dict:
+def train_trial(cfg, train_task, trial: dict) -> dict:
     """A sweep's trial: train (pruned or not), evaluate, track under the sweep's MLflow run, tell the study."""
-    from codetune.sweep import TrialPruned, TrialRef, tell_study
+    from codetune.lifecycle.sweep import TrialRef, tell_study
 
     ref = TrialRef(**{k: trial[k] for k in ("storage", "study_name", "number", "pruning")})
     try:
-        trained = train_task(cfg, data, ref)
-    except TrialPruned as exc:
+        outcome = run_pipeline(cfg, Stages(prepare=load_data, train=partial(train_task, trial=ref), evaluate=evaluate))
+    except TrainingStopped as exc:
         tell_study(ref, pruned=True)
         if cfg.mlflow.enabled:
             track_pruned(cfg, ref.number, str(exc), {"mlflow.parentRunId": trial["parent_run_id"]})
         return {"trial": ref.number, "pruned": str(exc)}
-    report = evaluate(cfg, trained, data)
+    data, trained, report = outcome.data, outcome.trained, outcome.report
     summary = {"trial": ref.number, "run_dir": trained.run_dir, "metrics": report.metrics}
     tags = {"mlflow.parentRunId": trial["parent_run_id"], "codetune.sweep": ref.study_name}
     if cfg.mlflow.enabled:

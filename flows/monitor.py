@@ -11,7 +11,7 @@ from typing import Optional
 from prefect import flow
 from prefect.events import emit_event
 
-from codetune.config import load_config
+from codetune.core.config.loader import load_config
 from tasks.monitor import champion, measure_drift, record
 
 DRIFT_EVENT = "codetune.drift.detected"

@@ -11,11 +11,12 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 
-from codetune.config import load_config
-from codetune.evaluation import EvalReport
-from codetune.sweep import Pruner, SweepConfig, load_sweep, open_study, suggest
-from codetune.tracking import use_tracking_server
-from codetune.training import TrainedModel
+from codetune.core.config.loader import load_config
+from codetune.core.evaluation import EvalReport
+from codetune.core.families import family_of
+from codetune.core.training import TrainedModel
+from codetune.lifecycle.sweep import Pruner, SweepConfig, load_sweep, open_study, suggest
+from codetune.lifecycle.tracking import use_tracking_server
 from flows.finetune import finetune, register_and_publish
 from tasks.data import load_data
 from tasks.track import lineage
@@ -136,7 +137,7 @@ def _conclude(spec: SweepConfig, study, parent_run_id: str) -> dict:
     cfg = load_config(spec.config, spec.overrides + [f"{k}={v}" for k, v in best.params.items()])
     if cfg.mlflow.enabled:
         _log_sweep(parent_run_id, study, spec)
-        data = load_data(cfg)
+        data = load_data(cfg, family_of(cfg.model))
         run_dir = best.user_attrs["run_dir"]
         trained, report = TrainedModel.load(run_dir), EvalReport.load(run_dir)
         summary.update(

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from codetune.errors import CodetuneError
+from codetune.core.errors import CodetuneError
 
 # A migrated database starts in ~8 s on a 2-core machine and in up to ~60 s with both cores busy.
 STARTUP_TIMEOUT_S = 180

@@ -30,9 +30,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from ray import serve
 
-from codetune.config import without_credentials
-from codetune.families import FAMILIES, FAMILY_KEY
-from codetune.families.base import Completion, input_texts
+from codetune.core.errors import without_credentials
+from codetune.core.families import FAMILIES, FAMILY_KEY
+from codetune.core.families.base import Completion, input_texts
 from server.openai_api import CompletionJob, OpenAIError, chat_job, completion_job, events, response_body
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from codetune.families.base import Completion, Sampling
+from codetune.core.families.base import Completion, Sampling
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI allows
 MAX_N = 16

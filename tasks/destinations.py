@@ -3,10 +3,10 @@
 A destination says whether a config publishes to it, what it would upload (the dry run's plan), whether its
 credentials work (the pre-flight, before hours of training), how to publish (the publish task), and which of a
 deployer's credentials it keeps as a Prefect block (`codetune deploy-flows`). The uploads themselves are core code
-(codetune/publishing.py); credentials come from blocks here, so the core never imports Prefect.
+(codetune/lifecycle/publishing.py); credentials come from blocks here, so the core never imports Prefect.
 
 Adding a destination: its upload code in the core, a class here with its line in DESTINATIONS, and its section
-of the schema (registry.<name> in codetune/config.py).
+of the schema (registry.<name> in codetune/core/config.py).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol
 
-from codetune.config import Config, PublishedWeights, S3Config
-from codetune.errors import is_transient
-from codetune.evaluation import EvalReport
-from codetune.publishing import (
+from codetune.core.config import Config, PublishedWeights, S3Config
+from codetune.core.errors import is_transient
+from codetune.core.evaluation import EvalReport
+from codetune.lifecycle.publishing import (
     NO_S3_CREDENTIALS,
     bound_hub_requests,
     known_s3_error,
@@ -34,7 +34,7 @@ from codetune.publishing import (
     s3_prefix,
     visibility_problem,
 )
-from codetune.registry import Registration
+from codetune.lifecycle.registry import Registration
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,13 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from codetune.config import Config
-from codetune.data.prepare import read_source
-from codetune.families import family_of
-from codetune.monitoring import DriftReport, compare, plot, quality_check, read_served_inputs, served_checks
-from codetune.registry import Champion, find_champion, score_registered
-from codetune.sandbox import unconfined_execution
-from codetune.tracking import log_monitor_run
+from codetune.core.config import Config
+from codetune.core.data.prepare import read_source
+from codetune.core.families import family_of
+from codetune.core.sandbox import unconfined_execution
+from codetune.lifecycle.monitoring import DriftReport, compare, plot, quality_check, read_served_inputs, served_checks
+from codetune.lifecycle.registry import Champion, find_champion, score_registered
+from codetune.lifecycle.tracking import log_monitor_run
 from tasks.retry import stage_task
 
 
@@ -25,7 +25,7 @@ def measure_drift(cfg: Config, champion: Champion) -> tuple[DriftReport, Path]:
     """Every check of the source against the champion's training data; the report and plot written to disk."""
     source = cfg.data.path or "the stdlib"
     family = family_of(cfg.model)
-    current = read_source(cfg.data, family.labelled, family.whole_files)
+    current = read_source(cfg.data, family.examples)
     checks, seen, fresh = compare(champion.profile, current, cfg.monitor)
     m = cfg.monitor
     with unconfined_execution(cfg.evaluation.allow_unconfined_execution):

@@ -2,9 +2,9 @@
 
 from prefect import task
 
-from codetune.config import Config
-from codetune.preflight import fail_on
-from codetune.preflight import preflight as core_problems
+from codetune.core.config import Config
+from codetune.core.preflight import fail_on
+from codetune.core.preflight import preflight as core_problems
 from tasks.destinations import DESTINATIONS
 
 

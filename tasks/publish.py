@@ -2,10 +2,10 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
-from codetune.config import Config
-from codetune.evaluation import EvalReport
-from codetune.registry import Registration
-from codetune.training import TrainedModel
+from codetune.core.config import Config
+from codetune.core.evaluation import EvalReport
+from codetune.core.training import TrainedModel
+from codetune.lifecycle.registry import Registration
 from tasks.destinations import DESTINATIONS, Release
 from tasks.retry import stage_task
 

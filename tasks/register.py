@@ -4,11 +4,11 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from codetune.config import Config
-from codetune.data import PreparedData
-from codetune.evaluation import EvalReport
-from codetune.registry import Registration, register_model
-from codetune.training import TrainedModel
+from codetune.core.config import Config
+from codetune.core.data import PreparedData
+from codetune.core.evaluation import EvalReport
+from codetune.core.training import TrainedModel
+from codetune.lifecycle.registry import Registration, register_model
 from tasks.retry import stage_task
 
 

@@ -2,7 +2,7 @@
 
 from prefect import task
 
-from codetune.errors import is_transient
+from codetune.core.errors import is_transient
 
 
 def retry_if_transient(task, task_run, state) -> bool:

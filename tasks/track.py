@@ -3,11 +3,11 @@ import subprocess
 
 from prefect.runtime import flow_run
 
-from codetune.config import Config, ModelInit, content_hash
-from codetune.data import PreparedData
-from codetune.evaluation import EvalReport
-from codetune.tracking import log_pruned_run, log_run
-from codetune.training import TrainedModel
+from codetune.core.config import Config, ModelInit, content_hash
+from codetune.core.data import PreparedData
+from codetune.core.evaluation import EvalReport
+from codetune.core.training import TrainedModel
+from codetune.lifecycle.tracking import log_pruned_run, log_run
 from tasks.retry import stage_task
 
 

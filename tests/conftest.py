@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from codetune.config import load_config
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples
+from codetune.core.families import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
 # The seq2seq twin (a scratch CodeT5-architecture model): the model of tests that need *a* model.
@@ -86,23 +88,23 @@ def moto_credentials(monkeypatch):
 @pytest.fixture
 def trained_run(tiny_cfg):
     """(config, prepared data, TrainedModel) of a tiny model trained for a few steps."""
-    from codetune.data import prepare_data
-    from codetune.training import train_model
+    from codetune.core.data import prepare_data
+    from codetune.core.training import train_model
 
-    data = prepare_data(tiny_cfg.data)
-    return tiny_cfg, data, train_model(tiny_cfg, data)
+    data = prepare_data(tiny_cfg.data, Examples.pairs)
+    return tiny_cfg, data, train_model(tiny_cfg, data, family_of(tiny_cfg.model))
 
 
 @pytest.fixture(scope="session")
 def labelled_jsonl(stdlib_cache, tmp_path_factory) -> Path:
     """A real classification task from the stdlib: is the function a method (self/cls first) or a plain function?"""
-    from codetune.config import DataConfig
-    from codetune.data import prepare_data
+    from codetune.core.config import DataConfig
+    from codetune.core.data import prepare_data
 
     rows = [
         r
         for split in ("train", "validation", "test")
-        for r in prepare_data(DataConfig(cache_dir=str(stdlib_cache))).load(split)
+        for r in prepare_data(DataConfig(cache_dir=str(stdlib_cache)), Examples.pairs).load(split)
     ]
     kind = lambda code: "method" if code.split("\n", 1)[0].split("(", 1)[-1].startswith(("self", "cls")) else "function"
     labelled = [{"code": r["code"], "label": kind(r["code"])} for r in rows]
@@ -162,9 +164,9 @@ def tiny_decoder_base(tmp_path_factory) -> Path:
     package, with SmolLM2's chat tokens and template and no FIM tokens."""
     from collections import Counter
 
-    from codetune.config import ModelConfig, ModelTask, ScratchArchitecture
-    from codetune.data.code_tree import default_tree, read_source_files
-    from codetune.model import build_scratch_model, train_tokenizer
+    from codetune.core.config import ModelConfig, ModelTask, ScratchArchitecture
+    from codetune.core.data.code_tree import default_tree, read_source_files
+    from codetune.core.model import build_scratch_model, train_tokenizer
 
     files = [r["code"] for r in read_source_files(default_tree() / "json", Counter())]
     tokenizer = train_tokenizer(files, vocab_size=400)

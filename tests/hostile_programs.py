@@ -3,7 +3,7 @@
     python tests/hostile_programs.py DIR     # DIR: where to put the files and sockets the programs go after
 
 The same script runs as root, as an unprivileged user and inside the worker image (tests/unit/test_sandbox.py,
-tests/e2e/test_team_stack.py), so it needs nothing but the standard library and codetune.sandbox. Each hostile
+tests/e2e/test_team_stack.py), so it needs nothing but the standard library and codetune.core.sandbox. Each hostile
 program ends normally only if its attack worked, so a contained one fails; the script also looks for what an attack
 would leave: a connection at its TCP, UDP or Unix listener, a file written or changed in DIR, a signal to itself or
 a victim process, a process left running. Set CODETUNE_CANARY in its environment: a program that finds it passes.
@@ -20,7 +20,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from codetune.sandbox import Limits, SandboxUnavailable, run_program
+from codetune.core.sandbox import Limits, SandboxUnavailable, run_program
 
 LIMITS = Limits(timeout=2.0, file_size=1024 * 1024)
 EARLY_EXITS = ("raise SystemExit(0)", "sys.exit()", "os._exit(0)", "atexit os._exit(0)")

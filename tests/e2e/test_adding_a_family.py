@@ -8,7 +8,11 @@ from pathlib import Path
 
 from tests.conftest import ROOT, TINY
 
-EXAMPLE_FILES = {"codetune/families/docstring.py", "codetune/families/__init__.py", "configs/tiny-docstring.yaml"}
+EXAMPLE_FILES = {
+    "codetune/core/families/docstring.py",
+    "codetune/core/families/registry.py",
+    "configs/tiny-docstring.yaml",
+}
 
 
 def _copy_of_the_repository(target: Path) -> Path:

@@ -10,10 +10,11 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from codetune.config import load_config
-from codetune.data import prepare_data
-from codetune.errors import TrainingProcessLost, is_transient
-from codetune.training import train_model
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.errors import TrainingProcessLost, is_transient
+from codetune.core.families import family_of
+from codetune.core.training import train_model
 from tests.conftest import TWIN
 
 
@@ -28,10 +29,10 @@ def test_two_processes_train_to_the_loss_of_one_at_the_same_effective_batch(tiny
             "training.per_device_train_batch_size=4",
         ],
     )
-    data = prepare_data(one.data)
-    single = train_model(one, data)
+    data = prepare_data(one.data, Examples.pairs)
+    single = train_model(one, data, family_of(one.model))
     with caplog.at_level("INFO"):
-        double = train_model(two, data)
+        double = train_model(two, data, family_of(two.model))
     assert "effective batch 8: 4 per device x 2 processes x 1 accumulation" in caplog.text
     assert double.global_step == single.global_step == 12
     # The same 8 examples per step, averaged per process of 4 (and other dropout masks): within 1%.
@@ -53,7 +54,7 @@ def _rank(process: psutil.Process) -> str | None:
 
 def test_a_killed_rank_fails_the_attempt_and_the_retry_finishes_at_the_same_step(tiny_overrides, tmp_path):
     cfg = load_config(TWIN, tiny_overrides + ["training.max_steps=240", "training.num_processes=2"])
-    data = prepare_data(cfg.data)
+    data = prepare_data(cfg.data, Examples.pairs)
     outcome = {}
     attempt = threading.Thread(target=lambda: outcome.update(result=_try(cfg, data)))
     attempt.start()
@@ -68,12 +69,12 @@ def test_a_killed_rank_fails_the_attempt_and_the_retry_finishes_at_the_same_step
     failure = outcome["result"]
     assert isinstance(failure, TrainingProcessLost) and is_transient(failure)
 
-    resumed = train_model(cfg, data)  # what the task's retry does
+    resumed = train_model(cfg, data, family_of(cfg.model))  # what the task's retry does
     assert resumed.global_step == 240 and resumed.resumed_from_step > 0
 
 
 def _try(cfg, data):
     try:
-        return train_model(cfg, data)
+        return train_model(cfg, data, family_of(cfg.model))
     except TrainingProcessLost as exc:
         return exc

@@ -7,6 +7,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from codetune.core.data import Examples
+from codetune.core.families import family_of
 from flows.finetune import finetune
 from tests.conftest import TWIN, arithmetic_rows
 from tests.e2e.conftest import champion_predicts
@@ -139,7 +141,7 @@ def test_secrets_offered_through_the_config_are_refused_before_anything_runs(tmp
 
 
 def test_flow_reports_a_config_typo_without_training(prefect_server):
-    from codetune.errors import ConfigError
+    from codetune.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'training.learning_rate'"):
         finetune.with_options(retries=0)(config=None, overrides=["training.lerning_rate=1"])
@@ -190,17 +192,17 @@ def test_deploy_publishes_an_existing_run_without_retraining(
 ):
     import boto3
 
-    from codetune.data import prepare_data
-    from codetune.evaluation import evaluate_model
-    from codetune.training import train_model
+    from codetune.core.data import prepare_data
+    from codetune.core.evaluation import evaluate_model
+    from codetune.core.training import train_model
     from flows.deploy import deploy
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    data = prepare_data(tiny_cfg.data)
-    trained = train_model(tiny_cfg, data)
+    data = prepare_data(tiny_cfg.data, Examples.pairs)
+    trained = train_model(tiny_cfg, data, family_of(tiny_cfg.model))
     evaluate_model(trained.run_dir, data.load("test"), tiny_cfg)
     weights = (Path(trained.run_dir) / "model.safetensors").stat().st_mtime_ns
     boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket="deployed")
@@ -278,8 +280,8 @@ def test_publishing_credentials_come_from_prefect_blocks(prefect_server, moto_ur
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
 
-    from codetune.config import S3Config
-    from codetune.publishing import upload_to_s3
+    from codetune.core.config import S3Config
+    from codetune.lifecycle.publishing import upload_to_s3
     from tasks.destinations import hub_token, s3_client
 
     credentials = AwsCredentials(

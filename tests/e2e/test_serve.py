@@ -13,10 +13,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from codetune.config import load_config
-from codetune.data import prepare_data
-from codetune.registry import log_pyfunc_model
-from codetune.training import train_model
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.families import family_of
+from codetune.core.training import train_model
+from codetune.lifecycle.registry import log_pyfunc_model
 from tests.conftest import TWIN
 from tests.e2e.conftest import free_port, wait_until_healthy
 
@@ -30,7 +31,7 @@ CODES = [
 
 
 def _register(name: str, cfg) -> str:
-    run_dir = train_model(cfg, prepare_data(cfg.data)).run_dir
+    run_dir = train_model(cfg, prepare_data(cfg.data, Examples.pairs), family_of(cfg.model)).run_dir
     with mlflow.start_run():
         uri = log_pyfunc_model(cfg, Path(run_dir))
     return mlflow.register_model(uri, name).version

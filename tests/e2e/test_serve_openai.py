@@ -10,11 +10,12 @@ import mlflow
 import openai
 import pytest
 
-from codetune.config import load_config
-from codetune.data import prepare_data
-from codetune.families.base import Sampling
-from codetune.registry import log_pyfunc_model
-from codetune.training import train_model
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.families import family_of
+from codetune.core.families.base import Sampling
+from codetune.core.training import train_model
+from codetune.lifecycle.registry import log_pyfunc_model
 from tests.e2e.conftest import free_port, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ def test_openai_client_completes_with_a_suffix_streams_and_chats(tiny_decoder_ba
     mlflow.set_experiment("serve-openai")
     overrides = [f"model.name={tiny_decoder_base}", "model.init=pretrained", "peft.use_peft=true", "peft.r=4"]
     cfg = load_config(REPO / "configs" / "tiny-completion.yaml", tiny_overrides + overrides)
-    run_dir = train_model(cfg, prepare_data(cfg.data, whole_files=True)).run_dir
+    run_dir = train_model(cfg, prepare_data(cfg.data, Examples.whole_files), family_of(cfg.model)).run_dir
     with mlflow.start_run():
         version = mlflow.register_model(log_pyfunc_model(cfg, Path(run_dir)), "completer").version
     mlflow.MlflowClient().set_registered_model_alias("completer", "champion", version)

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.config import load_config
-from codetune.evaluation import evaluate_model
-from codetune.families import family_of
-from codetune.families.code_search import (
+from codetune.core.config.loader import load_config
+from codetune.core.evaluation import evaluate_model
+from codetune.core.families import family_of
+from codetune.core.families.code_search import (
     BiEncoder,
     PairCollator,
     _words,
@@ -17,8 +17,8 @@ from codetune.families.code_search import (
     pair_similarity,
     ranks_in_chunks,
 )
-from codetune.model import load_exported
-from codetune.rundir import METRICS_FILE
+from codetune.core.model import load_exported
+from codetune.core.rundir import METRICS_FILE
 
 SEARCH = "configs/tiny-code-search.yaml"
 
@@ -39,7 +39,7 @@ def test_lexical_baseline_matches_query_words_to_identifiers():
 
 
 def test_pair_collator_pads_each_side_to_a_multiple_of_8(tiny_cfg):
-    from codetune.model import train_tokenizer
+    from codetune.core.model import train_tokenizer
 
     tokenizer = train_tokenizer(["def f(x): return x", "Return x."] * 20, vocab_size=300)
     batch = PairCollator(tokenizer, pad_to_multiple_of=8)(
@@ -54,12 +54,12 @@ def test_pair_collator_pads_each_side_to_a_multiple_of_8(tiny_cfg):
 
 @pytest.fixture
 def search_run(tiny_overrides):
-    from codetune.data import prepare_data
-    from codetune.training import train_model
+    from codetune.core.data import prepare_data
+    from codetune.core.training import train_model
 
     cfg = load_config(SEARCH, tiny_overrides)
-    data = prepare_data(cfg.data, family_of(cfg.model).labelled)
-    return cfg, data, train_model(cfg, data)
+    data = prepare_data(cfg.data, family_of(cfg.model).examples)
+    return cfg, data, train_model(cfg, data, family_of(cfg.model))
 
 
 def test_search_model_trains_with_in_batch_negatives_and_is_scored_by_mrr(search_run):
@@ -85,7 +85,7 @@ def similarity(model, tokenizer, queries, codes, batch_size, max_query_length, m
 
 def test_ranks_in_chunks_equal_ranks_over_the_whole_table(monkeypatch):
     scores = torch.randn(7, 7).round(decimals=1)  # rounded: ties happen, and count half
-    monkeypatch.setattr("codetune.families.code_search.RANK_CHUNK", 3)
+    monkeypatch.setattr("codetune.core.families.code_search.RANK_CHUNK", 3)
     assert ranks_in_chunks(lambda start, stop: scores[start:stop], 7) == match_ranks(scores)
 
 
@@ -119,8 +119,8 @@ def test_exported_search_encoder_reloads_with_plain_transformers_and_scores_pair
 
 
 def test_bi_encoder_loss_is_lower_when_queries_meet_their_own_code():
-    from codetune.config import ModelConfig, ModelTask, ScratchArchitecture
-    from codetune.model import build_scratch_model, train_tokenizer
+    from codetune.core.config import ModelConfig, ModelTask, ScratchArchitecture
+    from codetune.core.model import build_scratch_model, train_tokenizer
 
     tokenizer = train_tokenizer(["def f(x): return x", "Return x."] * 20, vocab_size=300)
     encoder = build_scratch_model(

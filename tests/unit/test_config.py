@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from codetune.config import Config, ModelInit, load_config, to_dict, without_credentials
-from codetune.errors import ConfigError
+from codetune.core.config import Config, ModelInit, to_dict
+from codetune.core.config.loader import load_config
+from codetune.core.errors import ConfigError, without_credentials
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -92,7 +93,8 @@ def test_cli_takes_overrides_both_ways_and_exits_2_on_user_error():
 
 
 def test_every_key_is_documented_where_users_see_it():
-    from codetune.config import SCHEMA_KEYS, key_help
+    from codetune.core.config import SCHEMA_KEYS
+    from codetune.core.config.loader import key_help
 
     docs = key_help()
     assert set(docs) == set(SCHEMA_KEYS)
@@ -155,7 +157,7 @@ def test_evaluation_needs_at_least_one_example():
 def test_benchmarks_and_tests_need_a_model_that_writes_code():
     cfg = load_config("configs/code-generation.yaml")
     assert [b.value for b in cfg.evaluation.benchmarks] == ["humaneval"]
-    from codetune.families import family_of
+    from codetune.core.families import family_of
 
     assert family_of(cfg.model).gate_metric(cfg) == "humaneval_pass_at_1"
     assert family_of(cfg.model).gate_metric(cfg, benchmarks=False) == "codebleu"

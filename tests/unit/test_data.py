@@ -4,13 +4,13 @@ from collections import Counter
 
 import pytest
 
-from codetune.config import DataConfig, DataSource
-from codetune.data import prepare_data
-from codetune.data.code_tree import functions_in_source, read_code_tree
-from codetune.data.prepare import select_examples, split_examples
-from codetune.data.records import code_without_docstring
-from codetune.errors import DataError
-from codetune.monitoring import code_hash
+from codetune.core.config import DataConfig, DataSource
+from codetune.core.data import Examples, prepare_data
+from codetune.core.data.code_tree import functions_in_source, read_code_tree
+from codetune.core.data.prepare import select_examples, split_examples
+from codetune.core.data.profile import function_key
+from codetune.core.data.records import code_without_docstring
+from codetune.core.errors import DataError
 from tests.conftest import write_jsonl
 
 
@@ -59,7 +59,9 @@ def test_reads_codesearchnet_token_fields(tmp_path):
         for i in range(40)
     ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    data = prepare_data(_cfg(tmp_path, path=str(path), input_field="code_tokens", target_field="docstring_tokens"))
+    data = prepare_data(
+        _cfg(tmp_path, path=str(path), input_field="code_tokens", target_field="docstring_tokens"), Examples.pairs
+    )
     example = data.load("train")[0]
     assert example["code"].startswith("def f ( ) :") and example["summary"].startswith("Return the number")
 
@@ -76,14 +78,14 @@ def test_csv_and_parquet_read_like_jsonl(tmp_path):
         w.writeheader()
         w.writerows(rows[:20])
     pq.write_table(pa.Table.from_pylist(rows[20:]), tmp_path / "b.parquet")
-    data = prepare_data(_cfg(tmp_path, path=str(tmp_path)))
+    data = prepare_data(_cfg(tmp_path, path=str(tmp_path)), Examples.pairs)
     assert sum(data.counts["kept"].values()) == 40
 
 
 def test_malformed_row_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(3) + ["{not json", {"code": "x = 1"}])
     with pytest.raises(DataError, match=r"d.jsonl:4: not valid JSON.*data.skip_invalid=true"):
-        prepare_data(_cfg(tmp_path, path=str(path)))
+        prepare_data(_cfg(tmp_path, path=str(path)), Examples.pairs)
 
 
 def test_undecodable_and_oversized_rows_name_file_and_line_and_honour_skip_invalid(tmp_path):
@@ -103,29 +105,29 @@ def test_undecodable_and_oversized_rows_name_file_and_line_and_honour_skip_inval
     with open(tmp_path / "b.csv", "ab") as f:
         f.write(b'"def g(): pass","caf\xe9 is not UTF-8"\n')
     with pytest.raises(DataError, match=r"a.jsonl:6: not UTF-8 text.*data.skip_invalid=true"):
-        prepare_data(_cfg(tmp_path, path=str(tmp_path / "a.jsonl")))
+        prepare_data(_cfg(tmp_path, path=str(tmp_path / "a.jsonl")), Examples.pairs)
     with pytest.raises(DataError, match=r"b.csv:\d+: not UTF-8 text"):
-        prepare_data(_cfg(tmp_path, path=str(tmp_path / "b.csv")))
-    data = prepare_data(_cfg(tmp_path, path=str(tmp_path), skip_invalid=True, max_code_lines=30_000))
+        prepare_data(_cfg(tmp_path, path=str(tmp_path / "b.csv")), Examples.pairs)
+    data = prepare_data(_cfg(tmp_path, path=str(tmp_path), skip_invalid=True, max_code_lines=30_000), Examples.pairs)
     assert data.counts["dropped"]["invalid_row"] == 2 and data.counts["read"] == 31  # the long function is read
 
 
 def test_missing_field_names_the_field_and_the_setting(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"source": "def f(): pass", "docstring": "Do it."}])
     with pytest.raises(DataError, match=r"d.jsonl:1: missing field 'code'.*data.input_field"):
-        prepare_data(_cfg(tmp_path, path=str(path)))
+        prepare_data(_cfg(tmp_path, path=str(path)), Examples.pairs)
 
 
 def test_skip_invalid_counts_bad_rows(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(40) + ["{not json", {"code": 3, "docstring": "x y z"}])
-    data = prepare_data(_cfg(tmp_path, path=str(path), skip_invalid=True))
+    data = prepare_data(_cfg(tmp_path, path=str(path), skip_invalid=True), Examples.pairs)
     assert data.counts["dropped"]["invalid_row"] == 2
     assert data.counts["read"] == 40
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no data files at data.path"):
-        prepare_data(_cfg(tmp_path, path=str(tmp_path / "nothing.jsonl")))
+        prepare_data(_cfg(tmp_path, path=str(tmp_path / "nothing.jsonl")), Examples.pairs)
 
 
 def test_split_is_independent_of_order_and_drops_duplicates_and_leaks():
@@ -156,27 +158,27 @@ def test_split_is_independent_of_order_and_drops_duplicates_and_leaks():
 def test_prepared_splits_are_cached_by_content(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(60))
     cfg = _cfg(tmp_path, path=str(path))
-    first = prepare_data(cfg)
+    first = prepare_data(cfg, Examples.pairs)
     manifest = json.loads((tmp_path / "cache" / first.fingerprint[:16] / "manifest.json").read_text())
     assert manifest["counts"]["kept"] == first.counts["kept"]
-    assert prepare_data(cfg).directory == first.directory
+    assert prepare_data(cfg, Examples.pairs).directory == first.directory
     write_jsonl(path, _rows(61))
-    assert prepare_data(cfg).fingerprint != first.fingerprint
+    assert prepare_data(cfg, Examples.pairs).fingerprint != first.fingerprint
 
 
 def test_the_data_stage_profiles_its_splits_for_the_monitor_and_adds_profiles_to_older_caches(tmp_path):
     cfg = _cfg(tmp_path, path=str(write_jsonl(tmp_path / "d.jsonl", _rows(60))))
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, Examples.pairs)
     profile = json.loads(data.profile_path.read_text())
     every_split = [ex for split in ("train", "validation", "test") for ex in data.load(split)]
-    assert profile["code_hashes"] == sorted(code_hash(ex["code"]) for ex in every_split)
+    assert profile["code_hashes"] == sorted(function_key(ex["code"]) for ex in every_split)
     assert len(profile["code_tokens"]) == data.counts["kept"]["train"]
     data.profile_path.unlink()  # a cache entry written before profiles were
-    assert json.loads(prepare_data(cfg).profile_path.read_text()) == profile
+    assert json.loads(prepare_data(cfg, Examples.pairs).profile_path.read_text()) == profile
 
 
 def test_stdlib_default_yields_thousands_of_pairs(stdlib_cache):
-    data = prepare_data(DataConfig(cache_dir=str(stdlib_cache)))
+    data = prepare_data(DataConfig(cache_dir=str(stdlib_cache)), Examples.pairs)
     assert data.counts["read"] > 5000
     assert data.counts["kept"]["test"] > 200
     assert not any("/test" in e["origin"] or e["origin"].startswith("test") for e in data.load("train"))
@@ -185,7 +187,7 @@ def test_stdlib_default_yields_thousands_of_pairs(stdlib_cache):
 def test_labelled_rows_read_codexglue_defect_format(tmp_path):
     rows = [{"func": f"int f{i}(int x) {{ return x + {i}; }}", "target": i % 2, "idx": i} for i in range(60)]
     path = write_jsonl(tmp_path / "devign.jsonl", rows)
-    data = prepare_data(_cfg(tmp_path, path=str(path), input_field="func", label_field="target"), labelled=True)
+    data = prepare_data(_cfg(tmp_path, path=str(path), input_field="func", label_field="target"), Examples.labelled)
     train = data.load("train")
     assert {r["label"] for r in train} == {"0", "1"} and "summary" not in train[0]
     assert sum(data.counts["kept"].values()) == 60
@@ -203,7 +205,7 @@ def test_labelled_rows_read_codexglue_defect_format(tmp_path):
     ],
 )
 def test_split_names_of_published_datasets(name, split):
-    from codetune.data.records import split_of
+    from codetune.core.data.records import split_of
 
     assert split_of(name) == split
 
@@ -219,7 +221,7 @@ def test_published_splits_are_kept_and_leakage_still_removed(tmp_path):
     write_jsonl(
         tmp_path / "data" / "test.jsonl", rows[70:] + [{"code": rows[0]["code"], "docstring": "Another wording of it."}]
     )
-    data = prepare_data(_cfg(tmp_path, path=str(tmp_path / "data")))
+    data = prepare_data(_cfg(tmp_path, path=str(tmp_path / "data")), Examples.pairs)
     codes = {split: {r["code"] for r in data.load(split)} for split in ("train", "validation", "test")}
     assert codes["test"] == {r["code"] for r in rows[70:]}
     assert codes["validation"] == {r["code"] for r in rows[60:70]} and codes["train"] == {r["code"] for r in rows[:60]}
@@ -231,7 +233,7 @@ def test_published_splits_are_kept_and_leakage_still_removed(tmp_path):
 
     # Without a test file there is nothing published to keep: content-hash splitting, as for any other source.
     (tmp_path / "data" / "test.jsonl").unlink()
-    data = prepare_data(_cfg(tmp_path, path=str(tmp_path / "data")))
+    data = prepare_data(_cfg(tmp_path, path=str(tmp_path / "data")), Examples.pairs)
     assert data.counts["kept"]["test"] > 0 and "published_split" not in data.load("train")[0]
 
 
@@ -266,7 +268,7 @@ def _peak_preparing(tmp_path, suffix: str, rows: int) -> tuple[int, int]:
     del source
     gc.collect()
     tracemalloc.start()
-    data = prepare_data(_cfg(directory, path=str(path), max_examples=100))
+    data = prepare_data(_cfg(directory, path=str(path), max_examples=100), Examples.pairs)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert sum(data.counts["kept"].values()) == 100
@@ -295,10 +297,10 @@ def test_a_tests_field_travels_with_each_example(tmp_path):
         for i in range(40)
     ]
     path = write_jsonl(tmp_path / "mbpp.jsonl", rows)
-    data = prepare_data(_cfg(tmp_path, path=str(path), target_field="text", tests_field="test_list"))
+    data = prepare_data(_cfg(tmp_path, path=str(path), target_field="text", tests_field="test_list"), Examples.pairs)
     example = data.load("train")[0]
     i = example["code"].split("_")[1].split("(")[0]
     assert example["tests"] == f"assert add_{i}(1) == {1 + int(i)}\nassert add_{i}(0) == {i}"
     without = write_jsonl(tmp_path / "d.jsonl", [{"code": "def f(): pass", "text": "Do it now please."}])
     with pytest.raises(DataError, match=r"d.jsonl:1: missing field 'test_list'.*data.tests_field"):
-        prepare_data(_cfg(tmp_path, path=str(without), target_field="text", tests_field="test_list"))
+        prepare_data(_cfg(tmp_path, path=str(without), target_field="text", tests_field="test_list"), Examples.pairs)

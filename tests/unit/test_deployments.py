@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from codetune.config import SCHEMA_KEYS, DataConfig, TrainingConfig, load_config
+from codetune.core.config import SCHEMA_KEYS, DataConfig, TrainingConfig
+from codetune.core.config.loader import load_config
 from flows.finetune import FORM_FIELDS, finetune
 
 PREFECT_YAML = yaml.safe_load(Path("prefect.yaml").read_text())
@@ -35,7 +36,7 @@ def test_deployment_parameters_are_flow_parameters_and_valid_config(name):
 
 
 def test_the_sweep_deployment_names_a_valid_sweep_and_the_trial_deployment():
-    from codetune.sweep import load_sweep
+    from codetune.lifecycle.sweep import load_sweep
     from flows.sweep import sweep
 
     [deployment] = SWEEPS

@@ -7,7 +7,7 @@ from boto3.exceptions import S3UploadFailedError
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-from codetune.errors import ConfigError, is_transient
+from codetune.core.errors import ConfigError, is_transient
 
 
 def _http_error(status: int) -> requests.HTTPError:

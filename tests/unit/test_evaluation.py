@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from codetune.config import EvaluationConfig, GenerationConfig, load_config
-from codetune.evaluation import collapse_warning, evaluate_model
-from codetune.families.base import InferenceSettings
-from codetune.families.generative import generate
-from codetune.rundir import METRICS_FILE
+from codetune.core.config import EvaluationConfig, GenerationConfig
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples
+from codetune.core.evaluation import collapse_warning, evaluate_model
+from codetune.core.families.base import InferenceSettings
+from codetune.core.families.generative import generate
+from codetune.core.rundir import METRICS_FILE
 from tests.conftest import TWIN
 
 
@@ -24,11 +26,11 @@ def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
     Random weights, made to write real tokens (no padding token, no early end), so that any
     padding leak shows as a different string.
     """
-    from codetune.data import prepare_data
-    from codetune.model import load_model
+    from codetune.core.data import prepare_data
+    from codetune.core.model import load_model
 
     cfg = load_config(config, tiny_overrides)
-    data = prepare_data(cfg.data)
+    data = prepare_data(cfg.data, Examples.pairs)
     model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in data.load("train")), seed=0)
     model.generation_config.suppress_tokens = [tokenizer.pad_token_id, tokenizer.bos_token_id]
     model.generation_config.min_new_tokens = 8
@@ -46,15 +48,15 @@ def test_batched_generation_matches_one_at_a_time(config, tiny_overrides):
 
 
 def test_a_long_generation_reports_its_progress(tiny_cfg, monkeypatch, caplog):
-    from codetune.data import prepare_data
-    from codetune.model import load_model
+    from codetune.core.data import prepare_data
+    from codetune.core.model import load_model
 
-    monkeypatch.setattr("codetune.families.base.PROGRESS_EVERY_S", 0.0)  # every batch counts as long
-    data = prepare_data(tiny_cfg.data)
+    monkeypatch.setattr("codetune.core.families.base.PROGRESS_EVERY_S", 0.0)  # every batch counts as long
+    data = prepare_data(tiny_cfg.data, Examples.pairs)
     model, tokenizer = load_model(tiny_cfg.model, (r["code"] for r in data.load("train")), seed=0)
     codes = [r["code"] for r in data.load("test")][:12]
     settings = InferenceSettings(GenerationConfig(max_new_tokens=4), 64, 16, tiny_cfg.model.prompt, batch_size=4)
-    with caplog.at_level(logging.INFO, logger="codetune.families.base"):
+    with caplog.at_level(logging.INFO, logger="codetune.core.families.base"):
         generate(model.eval(), tokenizer, codes, settings)
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generated ")]
     assert [m.split(",")[0] for m in progress] == ["generated 4 of 12", "generated 8 of 12"], progress
@@ -93,13 +95,13 @@ def test_a_collapsed_model_is_reported_in_the_log_and_the_report(trained_run):
 def test_the_untuned_base_is_scored_once_per_base_and_test_split(tmp_path, tiny_overrides):
     import shutil
 
-    from codetune.data import prepare_data
-    from codetune.evaluation import untuned_metrics
-    from codetune.families import InferenceSettings, family_of
-    from codetune.model import build_scratch_model, train_tokenizer
+    from codetune.core.data import prepare_data
+    from codetune.core.evaluation import untuned_metrics
+    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.model import build_scratch_model, train_tokenizer
 
     cfg = load_config(str(Path(TWIN).with_name("tiny-causal-lm.yaml")), tiny_overrides)
-    rows = prepare_data(cfg.data).load("test")[:4]
+    rows = prepare_data(cfg.data, Examples.pairs).load("test")[:4]
     tokenizer = train_tokenizer([r["code"] for r in rows] * 20, vocab_size=300)
     base = tmp_path / "base"
     build_scratch_model(cfg.model, tokenizer, seed=0).save_pretrained(base)

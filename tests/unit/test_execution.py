@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from codetune.execution import (
+from codetune.core.execution import (
     MIN_TIMEOUT,
     Problem,
     function_only,

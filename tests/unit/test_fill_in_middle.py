@@ -3,11 +3,12 @@ import random
 import pytest
 import torch
 
-from codetune.config import Direction, ModelConfig, ModelTask, ScratchArchitecture, load_config
-from codetune.data import prepare_data
-from codetune.families import family_of
-from codetune.families.base import InferenceSettings
-from codetune.families.fill_in_middle import (
+from codetune.core.config import Direction, ModelConfig, ModelTask, ScratchArchitecture
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.families import family_of
+from codetune.core.families.base import InferenceSettings
+from codetune.core.families.fill_in_middle import (
     ADDED_FIM_TOKENS,
     BLOCK,
     LINE,
@@ -22,8 +23,8 @@ from codetune.families.fill_in_middle import (
     line_above,
     training_windows,
 )
-from codetune.metrics import block_completion_metrics, line_completion_metrics
-from codetune.model import build_scratch_model, train_tokenizer
+from codetune.core.metrics import block_completion_metrics, line_completion_metrics
+from codetune.core.model import build_scratch_model, train_tokenizer
 
 COMPLETION = "configs/tiny-completion.yaml"
 ARCH = ScratchArchitecture(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2)
@@ -114,7 +115,7 @@ def test_test_cursors_depend_on_the_file_alone():
 
 
 def _settings(**rates) -> InferenceSettings:
-    from codetune.config import GenerationConfig
+    from codetune.core.config import GenerationConfig
 
     return InferenceSettings(GenerationConfig(), 64, 16, "", **rates)
 
@@ -164,7 +165,7 @@ def test_the_baseline_repeats_the_line_above():
 
 
 def test_completion_is_only_for_decoder_only_models_on_whole_files(tiny_overrides):
-    from codetune.errors import ConfigError
+    from codetune.core.errors import ConfigError
 
     with pytest.raises(
         ConfigError, match="model.direction=fill_in_middle needs a generative model.task \\(causal_lm\\)"
@@ -177,7 +178,7 @@ def test_completion_is_only_for_decoder_only_models_on_whole_files(tiny_override
 
 def test_the_test_split_holds_whole_files_unseen_in_training(tiny_overrides):
     cfg = load_config(COMPLETION, tiny_overrides)
-    data = prepare_data(cfg.data, whole_files=True)
+    data = prepare_data(cfg.data, Examples.whole_files)
     splits = {s: data.load(s) for s in ("train", "validation", "test")}
     assert all(set(r) == {"id", "code", "origin"} for rows in splits.values() for r in rows)
     origins = {s: {r["origin"] for r in rows} for s, rows in splits.items()}
@@ -196,12 +197,12 @@ def test_added_fim_tokens_train_as_rows_and_the_merged_export_completes_as_base_
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from codetune.model import load_pretrained
-    from codetune.rundir import ADAPTER_DIR
-    from codetune.training import train_model
+    from codetune.core.model import load_pretrained
+    from codetune.core.rundir import ADAPTER_DIR
+    from codetune.core.training import train_model
 
     cfg = tiny_pretrained
-    trained = train_model(cfg, prepare_data(cfg.data, whole_files=True))
+    trained = train_model(cfg, prepare_data(cfg.data, Examples.whole_files), family_of(cfg.model))
     with safe_open(f"{trained.run_dir}/{ADAPTER_DIR}/adapter_model.safetensors", "pt") as f:
         shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
     token_rows = [shape for key, shape in shapes.items() if "trainable_tokens" in key]

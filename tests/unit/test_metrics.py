@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from codetune.metrics import (
+from codetune.core.metrics import (
     classification_metrics,
     corpus_bleu,
     exact_match,
@@ -65,7 +65,7 @@ def test_classification_metrics_match_hand_computed_values():
 
 
 def test_retrieval_metrics_from_ranks():
-    from codetune.metrics import retrieval_metrics
+    from codetune.core.metrics import retrieval_metrics
 
     assert retrieval_metrics([1, 2, 4, 20]) == {
         "mrr": round(100 * (1 + 0.5 + 0.25 + 0.05) / 4, 2),
@@ -76,7 +76,7 @@ def test_retrieval_metrics_from_ranks():
 
 def test_codebleu_parses_python_with_the_pinned_tree_sitter():
     """CodeBLEU's syntax and data-flow parts need tree-sitter; a version mismatch shows here, not as a 0.0 in a run."""
-    from codetune.metrics import code_metrics, stub_function
+    from codetune.core.metrics import code_metrics, stub_function
 
     reference = "def area(width, height):\n    return width * height\n"
     same = code_metrics([reference], [reference])

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from codetune.config import ModelConfig, ModelTask, PeftConfig, ScratchArchitecture
-from codetune.errors import ModelError
-from codetune.families.generative import encode_prompt
-from codetune.model import (
+from codetune.core.config import ModelConfig, ModelTask, PeftConfig, ScratchArchitecture
+from codetune.core.errors import ModelError
+from codetune.core.families.generative import encode_prompt
+from codetune.core.model import (
     add_lora,
     build_scratch_model,
     count_parameters,

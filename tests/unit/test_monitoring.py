@@ -3,24 +3,25 @@ import json
 import mlflow
 import pytest
 
-from codetune.config import DataConfig, MonitorConfig, load_config
-from codetune.data.prepare import read_source
-from codetune.errors import ConfigError, DataError
-from codetune.families.base import Scored
-from codetune.monitoring import (
+from codetune.core.config import DataConfig, MonitorConfig
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples
+from codetune.core.data.prepare import read_source
+from codetune.core.data.profile import function_key, profile_splits
+from codetune.core.errors import ConfigError, DataError
+from codetune.core.families.base import Scored
+from codetune.lifecycle.monitoring import (
     DriftCheck,
     DriftReport,
-    code_hash,
     compare,
     embedding_check,
     plot,
-    profile_splits,
     quality_check,
     read_served_inputs,
     served_checks,
 )
-from codetune.registry import find_champion
-from codetune.tracking import TrackingError
+from codetune.lifecycle.registry import find_champion
+from codetune.lifecycle.tracking import TrackingError
 from tests.conftest import TWIN
 
 SETTINGS = MonitorConfig()
@@ -29,7 +30,7 @@ SETTINGS = MonitorConfig()
 @pytest.fixture(scope="module")
 def stdlib(tmp_path_factory) -> list[dict]:
     """1,200 real functions of the stdlib, in the order the data stage keeps them."""
-    return read_source(DataConfig(max_examples=1200))
+    return read_source(DataConfig(max_examples=1200), Examples.pairs)
 
 
 def _split(examples: list[dict]) -> dict[str, list[dict]]:
@@ -46,14 +47,14 @@ def _synthetic(n: int, lines: int) -> list[dict]:
 
 
 def test_a_function_is_known_by_its_code_whitespace_aside():
-    assert code_hash("def f(x):\n    return x\n") == code_hash("def f(x):\n        return  x")
-    assert code_hash("def f(x):\n    return x\n") != code_hash("def f(y):\n    return y\n")
+    assert function_key("def f(x):\n    return x\n") == function_key("def f(x):\n        return  x")
+    assert function_key("def f(x):\n    return x\n") != function_key("def f(y):\n    return y\n")
 
 
 def test_the_profile_holds_every_split_and_the_train_splits_distributions(stdlib):
     splits = _split(stdlib)
     profile = profile_splits(splits)
-    assert len(profile["code_hashes"]) == len({code_hash(ex["code"]) for ex in stdlib})
+    assert len(profile["code_hashes"]) == len({function_key(ex["code"]) for ex in stdlib})
     assert len(profile["code_tokens"]) == len(profile["summary_words"]) == len(splits["train"])
     assert len(profile["sample"]) == 512 and profile["sample"] == profile_splits(splits)["sample"]
     assert "self" in profile["identifiers"] and not {"if", "None", "return"} & set(profile["identifiers"])
@@ -180,8 +181,8 @@ def test_served_inputs_are_checked_as_code_and_a_missing_log_directory_is_named(
 
 def test_a_source_that_is_missing_or_has_nothing_to_compare_is_named(tmp_path):
     with pytest.raises(DataError, match="data.path='.*nowhere' is not a directory"):
-        read_source(DataConfig(path=str(tmp_path / "nowhere")))
+        read_source(DataConfig(path=str(tmp_path / "nowhere")), Examples.pairs)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "m.py").write_text("x = 1\n")
     with pytest.raises(DataError, match="no examples in .*empty .*documented functions"):
-        read_source(DataConfig(path=str(tmp_path / "empty")))
+        read_source(DataConfig(path=str(tmp_path / "empty")), Examples.pairs)

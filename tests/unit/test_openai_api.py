@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from codetune.families.base import Completion, Sampling
+from codetune.core.families.base import Completion, Sampling
 from server.app import Limits
 from server.openai_api import OpenAIError, chat_job, completion_job, events, response_body
 

@@ -1,8 +1,8 @@
 import subprocess
 import sys
 
-from codetune.config import load_config
-from codetune.preflight import data_problems, disk_problems, memory_problems, model_problems, preflight
+from codetune.core.config.loader import load_config
+from codetune.core.preflight import data_problems, disk_problems, memory_problems, model_problems, preflight
 
 
 def test_the_default_run_passes_on_this_machine():

@@ -11,9 +11,17 @@ import boto3
 import pytest
 from botocore.config import Config as BotoConfig
 
-from codetune.config import PublishedWeights, load_config
-from codetune.evaluation import EvalReport
-from codetune.publishing import PublishError, model_card, publish_files, publish_to_s3, push_to_hub, upload_to_s3
+from codetune.core.config import PublishedWeights
+from codetune.core.config.loader import load_config
+from codetune.core.evaluation import EvalReport
+from codetune.lifecycle.publishing import (
+    PublishError,
+    model_card,
+    publish_files,
+    publish_to_s3,
+    push_to_hub,
+    upload_to_s3,
+)
 from tests.conftest import TWIN
 from tests.servers import FlakyProxy, RecordingHub
 
@@ -152,9 +160,9 @@ def test_hub_server_errors_are_retried(run_dir):
 
 
 def test_a_stalled_hub_times_out_and_the_push_is_retried(run_dir, monkeypatch):
-    import codetune.publishing
+    import codetune.lifecycle.publishing
 
-    monkeypatch.setattr(codetune.publishing, "HUB_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(codetune.lifecycle.publishing, "HUB_TIMEOUT_S", 0.5)
     with RecordingHub() as hub:
         hub.state.stall_next, hub.state.stall_s = 1, 5.0
         started = time.perf_counter()
@@ -178,7 +186,7 @@ def test_hub_rejected_token_fails_at_once_naming_the_credential(run_dir):
 
 
 def test_a_challenger_goes_to_its_version_branch_never_to_main(run_dir):
-    from codetune.registry import CHALLENGER, CHAMPION, Registration
+    from codetune.lifecycle.registry import CHALLENGER, CHAMPION, Registration
 
     champion = Registration("summ", "1", CHAMPION, "first version", "models:/summ/1")
     challenger = Registration("summ", "2", CHALLENGER, "lower than the champion", "models:/summ/2")

@@ -5,10 +5,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from codetune.config import load_config
-from codetune.data import prepare_data
-from codetune.registry import CHALLENGER, CHAMPION, decide_alias, register_model
-from codetune.training import train_model
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.families import family_of
+from codetune.core.training import train_model
+from codetune.lifecycle.registry import CHALLENGER, CHAMPION, decide_alias, register_model
 from tests.conftest import TWIN
 
 
@@ -35,8 +36,8 @@ def tracked(tiny_cfg, tmp_path, monkeypatch):
     is), since registering the same model twice gives back its first version.
     """
     monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under ./mlruns
-    data = prepare_data(tiny_cfg.data)
-    trained = train_model(tiny_cfg, data)
+    data = prepare_data(tiny_cfg.data, Examples.pairs)
+    trained = train_model(tiny_cfg, data, family_of(tiny_cfg.model))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("registry-test")
     cfg = load_config(TWIN, ["training.max_source_length=64", "registry.min_score=5", "registry.model_name=summarizer"])
@@ -112,7 +113,7 @@ def test_a_benchmark_gated_champion_keeps_its_score_on_another_test_split():
     """HumanEval is the same problems whatever the test split: the champion's recorded pass@1 is what is compared."""
     from types import SimpleNamespace
 
-    from codetune.registry import _champion_score
+    from codetune.lifecycle.registry import _champion_score
 
     cfg = load_config("configs/code-generation.yaml")
     champion = SimpleNamespace(version="3", tags={"metric.humaneval_pass_at_1": "4.27", "test_split": "old"})

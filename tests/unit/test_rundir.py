@@ -4,10 +4,10 @@ import textwrap
 
 import pytest
 
-from codetune.config import load_config
-from codetune.data import PreparedData
-from codetune.errors import ConfigError
-from codetune.rundir import RunDir, run_key, run_name
+from codetune.core.config.loader import load_config
+from codetune.core.data import PreparedData
+from codetune.core.errors import ConfigError
+from codetune.core.rundir import RunDir, run_key, run_name
 
 DATA = PreparedData(directory="", fingerprint="f" * 64, counts={}, sha256={})
 
@@ -32,7 +32,7 @@ def test_a_second_run_of_the_same_directory_waits_for_the_first(tmp_path):
     holder = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from codetune.rundir import RunDir
+        from codetune.core.rundir import RunDir
         with RunDir({str(tmp_path)!r}).lock():
             print("held", flush=True)
             time.sleep(2)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from codetune.sandbox import Limits, run_program
+from codetune.core.sandbox import Limits, run_program
 from tests.hostile_programs import assert_contained
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,7 +201,7 @@ def test_as_an_unprivileged_user_hostile_programs_are_held_by_landlock_and_secco
 # Makes the kernel look as if it had no Landlock (as a container runtime's seccomp profile without its calls does).
 WITHOUT_LANDLOCK = """
 import ctypes, errno
-from codetune.sandbox import seccomp
+from codetune.core.sandbox import seccomp
 lib = seccomp.library()
 ctx = lib.seccomp_init(seccomp.ALLOW)
 landlock = lib.seccomp_syscall_resolve_name(b"landlock_create_ruleset")
@@ -219,9 +219,9 @@ def test_where_nothing_confines_programs_scoring_stops_with_the_fix_unless_allow
     with allow_unconfined the programs run, and say so."""
     script = WITHOUT_LANDLOCK + (
         "import json\n"
-        "from codetune.errors import SandboxError\n"
-        "from codetune.execution import Problem, time_limits\n"
-        "from codetune.sandbox import SandboxUnavailable, run_program, unconfined_execution\n"
+        "from codetune.core.errors import SandboxError\n"
+        "from codetune.core.execution import Problem, time_limits\n"
+        "from codetune.core.sandbox import SandboxUnavailable, run_program, unconfined_execution\n"
         "answer = {}\n"
         "try:\n    time_limits([Problem('p', '', 'pass', 'pass')])\nexcept SandboxError as exc:\n"
         "    answer['refused'] = str(exc)\n"
@@ -249,23 +249,23 @@ def test_where_nothing_confines_programs_scoring_stops_with_the_fix_unless_allow
 def test_the_launcher_starts_from_a_clean_interpreter():
     """The launcher imports the sandbox package from a `python -I -S`: nothing of codetune beyond it, nothing beyond
     the standard library."""
-    for module in (REPO / "codetune" / "sandbox").glob("*.py"):
+    for module in (REPO / "codetune" / "core" / "sandbox").glob("*.py"):
         imports = {
             line.split()[1].split(".")[0]
             for line in module.read_text().splitlines()
             if line.startswith(("import ", "from "))
         }
-        imports -= {"codetune"} if "from codetune.sandbox import" in module.read_text() else set()
+        imports -= {"codetune"} if "from codetune.core.sandbox import" in module.read_text() else set()
         assert imports <= set(sys.stdlib_module_names) | {"__future__"}, (module.name, imports)
     imported = subprocess.run(
         [sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-         "import json, codetune.sandbox.launcher; "
+         "import json, codetune.core.sandbox.launcher; "
          "print(json.dumps([m for m in sys.modules if m.startswith('codetune')]))"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert set(json.loads(imported.stdout)) <= {
-        "codetune", "codetune.sandbox", "codetune.sandbox.launcher", "codetune.sandbox.landlock",
-        "codetune.sandbox.namespaces", "codetune.sandbox.seccomp",
+        "codetune", "codetune.core", "codetune.core.sandbox", "codetune.core.sandbox.launcher", "codetune.core.sandbox.landlock",
+        "codetune.core.sandbox.namespaces", "codetune.core.sandbox.seccomp",
     }  # fmt: skip
 
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from codetune.errors import ConfigError
-from codetune.sweep import load_sweep
+from codetune.core.errors import ConfigError
+from codetune.lifecycle.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SWEEP = ROOT / "configs" / "sweeps" / "tiny-seq2seq.yaml"
@@ -58,7 +58,7 @@ def test_the_pruner_stops_the_worse_loss_whichever_way_the_study_optimises(tmp_p
     import optuna
     from transformers import TrainerControl, TrainerState
 
-    from codetune.sweep import TrialRef, pruning_callback
+    from codetune.lifecycle.sweep import TrialRef, pruning_callback
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction=direction)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from codetune.config import load_config
-from codetune.data import prepare_data
-from codetune.families import family_of
-from codetune.precision import resolve_precision
-from codetune.rundir import last_complete_checkpoint
-from codetune.training import train_model
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.families import family_of
+from codetune.core.precision import resolve_precision
+from codetune.core.rundir import last_complete_checkpoint
+from codetune.core.training import train_model
 from tests.conftest import TWIN
 
 
@@ -42,7 +42,7 @@ def test_finished_training_is_not_redone(trained_run, caplog):
     cfg, data, first = trained_run
     mtime = (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
-        again = train_model(cfg, data)
+        again = train_model(cfg, data, family_of(cfg.model))
     assert again == first
     assert (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns == mtime
     assert "not redoing it" in caplog.text
@@ -50,7 +50,7 @@ def test_finished_training_is_not_redone(trained_run, caplog):
 
 def test_training_says_how_long_it_will_take_after_its_first_steps(tiny_cfg, caplog):
     with caplog.at_level(logging.INFO, logger="codetune"):
-        train_model(tiny_cfg, prepare_data(tiny_cfg.data))
+        train_model(tiny_cfg, prepare_data(tiny_cfg.data, Examples.pairs), family_of(tiny_cfg.model))
     estimates = [r.getMessage() for r in caplog.records if "more minutes on this machine" in r.getMessage()]
     assert len(estimates) == 1 and re.search(r"7 steps of ~\d+ tokens at \d+ tokens/s", estimates[0]), estimates
 
@@ -58,7 +58,7 @@ def test_training_says_how_long_it_will_take_after_its_first_steps(tiny_cfg, cap
 def test_same_seed_gives_identical_weights(trained_run, tiny_overrides, tmp_path):
     cfg, data, first = trained_run
     twin = load_config(TWIN, tiny_overrides + [f"training.output_dir={tmp_path / 'twin'}"])
-    second = train_model(twin, data)
+    second = train_model(twin, data, family_of(twin.model))
     a = load_file(Path(first.run_dir) / "model.safetensors")
     b = load_file(Path(second.run_dir) / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
@@ -78,7 +78,7 @@ def lora_on(base, output_dir: Path) -> list[str]:
 def test_lora_on_a_local_pretrained_model_saves_adapter_and_merged_model(trained_run, tiny_overrides, tmp_path):
     _, data, base = trained_run
     cfg = load_config(TWIN, tiny_overrides + lora_on(base, tmp_path / "lora"))
-    result = train_model(cfg, data)
+    result = train_model(cfg, data, family_of(cfg.model))
     run_dir = Path(result.run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert result.trainable_parameters < 0.2 * result.total_parameters
@@ -96,10 +96,10 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rules")
 def test_cpu_precision_follows_the_cpus_bf16_instructions(caplog, monkeypatch):
     precision = lambda *overrides: resolve_precision(load_config(TWIN, list(overrides)))
-    monkeypatch.setattr("codetune.precision.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("codetune.core.precision.cpu_has_bf16", lambda: True)
     assert precision() == (True, False)
     assert precision("training.bf16=false") == (False, False)
-    monkeypatch.setattr("codetune.precision.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("codetune.core.precision.cpu_has_bf16", lambda: False)
     assert precision() == (False, False)
     with caplog.at_level(logging.WARNING):
         assert precision("training.bf16=true") == (False, False)
@@ -108,8 +108,8 @@ def test_cpu_precision_follows_the_cpus_bf16_instructions(caplog, monkeypatch):
 
 
 def test_causal_lm_loss_sees_only_the_summary(tiny_cfg):
-    from codetune.families.causal_lm import causal_example
-    from codetune.model import train_tokenizer
+    from codetune.core.families.causal_lm import causal_example
+    from codetune.core.model import train_tokenizer
 
     tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n# Summary: Add two numbers."] * 20, 300)
     row = {"code": "def add(a, b):\n    return a + b", "summary": "Add two numbers."}
@@ -138,13 +138,13 @@ def test_every_family_exports_a_model_plain_transformers_loads(config, auto_clas
     labelled = [f"data.path={request.getfixturevalue('labelled_jsonl')}"] if config == "tiny-classifier" else []
     cfg = load_config(f"configs/{config}.yaml", tiny_overrides + labelled)
     family = family_of(cfg.model)
-    result = train_model(cfg, prepare_data(cfg.data, family.labelled, family.whole_files))
+    result = train_model(cfg, prepare_data(cfg.data, family.examples), family_of(cfg.model))
     model = getattr(transformers, auto_class).from_pretrained(result.run_dir)
     assert model.config.model_type == model_type and result.global_step == 12
 
 
 def test_classifier_beats_the_majority_class_on_a_real_stdlib_task(labelled_jsonl, stdlib_cache, tmp_path):
-    from codetune.evaluation import evaluate_model
+    from codetune.core.evaluation import evaluate_model
 
     cfg = load_config(
         "configs/tiny-classifier.yaml",
@@ -162,18 +162,18 @@ def test_classifier_beats_the_majority_class_on_a_real_stdlib_task(labelled_json
             "data.test_fraction=0.2",
         ],
     )
-    data = prepare_data(cfg.data, labelled=True)
-    report = evaluate_model(train_model(cfg, data).run_dir, data.load("test"), cfg)
+    data = prepare_data(cfg.data, Examples.labelled)
+    report = evaluate_model(train_model(cfg, data, family_of(cfg.model)).run_dir, data.load("test"), cfg)
     assert report.baseline_name == "majority class"
     assert report.metrics["accuracy"] > report.baseline["accuracy"]
 
 
 def test_run_shorter_than_the_logging_interval_still_reports_its_loss(tiny_cfg):
-    from codetune.data import prepare_data
-    from codetune.training import train_model
+    from codetune.core.data import prepare_data
+    from codetune.core.training import train_model
 
     tiny_cfg.training.max_steps, tiny_cfg.training.logging_steps = 3, 50
-    trained = train_model(tiny_cfg, prepare_data(tiny_cfg.data))
+    trained = train_model(tiny_cfg, prepare_data(tiny_cfg.data, Examples.pairs), family_of(tiny_cfg.model))
     assert trained.global_step == 3 and trained.train_loss > 0
 
 
@@ -182,12 +182,12 @@ def test_dynamic_padding_gives_the_loss_of_max_length_padding(tiny_cfg):
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from codetune.model import load_model
-    from codetune.training import tokenize
+    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.model import load_model
 
-    rows = prepare_data(tiny_cfg.data).load("train")[:16]
+    rows = prepare_data(tiny_cfg.data, Examples.pairs).load("train")[:16]
     model, tokenizer = load_model(tiny_cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
-    examples = tokenize(rows, tokenizer, tiny_cfg)
+    examples = family_of(tiny_cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(tiny_cfg))
     dynamic = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)(examples)
     full = DataCollatorForSeq2Seq(
         tokenizer, model=model, label_pad_token_id=-100, padding="max_length", max_length=128
@@ -210,7 +210,7 @@ def test_length_grouped_batches_train_as_well_as_random_ones(tiny_overrides, tmp
                 f"training.output_dir={tmp_path / str(grouped)}",
             ],
         )
-        losses[grouped] = train_model(cfg, prepare_data(cfg.data)).validation_loss
+        losses[grouped] = train_model(cfg, prepare_data(cfg.data, Examples.pairs), family_of(cfg.model)).validation_loss
     assert abs(losses[True] - losses[False]) / losses[False] < 0.05, losses
 
 
@@ -233,7 +233,7 @@ def test_activation_checkpointing_under_lora_changes_memory_not_the_model(
         overrides = [*lora_on(base, tmp_path / checkpointing), f"training.gradient_checkpointing={checkpointing}"]
         cfg = load_config(TWIN, tiny_overrides + overrides)
         adapters[checkpointing] = load_file(
-            Path(train_model(cfg, data).run_dir) / "adapter" / "adapter_model.safetensors"
+            Path(train_model(cfg, data, family_of(cfg.model)).run_dir) / "adapter" / "adapter_model.safetensors"
         )
     assert enabled == [True]  # the run with it on recomputed activations; the one with it off did not
     recomputed, stored = adapters["true"], adapters["false"]
@@ -246,14 +246,14 @@ def test_lm_head_on_loss_positions_only_gives_the_full_logits_loss(tiny_override
     """The causal collator projects only positions whose next token carries loss; loss and gradients must not move."""
     from transformers import DataCollatorForSeq2Seq
 
-    from codetune.families.causal_lm import CausalLMCollator
-    from codetune.model import load_model
-    from codetune.training import tokenize
+    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families.causal_lm import CausalLMCollator
+    from codetune.core.model import load_model
 
     cfg = load_config("configs/tiny-causal-lm.yaml", tiny_overrides)
-    rows = prepare_data(cfg.data).load("train")[:8]
+    rows = prepare_data(cfg.data, Examples.pairs).load("train")[:8]
     model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
-    examples = tokenize(rows, tokenizer, cfg)
+    examples = family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg))
     trimmed = CausalLMCollator(tokenizer.pad_token_id)(examples)
     full = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)(examples)
     assert trimmed["logits_to_keep"].numel() < full["input_ids"].shape[1]  # the prompt positions are skipped
@@ -272,7 +272,7 @@ def test_lm_head_on_loss_positions_only_gives_the_full_logits_loss(tiny_override
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU autocast path")
 def test_bf16_autocast_trains_to_the_fp32_loss(tiny_overrides, tmp_path):
     """bf16 on a CPU that has it halves the step time of the default; the model it trains must be as good (2%)."""
-    from codetune.precision import cpu_has_bf16
+    from codetune.core.precision import cpu_has_bf16
 
     if not cpu_has_bf16():
         pytest.skip("this CPU has no bf16 instructions: codetune trains in fp32 here")
@@ -283,7 +283,7 @@ def test_bf16_autocast_trains_to_the_fp32_loss(tiny_overrides, tmp_path):
             tiny_overrides
             + ["training.max_steps=40", f"training.bf16={bf16}", f"training.output_dir={tmp_path / bf16}"],
         )
-        losses[bf16] = train_model(cfg, prepare_data(cfg.data)).validation_loss
+        losses[bf16] = train_model(cfg, prepare_data(cfg.data, Examples.pairs), family_of(cfg.model)).validation_loss
     assert losses["true"] != losses["false"], "bf16 changed nothing: autocast never ran"
     assert abs(losses["true"] - losses["false"]) / losses["false"] < 0.02, losses
 
@@ -293,7 +293,7 @@ def test_a_onednn_held_to_avx2_turns_bf16_off_whatever_the_cpu_flags_say():
     import subprocess
     import sys
 
-    probe = "from codetune.precision import cpu_has_bf16; print(cpu_has_bf16())"
+    probe = "from codetune.core.precision import cpu_has_bf16; print(cpu_has_bf16())"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     held = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert held.stdout.strip() == "False"
@@ -319,7 +319,7 @@ def test_out_of_memory_retries_at_half_the_micro_batch_with_the_same_effective_b
     monkeypatch.setattr(Trainer, "training_step", filling_device)
     squeezed = load_config(TWIN, tiny_overrides + [f"training.output_dir={tmp_path / 'squeezed'}"])
     with caplog.at_level(logging.WARNING):
-        result = train_model(squeezed, data)
+        result = train_model(squeezed, data, family_of(squeezed.model))
 
     assert "retrying once at micro-batch 4 with gradient accumulation 2" in caplog.text
     assert result.global_step == 12 and result.resumed_from_step == 6 and result.micro_batch_size == 4
@@ -334,7 +334,7 @@ def test_out_of_memory_retries_at_half_the_micro_batch_with_the_same_effective_b
 def test_out_of_memory_at_an_odd_micro_batch_names_the_fix(tiny_overrides, tmp_path, monkeypatch):
     from transformers import Trainer
 
-    from codetune.errors import ModelError
+    from codetune.core.errors import ModelError
 
     def full_device(trainer, model, inputs, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -342,19 +342,21 @@ def test_out_of_memory_at_an_odd_micro_batch_names_the_fix(tiny_overrides, tmp_p
     monkeypatch.setattr(Trainer, "training_step", full_device)
     cfg = load_config(TWIN, tiny_overrides + ["training.per_device_train_batch_size=7"])
     with pytest.raises(ModelError, match="cannot be halved at the same effective batch"):
-        train_model(cfg, prepare_data(cfg.data))
+        train_model(cfg, prepare_data(cfg.data, Examples.pairs), family_of(cfg.model))
 
 
 @pytest.mark.parametrize("config, honours", [("tiny-seq2seq", False), ("tiny-causal-lm", True)])
 def test_which_losses_honour_the_trainers_item_count_is_measured(config, honours, tiny_overrides):
     """T5 averages per micro-batch whatever it is told; Qwen2's loss divides by the count the Trainer passes."""
-    from codetune.families import family_of
-    from codetune.model import load_model
-    from codetune.training import loss_honours_item_count, tokenize
+    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.model import load_model
+    from codetune.core.training import loss_honours_item_count
 
     cfg = load_config(f"configs/{config}.yaml", tiny_overrides)
-    rows = prepare_data(cfg.data).load("train")[:2]
+    rows = prepare_data(cfg.data, Examples.pairs).load("train")[:2]
     model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
-    batch = family_of(cfg.model).collator(tokenizer, model, None)(tokenize(rows, tokenizer, cfg))
+    batch = family_of(cfg.model).collator(tokenizer, model, None)(
+        family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg))
+    )
     assert loss_honours_item_count(model, batch) is honours
     assert model.training  # restored
