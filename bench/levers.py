@@ -36,7 +36,7 @@ def step_seconds(source_tokens: int, layers: int, rows: list[dict], bf16: bool) 
     import torch
 
     from codetune.core.config.loader import load_config
-    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families import family_of
     from codetune.core.model import add_lora, load_pretrained
 
     cfg = load_config(None, [f"training.max_source_length={source_tokens}"])
@@ -44,7 +44,7 @@ def step_seconds(source_tokens: int, layers: int, rows: list[dict], bf16: bool) 
     family = family_of(cfg.model)
     adapted = layers if layers < model.config.num_hidden_layers else None
     model = add_lora(model, dataclasses.replace(cfg.peft, last_layers=adapted)).train()
-    examples = family.tokenize(rows, tokenizer, InferenceSettings.of(cfg))
+    examples = family.tokenize(rows, tokenizer, cfg)
     collate = family.collator(tokenizer, model, None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate)
     seconds, tokens = [], 0

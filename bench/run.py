@@ -89,9 +89,9 @@ def useful_flops(model, rows, tokenizer, cfg: Config) -> tuple[float, int, int]:
     gradient; the LM head is needed only where a target token is predicted. Both recipes are measured
     on this same useful work, so padding and wasted head projections show up as lower FLOP/s.
     """
-    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families import family_of
 
-    examples = family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg))
+    examples = family_of(cfg.model).tokenize(rows, tokenizer, cfg)
     targets = sum(sum(1 for label in e["labels"] if label != -100) for e in examples)
     prompts = sum(len(e["input_ids"]) for e in examples) - targets
     head = model.get_output_embeddings().weight.numel()
@@ -132,7 +132,7 @@ def train_baseline(workdir: Path, steps: int) -> dict:
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
     from codetune.core.data import prepare_data
-    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families import family_of
     from codetune.core.model import add_lora, load_pretrained
     from codetune.core.training import final_train_loss
 
@@ -152,7 +152,7 @@ def train_baseline(workdir: Path, steps: int) -> dict:
                 "attention_mask": e["attention_mask"] + [0] * (length - len(e["input_ids"])),
                 "labels": e["labels"] + [-100] * (length - len(e["input_ids"])),
             }
-            for e in family_of(cfg.model).tokenize(examples, tokenizer, InferenceSettings.of(cfg))
+            for e in family_of(cfg.model).tokenize(examples, tokenizer, cfg)
         ]
 
     # Only what the recipe shares with codetune's run comes from the config; the rest is the Trainer's defaults.

@@ -16,7 +16,7 @@ from codetune.core import metrics as metrics_module
 from codetune.core.config import Benchmark, Config, GenerationConfig, ModelInit, content_hash
 from codetune.core.errors import ModelError
 from codetune.core.execution import Problem, benchmark_problems, functional_correctness, sandbox_warning, time_limits
-from codetune.core.families import Family, InferenceSettings, family_of_model
+from codetune.core.families import Family, InferenceSettings, family_of_model, source_files
 from codetune.core.families.generative import complete_code
 from codetune.core.files import write_atomic
 from codetune.core.model import base_weights, load_exported, load_pretrained
@@ -190,10 +190,7 @@ def solve_benchmark(cfg: Config, model, tokenizer, name: Benchmark) -> dict:
 def scoring_code(family: Family) -> str:
     """A hash of the code that scores: the family's modules (its class's and its bases'), the metrics and the harness.
     A changed cursor, metric or harness is scored anew, not read from an earlier codetune's cache."""
-    import inspect
-
-    family_modules = {inspect.getfile(c) for c in type(family).__mro__ if c.__module__.startswith("codetune.")}
-    modules = sorted(family_modules) + [metrics_module.__file__, execution_module.__file__]
+    modules = source_files(type(family)) + [metrics_module.__file__, execution_module.__file__]
     return content_hash([Path(m).read_text() for m in modules])
 
 

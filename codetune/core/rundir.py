@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -20,8 +21,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from codetune.core.config import Config, content_hash
+from codetune.core.config import Config, Direction, content_hash
 from codetune.core.errors import ConfigError
+from codetune.core.families import family_of, source_files
 from codetune.core.files import write_atomic
 
 if TYPE_CHECKING:
@@ -49,7 +51,11 @@ EXPORT = "export"
 """Staged as .export, then moved into the run directory itself: the model files from_pretrained reads."""
 CHECKPOINTS = "checkpoints"
 RUN_KEY_FILE = "run_key.txt"
-"""The hash of everything that determines the weights: a run directory belongs to one configuration."""
+"""The hash of the settings that determine the weights: a run directory belongs to one configuration."""
+RECIPE_FILE = "recipe.txt"
+"""The hash of the code that trained it (recipe_code): a run of other code is neither resumed nor reused."""
+RECIPE_MODULES = ("training.py", "model.py", "precision.py", "distributed.py", "weights.py")
+"""The core modules that turn a configuration and data into weights, beside the family's own."""
 LOCK_FILE = ".lock"
 RECORDS = frozenset(
     {
@@ -64,6 +70,7 @@ RECORDS = frozenset(
         PREDICTIONS_FILE,
         BENCHMARK_RESULTS,
         RUN_KEY_FILE,
+        RECIPE_FILE,
     }
 )
 
@@ -97,16 +104,37 @@ class RunDir:
     def evaluated(self) -> bool:
         return (self.path / METRICS_FILE).exists()
 
-    def claim(self, key: str) -> None:
-        """Make this directory the run of `key`, refusing one that another configuration made."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        recorded = self.path / RUN_KEY_FILE
+    def claim(self, key: str, recipe: str) -> None:
+        """Make this directory the run of settings `key` trained by code `recipe`, refusing one that another
+        configuration or other code made."""
+        recorded, trained_by = self.path / RUN_KEY_FILE, self.path / RECIPE_FILE
         if recorded.exists() and recorded.read_text().strip() != key:
             raise ConfigError(
                 f"{self.path} holds a run of a different configuration (model, LoRA, training or data settings "
                 "differ): choose another training.run_name, or leave it null to name the run from its settings"
             )
+        if recorded.exists() and (not trained_by.exists() or trained_by.read_text().strip() != recipe):
+            raise ConfigError(
+                f"{self.path} holds a run of this configuration trained by other codetune code (the training, model "
+                "or family modules changed since), which would not resume into the same model: choose another "
+                "training.run_name, or leave it null to train anew in a directory of its own"
+            )
+        if not recorded.exists():
+            self._name_earlier_recipes(key)
+        self.path.mkdir(parents=True, exist_ok=True)
         self.write(RUN_KEY_FILE, key)
+        self.write(RECIPE_FILE, recipe)
+
+    def _name_earlier_recipes(self, key: str) -> None:
+        """Say which runs of this configuration other code trained: they are left as they are, not reused."""
+        siblings = self.path.parent.glob(f"*/{RUN_KEY_FILE}") if self.path.parent.is_dir() else []
+        earlier = sorted(str(s.parent) for s in siblings if s.read_text().strip() == key)
+        if earlier:
+            log.warning(
+                "%s hold this configuration trained by other codetune code; not reused: training anew in %s",
+                ", ".join(earlier),
+                self.path,
+            )
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -187,17 +215,31 @@ NOT_IN_RUN_KEY = (
 
 
 def run_key(cfg: Config, data: PreparedData) -> str:
-    """Hash of everything that determines the trained weights: model, LoRA and training settings, data."""
+    """Hash of the settings that determine the trained weights: model, LoRA, training and FIM settings, data."""
     training = {k: v for k, v in dataclasses.asdict(cfg.training).items() if k not in NOT_IN_RUN_KEY}
     model, peft = dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.peft)
-    return content_hash({"model": model, "peft": peft, "training": training, "data": data.fingerprint})
+    settings = {"model": model, "peft": peft, "training": training, "data": data.fingerprint}
+    if cfg.model.direction is Direction.fill_in_middle:  # only there: every other run keeps its name
+        settings["fill_in_middle"] = dataclasses.asdict(cfg.fill_in_middle)
+    return content_hash(settings)
+
+
+@functools.cache
+def recipe_code(family_class: type) -> str:
+    """A hash of the code that turns a configuration and data into weights: the RECIPE_MODULES and the family's
+    modules (its class's and its bases'). After a change there, the same configuration trains anew."""
+    core = Path(__file__).parent
+    modules = [core / m for m in RECIPE_MODULES] + [Path(m) for m in source_files(family_class)]
+    return content_hash([m.read_text() for m in modules])
 
 
 def run_name(cfg: Config, data: PreparedData) -> str:
+    """training.run_name, or the model's name and a hash of the settings and the recipe code."""
     if cfg.training.run_name:
         return cfg.training.run_name
     slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.model.name.rsplit("/", 1)[-1]).strip("-").lower()
-    return f"{slug}-{run_key(cfg, data)[:10]}"
+    recipe = recipe_code(type(family_of(cfg.model)))
+    return f"{slug}-{content_hash([run_key(cfg, data), recipe])[:10]}"
 
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:

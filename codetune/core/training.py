@@ -24,7 +24,7 @@ from codetune.core.config.loader import to_yaml
 from codetune.core.data import Examples, PreparedData
 from codetune.core.distributed import launch_processes, launched, processes, rank_zero, world_size
 from codetune.core.errors import ModelError
-from codetune.core.families import Family, InferenceSettings
+from codetune.core.families import Family
 from codetune.core.model import (
     MergeError,
     add_lora,
@@ -47,6 +47,7 @@ from codetune.core.rundir import (
     TRAINING_RECORD,
     RunDir,
     last_complete_checkpoint,
+    recipe_code,
     run_key,
 )
 
@@ -118,7 +119,7 @@ def train_model(cfg: Config, data: PreparedData, family: Family, callbacks: Sequ
     nothing is exported.
     """
     run = RunDir.of(cfg, data)
-    with _held(run, cfg, data):
+    with _held(run, cfg, data, family):
         if run.trained:
             log.info("training already finished in %s; not redoing it", run)
             return TrainedModel.load(run.path)
@@ -152,12 +153,12 @@ def train_model(cfg: Config, data: PreparedData, family: Family, callbacks: Sequ
 
 
 @contextlib.contextmanager
-def _held(run: RunDir, cfg: Config, data: PreparedData) -> Iterator[None]:
+def _held(run: RunDir, cfg: Config, data: PreparedData, family: Family) -> Iterator[None]:
     """The run directory claimed for this configuration and locked; a launched process is inside its launcher's."""
     if launched():
         yield
         return
-    run.claim(run_key(cfg, data))
+    run.claim(run_key(cfg, data), recipe_code(type(family)))
     with run.lock():
         yield
 
@@ -188,7 +189,7 @@ def _export_merged(cfg: Config, family: Family, run: RunDir, labels, validation_
     model = PeftModel.from_pretrained(base, run / ADAPTER_DIR)
     label2id = model.config.label2id if labels else None
     # Four examples, as for every family: a completion file alone gives up to 16 windows.
-    examples = family.tokenize(validation_rows[:4], tokenizer, InferenceSettings.of(cfg), label2id)[:4]
+    examples = family.tokenize(validation_rows[:4], tokenizer, cfg, label2id)[:4]
     probe = family.probe_inputs(dict(_collator(family, tokenizer, model)(examples)))
     try:
         merged = merge_adapter(model, probe)
@@ -327,9 +328,8 @@ def _trainer(cfg: Config, family: Family, run: RunDir, model, base, tokenizer, t
     )
     if t.gradient_checkpointing:  # here, not by the Trainer: a code-search encoder reaches it inside its BiEncoder
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    settings = InferenceSettings.of(cfg)
     label2id = base.config.label2id if labels else None
-    train_examples = family.tokenize(train_rows, tokenizer, settings, label2id)
+    train_examples = family.tokenize(train_rows, tokenizer, cfg, label2id)
     # Every token sequence of an example: a code-search pair holds two (query_input_ids, code_input_ids).
     token_lists = [ids for e in train_examples for key, ids in e.items() if key.endswith("input_ids")]
     tokens_per_step = (
@@ -340,7 +340,7 @@ def _trainer(cfg: Config, family: Family, run: RunDir, model, base, tokenizer, t
         model=family.trainable(model),
         args=_training_arguments(cfg, family, run / CHECKPOINTS),
         train_dataset=train_examples,
-        eval_dataset=family.tokenize(validation_rows, tokenizer, settings, label2id),
+        eval_dataset=family.tokenize(validation_rows, tokenizer, cfg, label2id),
         data_collator=_collator(family, tokenizer, base),
         processing_class=tokenizer,
         callbacks=[TrainingProgress(tokens_per_step)],

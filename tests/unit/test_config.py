@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from codetune.core.config import Config, ModelInit, to_dict
+from codetune.core.config import ModelInit, to_dict
 from codetune.core.config.loader import load_config
 from codetune.core.errors import ConfigError, without_credentials
 
@@ -12,7 +12,7 @@ CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
 
 def test_default_yaml_is_the_embedded_default():
-    assert to_dict(load_config("configs/default.yaml")) == to_dict(Config())
+    assert to_dict(load_config("configs/default.yaml")) == to_dict(load_config(None))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -177,3 +177,16 @@ def test_benchmarks_and_tests_need_a_model_that_writes_code():
     assert family_of(own_tests.model).gate_metric(own_tests) == "pass_at_1"  # the data's own tests come first
     with pytest.raises(ConfigError, match="evaluation.samples_per_problem"):
         load_config("configs/code-generation.yaml", ["evaluation.samples_per_problem=0"])
+
+
+def test_the_registered_model_is_named_after_what_its_family_makes_unless_named():
+    names = {
+        None: "codetune-code-summarizer",
+        "configs/code-generation.yaml": "codetune-code-generator",
+        "configs/tiny-classifier.yaml": "codetune-code-classifier",
+        "configs/tiny-code-search.yaml": "codetune-code-search",
+        "configs/completion.yaml": "codetune-code-completion",
+        "configs/tiny-completion.yaml": "codetune-tiny-completion",  # named in the file
+    }
+    for path, name in names.items():
+        assert load_config(path).registry.model_name == name, path

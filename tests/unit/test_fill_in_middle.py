@@ -3,7 +3,15 @@ import random
 import pytest
 import torch
 
-from codetune.core.config import Direction, ModelConfig, ModelTask, ScratchArchitecture
+from codetune.core.config import (
+    Config,
+    Direction,
+    FillInMiddleConfig,
+    ModelConfig,
+    ModelTask,
+    ScratchArchitecture,
+    TrainingConfig,
+)
 from codetune.core.config.loader import load_config
 from codetune.core.data import Examples, prepare_data
 from codetune.core.families import family_of
@@ -114,18 +122,17 @@ def test_test_cursors_depend_on_the_file_alone():
     assert {c.kind for c in cursors(row)} == {LINE, REST_OF_LINE, BLOCK}
 
 
-def _settings(**rates) -> InferenceSettings:
-    from codetune.core.config import GenerationConfig
-
-    return InferenceSettings(GenerationConfig(), 64, 16, "", **rates)
+def _config(rate: float, spm_rate: float = 0.5) -> Config:
+    lengths = TrainingConfig(max_source_length=64, max_target_length=16)
+    return Config(training=lengths, fill_in_middle=FillInMiddleConfig(rate, spm_rate))
 
 
 def test_fim_windows_learn_the_middle_and_its_end_never_the_context():
     tokenizer = _tokenizer(["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|endoftext|>"])
     ids = FimIds.of(tokenizer)
     row = {"code": SOURCE * 3}
-    psm = training_windows(row, tokenizer, _settings(fim_rate=1.0, spm_rate=0.0))
-    spm = training_windows(row, tokenizer, _settings(fim_rate=1.0, spm_rate=1.0))
+    psm = training_windows(row, tokenizer, _config(1.0, 0.0))
+    spm = training_windows(row, tokenizer, _config(1.0, 1.0))
     assert psm and spm
     for window in psm + spm:
         learned = [t for t, label in zip(window["input_ids"], window["labels"]) if label != -100]
@@ -135,15 +142,13 @@ def test_fim_windows_learn_the_middle_and_its_end_never_the_context():
         assert all(label == -100 for label in window["labels"][: middle_at + 1])
     assert all(w["input_ids"][:2] != [ids.prefix, ids.suffix] for w in psm)
     assert all(w["input_ids"][:2] == [ids.prefix, ids.suffix] for w in spm)
-    assert training_windows(row, tokenizer, _settings(fim_rate=1.0)) == training_windows(
-        row, tokenizer, _settings(fim_rate=1.0)
-    )
+    assert training_windows(row, tokenizer, _config(1.0)) == training_windows(row, tokenizer, _config(1.0))
 
 
 def test_left_to_right_windows_learn_the_continuation():
     tokenizer = _tokenizer(["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"])
     ids = FimIds.of(tokenizer)
-    for window in training_windows({"code": SOURCE * 3}, tokenizer, _settings(fim_rate=0.0)):
+    for window in training_windows({"code": SOURCE * 3}, tokenizer, _config(0.0)):
         assert not {ids.prefix, ids.suffix, ids.middle} & set(window["input_ids"])
         learned = [label for label in window["labels"] if label != -100]
         assert learned == window["input_ids"][-len(learned) :] and len(learned) == 15
@@ -173,7 +178,8 @@ def test_completion_is_only_for_decoder_only_models_on_whole_files(tiny_override
         load_config(COMPLETION, tiny_overrides + ["model.task=seq2seq"])
     with pytest.raises(ConfigError, match="trains on whole source files: data.source=code_tree"):
         load_config(COMPLETION, tiny_overrides + ["data.source=files", "data.path=x.jsonl"])
-    assert family_of(ModelConfig(task=ModelTask.causal_lm, direction=Direction.fill_in_middle)).whole_files
+    family = family_of(ModelConfig(task=ModelTask.causal_lm, direction=Direction.fill_in_middle))
+    assert family.examples is Examples.whole_files
 
 
 def test_the_test_split_holds_whole_files_unseen_in_training(tiny_overrides):

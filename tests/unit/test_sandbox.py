@@ -264,8 +264,8 @@ def test_the_launcher_starts_from_a_clean_interpreter():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert set(json.loads(imported.stdout)) <= {
-        "codetune", "codetune.core", "codetune.core.sandbox", "codetune.core.sandbox.launcher", "codetune.core.sandbox.landlock",
-        "codetune.core.sandbox.namespaces", "codetune.core.sandbox.seccomp",
+        "codetune", "codetune.core", "codetune.core.sandbox", "codetune.core.sandbox.launcher",
+        "codetune.core.sandbox.landlock", "codetune.core.sandbox.namespaces", "codetune.core.sandbox.seccomp",
     }  # fmt: skip
 
 

@@ -182,12 +182,12 @@ def test_dynamic_padding_gives_the_loss_of_max_length_padding(tiny_cfg):
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families import family_of
     from codetune.core.model import load_model
 
     rows = prepare_data(tiny_cfg.data, Examples.pairs).load("train")[:16]
     model, tokenizer = load_model(tiny_cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
-    examples = family_of(tiny_cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(tiny_cfg))
+    examples = family_of(tiny_cfg.model).tokenize(rows, tokenizer, tiny_cfg)
     dynamic = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)(examples)
     full = DataCollatorForSeq2Seq(
         tokenizer, model=model, label_pad_token_id=-100, padding="max_length", max_length=128
@@ -246,14 +246,14 @@ def test_lm_head_on_loss_positions_only_gives_the_full_logits_loss(tiny_override
     """The causal collator projects only positions whose next token carries loss; loss and gradients must not move."""
     from transformers import DataCollatorForSeq2Seq
 
-    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families import family_of
     from codetune.core.families.causal_lm import CausalLMCollator
     from codetune.core.model import load_model
 
     cfg = load_config("configs/tiny-causal-lm.yaml", tiny_overrides)
     rows = prepare_data(cfg.data, Examples.pairs).load("train")[:8]
     model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
-    examples = family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg))
+    examples = family_of(cfg.model).tokenize(rows, tokenizer, cfg)
     trimmed = CausalLMCollator(tokenizer.pad_token_id)(examples)
     full = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)(examples)
     assert trimmed["logits_to_keep"].numel() < full["input_ids"].shape[1]  # the prompt positions are skipped
@@ -348,15 +348,13 @@ def test_out_of_memory_at_an_odd_micro_batch_names_the_fix(tiny_overrides, tmp_p
 @pytest.mark.parametrize("config, honours", [("tiny-seq2seq", False), ("tiny-causal-lm", True)])
 def test_which_losses_honour_the_trainers_item_count_is_measured(config, honours, tiny_overrides):
     """T5 averages per micro-batch whatever it is told; Qwen2's loss divides by the count the Trainer passes."""
-    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families import family_of
     from codetune.core.model import load_model
     from codetune.core.training import loss_honours_item_count
 
     cfg = load_config(f"configs/{config}.yaml", tiny_overrides)
     rows = prepare_data(cfg.data, Examples.pairs).load("train")[:2]
     model, tokenizer = load_model(cfg.model, (r["code"] + "\n" + r["summary"] for r in rows), seed=0)
-    batch = family_of(cfg.model).collator(tokenizer, model, None)(
-        family_of(cfg.model).tokenize(rows, tokenizer, InferenceSettings.of(cfg))
-    )
+    batch = family_of(cfg.model).collator(tokenizer, model, None)(family_of(cfg.model).tokenize(rows, tokenizer, cfg))
     assert loss_honours_item_count(model, batch) is honours
     assert model.training  # restored

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from codetune.core.config import schema
 from codetune.core.config.schema import SCHEMA_KEYS, Config, _leaves, to_dict
 from codetune.core.errors import ConfigError
+from codetune.core.families import family_of
 from codetune.core.validation import validate
 
 
@@ -128,6 +129,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg: Config = OmegaConf.to_object(merged)
 
     validate(cfg)
+    if cfg.registry.model_name is None:
+        cfg.registry.model_name = family_of(cfg.model).registered_name
     return cfg
 
 

@@ -221,15 +221,20 @@ class TrainingConfig:
     timeout_minutes: Optional[int] = None
     """Fail the training task after this long (it is retried, resuming from its last checkpoint); null never times
     out."""
-    fim_rate: float = 0.9
-    """model.direction=fill_in_middle: share of training windows cut into prefix, middle and suffix; the rest train
-    left to right (the FIM paper's 0.9 keeps left-to-right skill)."""
-    spm_rate: float = 0.5
-    """model.direction=fill_in_middle: share of the fill-in-the-middle windows in suffix-prefix-middle order; the rest
-    are prefix-suffix-middle."""
     num_processes: Optional[int] = None
     """Data-parallel training processes (DDP through torch.distributed.run; gloo on a CPU); null: one per visible GPU,
     1 on a CPU. The effective batch is per_device_train_batch_size x processes x gradient_accumulation_steps."""
+
+
+@dataclass
+class FillInMiddleConfig:
+    """model.direction=fill_in_middle's training windows (docs/completion.md)."""
+
+    rate: float = 0.9
+    """Share of training windows cut into prefix, middle and suffix; the rest train left to right (the FIM paper's 0.9
+    keeps left-to-right skill)."""
+    spm_rate: float = 0.5
+    """Share of the fill-in-the-middle windows in suffix-prefix-middle order; the rest are prefix-suffix-middle."""
 
 
 @dataclass
@@ -309,8 +314,9 @@ class HubConfig:
 
 @dataclass
 class RegistryConfig:
-    model_name: str = "codetune-code-summarizer"
-    """Registered model name in the MLflow model registry."""
+    model_name: Optional[str] = None
+    """Registered model name in the MLflow model registry; null names it after what the family makes
+    (codetune-code-summarizer, -generator, -classifier, -search or -completion)."""
     min_score: float = 0.0
     """A version becomes champion only at or above this primary metric (smoothed BLEU-4; accuracy x100 for
     classification; MRR x100 for code_search), and only if it beats the champion."""
@@ -354,6 +360,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    fill_in_middle: FillInMiddleConfig = field(default_factory=FillInMiddleConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

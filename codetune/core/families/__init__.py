@@ -11,6 +11,7 @@ config in configs/ (docs/adding-a-family.md).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
@@ -75,8 +76,23 @@ def family_class(task: str, direction: str) -> type:
 
 
 def family_of(model: ModelConfig) -> Family:
-    """The family a config's model.task and model.direction name."""
-    return family_class(model.task.value, model.direction.value)(model.direction)
+    """The family a config's model.task and model.direction name: one instance per process for each (families hold
+    no state of a run), so a run resolves it once however many stages ask."""
+    return _family(model.task.value, model.direction.value)
+
+
+@functools.cache
+def _family(task: str, direction: str) -> Family:
+    from codetune.core.config import Direction
+
+    return family_class(task, direction)(Direction(direction))
+
+
+def source_files(family_class: type) -> list[str]:
+    """The modules a family's behaviour is written in: its class's and its bases' (what a change to it touches)."""
+    import inspect
+
+    return sorted({inspect.getfile(c) for c in family_class.__mro__ if c.__module__.startswith("codetune.")})
 
 
 def stamp(model, family: Family):
@@ -96,5 +112,4 @@ def family_of_model(config) -> Family:
             f"the model's config.json has no '{FAMILY_KEY}': it was not exported by codetune (or by one older than "
             f'model families); re-export it with `codetune run`, or add "{FAMILY_KEY}": "<model.task>" to config.json'
         )
-    direction = Direction(getattr(config, DIRECTION_KEY, Direction.code_to_text.value))
-    return family_class(task, direction.value)(direction)
+    return _family(task, getattr(config, DIRECTION_KEY, Direction.code_to_text.value))

@@ -33,11 +33,6 @@ class InferenceSettings:
     """causal_lm: the template the output follows."""
     batch_size: int = 16
     """Inputs predicted together (generated, classified or embedded): evaluation.batch_size."""
-    fim_rate: float = 0.9
-    """fill_in_middle: the share of training windows cut into prefix, middle and suffix."""
-    spm_rate: float = 0.5
-    seed: int = 42
-    """fill_in_middle: where the training windows are cut."""
 
     @classmethod
     def of(cls, cfg: Config) -> "InferenceSettings":
@@ -48,9 +43,6 @@ class InferenceSettings:
             t.max_target_length,
             cfg.model.prompt,
             cfg.evaluation.batch_size,
-            t.fim_rate,
-            t.spm_rate,
-            t.seed,
         )
 
     def save(self, path: Path) -> None:
@@ -59,6 +51,8 @@ class InferenceSettings:
     @classmethod
     def load(cls, path: Path) -> "InferenceSettings":
         settings = json.loads(Path(path).read_text())
+        for training_only in ("fim_rate", "spm_rate", "seed"):  # saved with models registered before 2026-12-07
+            settings.pop(training_only, None)
         generation = dict(settings.pop("generation"))
         earlier = generation.pop("batch_size", cls.batch_size)  # where models registered before 2026-12-04 kept it
         settings.setdefault("batch_size", earlier)
@@ -103,6 +97,8 @@ class Family(Protocol):
     """peft.TaskType of the LoRA wrapper."""
     primary_metric: str
     """What the family's outputs are scored by first."""
+    registered_name: str
+    """registry.model_name where the config leaves it null."""
     writes_code: bool
     """Its outputs are programs (they may run against tests)."""
     card: Card
@@ -138,9 +134,8 @@ class Family(Protocol):
     def modules_to_save(self, model: PreTrainedModel) -> list[str] | None:
         """Modules trained whole beside the adapters."""
 
-    def tokenize(
-        self, rows: list[dict], tokenizer, settings: InferenceSettings, label2id: dict | None
-    ) -> list[dict]: ...
+    def tokenize(self, rows: list[dict], tokenizer, cfg: Config, label2id: dict | None) -> list[dict]:
+        """Training examples: token ids and labels, cut to the configured lengths."""
 
     def collator(self, tokenizer, model: PreTrainedModel, pad_to_multiple_of: int | None) -> Callable: ...
 

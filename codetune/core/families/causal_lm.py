@@ -130,12 +130,10 @@ class CausalLM(DecoderOnly, Generative):
             )
         return problems
 
-    def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
-        source, target = self.objective.source, self.objective.target
+    def tokenize(self, rows, tokenizer, cfg: Config, label2id=None):
+        source, target, t = self.objective.source, self.objective.target, cfg.training
         return [
-            causal_example(
-                tokenizer, settings.prompt, r[source], r[target], settings.max_source_length, settings.max_target_length
-            )
+            causal_example(tokenizer, cfg.model.prompt, r[source], r[target], t.max_source_length, t.max_target_length)
             for r in rows
         ]
 

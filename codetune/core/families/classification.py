@@ -7,7 +7,7 @@ from collections import Counter
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, RobertaForSequenceClassification
 
-from codetune.core.config import ModelTask
+from codetune.core.config import Config, ModelTask
 from codetune.core.data import Examples
 from codetune.core.errors import DataError
 from codetune.core.families.base import (
@@ -51,6 +51,7 @@ def classify(model, tokenizer, codes: list[str], batch_size: int, max_source_len
 class Classification(FamilyDefaults):
     task = ModelTask.classification
     examples = Examples.labelled
+    registered_name = "codetune-code-classifier"
     architecture = "RoBERTa"
     peft_task_type = "SEQ_CLS"  # peft keeps the new classification head trainable
     auto_class = AutoModelForSequenceClassification
@@ -70,13 +71,13 @@ class Classification(FamilyDefaults):
         """A new head, sized to the labels in the data."""
         return AutoModelForSequenceClassification.from_pretrained(name, **label_maps(labels), **hub)
 
-    def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id):
+    def tokenize(self, rows, tokenizer, cfg: Config, label2id):
         unknown = sorted({r["label"] for r in rows} - set(label2id))
         if unknown:
             raise DataError(
                 f"labels {unknown} are not in the train split ({sorted(label2id)}): add training examples for them"
             )
-        encoded = tokenizer([r["code"] for r in rows], max_length=settings.max_source_length, truncation=True)
+        encoded = tokenizer([r["code"] for r in rows], max_length=cfg.training.max_source_length, truncation=True)
         return [
             {"input_ids": ids, "attention_mask": mask, "labels": label2id[r["label"]]}
             for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, RobertaModel
 
-from codetune.core.config import ModelTask
+from codetune.core.config import Config, ModelTask
 from codetune.core.families.base import Card, FamilyDefaults, InferenceSettings, Scored, in_length_order, roberta_config
 from codetune.core.metrics import retrieval_metrics
 
@@ -188,6 +188,7 @@ class CodeSearch(FamilyDefaults):
     peft_task_type = "FEATURE_EXTRACTION"
     auto_class = AutoModel
     primary_metric = "mrr"
+    registered_name = "codetune-code-search"
     card = Card(
         "sentence-similarity",
         "Embeds natural-language queries and function source code in one space "
@@ -210,8 +211,8 @@ class CodeSearch(FamilyDefaults):
     def load_export(self, model_dir):
         return AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
 
-    def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
-        return tokenize_pairs(rows, tokenizer, settings.max_target_length, settings.max_source_length)
+    def tokenize(self, rows, tokenizer, cfg: Config, label2id=None):
+        return tokenize_pairs(rows, tokenizer, cfg.training.max_target_length, cfg.training.max_source_length)
 
     def collator(self, tokenizer, model, pad_to_multiple_of):
         return PairCollator(tokenizer, pad_to_multiple_of)

@@ -2,7 +2,7 @@
 
 Trained on whole source files, as the FIM paper (Bavarian et al. 2022) and StarCoder train: a span (a line, the
 rest of a line, a block) is cut from a file and the model learns prefix + suffix -> middle, in PSM or SPM order
-(training.fim_rate, spm_rate); the other windows learn left-to-right completion of the prefix. Scored as an editor
+(fill_in_middle.rate and spm_rate); the other windows learn left-to-right completion of the prefix. Scored as an editor
 sees it: on held-out files, at cursors sampled at line starts, inside lines and before blocks, by exact match and
 edit similarity of the completed line (CodeXGLUE's line completion) and of the completed block.
 """
@@ -204,25 +204,25 @@ def fim_prompt(ids: FimIds, prefix_ids: list[int], suffix_ids: list[int], spm: b
     return [ids.prefix, *prefix_ids, ids.suffix, *suffix_ids, ids.middle]
 
 
-def training_windows(row: dict, tokenizer, settings: InferenceSettings) -> list[dict]:
+def training_windows(row: dict, tokenizer, cfg: Config) -> list[dict]:
     """A training file's windows, each {input_ids, attention_mask, labels}: the loss sees the middle and its end token
     (FIM), or the last max_target_length tokens of a left-to-right window (the completion of its prefix), never the
     context. Seeded by the file and training.seed: the same windows every run."""
-    ids = FimIds.of(tokenizer)
-    rng = random.Random(f"windows:{settings.seed}:" + row["code"])
+    ids, t, rates = FimIds.of(tokenizer), cfg.training, cfg.fill_in_middle
+    rng = random.Random(f"windows:{t.seed}:" + row["code"])
     count = min(max(row["code"].count("\n") // WINDOWS_PER_LINES, 1), MAX_WINDOWS_PER_FILE)
-    budget, room = settings.max_source_length, settings.max_target_length - 1
+    budget, room = t.max_source_length, t.max_target_length - 1
     windows = []
     for _ in range(count):
         c = cut(row["code"], rng.choice((LINE, REST_OF_LINE, BLOCK)), rng)
         if c is None:
             continue
-        if rng.random() < settings.fim_rate:
+        if rng.random() < rates.rate:
             middle = _tokens(tokenizer, c.middle)
             if not middle or len(middle) > room:
                 continue
             prefix_ids, suffix_ids = context_ids(tokenizer, c.prefix, c.suffix, budget)
-            prompt = fim_prompt(ids, prefix_ids, suffix_ids, spm=rng.random() < settings.spm_rate)
+            prompt = fim_prompt(ids, prefix_ids, suffix_ids, spm=rng.random() < rates.spm_rate)
             target = [*middle, ids.end]
         else:
             text = _tokens(tokenizer, c.prefix[-(budget + room) * 8 :] + c.middle)[-(budget + room) :]
@@ -284,6 +284,7 @@ class FillInMiddle(DecoderOnly):
     examples = Examples.whole_files
     writes_code = False  # completes at a cursor: no whole program to run against tests
     primary_metric = "edit_similarity"
+    registered_name = "codetune-code-completion"
     card = Card(
         "text-generation",
         "Completes code at a cursor from the code before and after it (fill-in-the-middle), trained on a repository's "
@@ -304,10 +305,9 @@ class FillInMiddle(DecoderOnly):
             )
         if cfg.model.prompt_template is not None:
             problems.append("model.prompt_template is not used by model.direction=fill_in_middle: remove it")
-        t = cfg.training
-        if not (0 <= t.fim_rate <= 1 and 0 <= t.spm_rate <= 1):
-            problems.append("training.fim_rate and training.spm_rate must be between 0 and 1")
-        if t.max_target_length < 2:
+        if not (0 <= cfg.fill_in_middle.rate <= 1 and 0 <= cfg.fill_in_middle.spm_rate <= 1):
+            problems.append("fill_in_middle.rate and fill_in_middle.spm_rate must be between 0 and 1")
+        if cfg.training.max_target_length < 2:
             problems.append("training.max_target_length must be >= 2 (the middle and its end token)")
         return problems
 
@@ -317,8 +317,8 @@ class FillInMiddle(DecoderOnly):
     def add_tokens(self, model, tokenizer) -> list[int]:
         return add_fim_tokens(model, tokenizer)
 
-    def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
-        return [window for r in rows for window in training_windows(r, tokenizer, settings)]
+    def tokenize(self, rows, tokenizer, cfg: Config, label2id=None):
+        return [window for r in rows for window in training_windows(r, tokenizer, cfg)]
 
     def complete(
         self, model, tokenizer, prompts: list[tuple[str, str]], settings: InferenceSettings, sampling: Sampling

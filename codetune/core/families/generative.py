@@ -166,6 +166,10 @@ class Generative(FamilyDefaults):
         return CODE_GENERATION_CARD if self.objective.writes_code else self.summary_card
 
     @property
+    def registered_name(self) -> str:
+        return "codetune-code-generator" if self.objective.writes_code else "codetune-code-summarizer"
+
+    @property
     def primary_metric(self) -> str:
         return self.objective.primary_metric
 

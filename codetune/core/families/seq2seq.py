@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, T5Config, T5ForConditionalGeneration
 
-from codetune.core.config import ModelTask
-from codetune.core.families.base import Card, InferenceSettings
+from codetune.core.config import Config, ModelTask
+from codetune.core.families.base import Card
 from codetune.core.families.generative import SUMMARY_SCORING, Generative
 
 
@@ -39,12 +39,10 @@ class Seq2Seq(Generative):
         )
         return T5ForConditionalGeneration(config)
 
-    def tokenize(self, rows, tokenizer, settings: InferenceSettings, label2id=None):
-        source, target = self.objective.source, self.objective.target
-        sources = tokenizer([r[source] for r in rows], max_length=settings.max_source_length, truncation=True)
-        targets = tokenizer(
-            text_target=[r[target] for r in rows], max_length=settings.max_target_length, truncation=True
-        )
+    def tokenize(self, rows, tokenizer, cfg: Config, label2id=None):
+        source, target, t = self.objective.source, self.objective.target, cfg.training
+        sources = tokenizer([r[source] for r in rows], max_length=t.max_source_length, truncation=True)
+        targets = tokenizer(text_target=[r[target] for r in rows], max_length=t.max_target_length, truncation=True)
         return [
             {"input_ids": ids, "attention_mask": mask, "labels": labels}
             for ids, mask, labels in zip(sources["input_ids"], sources["attention_mask"], targets["input_ids"])
