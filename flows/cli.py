@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(benchmarking)
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     _add_config_args(
-        commands.add_parser("check", help="pre-flight: config, model, data and disk, every problem at once (no server)")
+        commands.add_parser("check", help="pre-flight: config, model, data and disk, every mistake at once (no server)")
     )
     commands.add_parser("keys", help="list every config key with its type, default and meaning")
     return parser
@@ -103,11 +103,11 @@ def _checked(args):
 
 def _check(args) -> dict:
     from codetune.core.config.loader import load_config
-    from codetune.core.preflight import fail_on, preflight
-    from tasks.preflight import publishing_problems
+    from codetune.core.preflight import fail_on, preflight_errors
+    from tasks.preflight import publishing_errors
 
     cfg = load_config(args.config, args.overrides + args.assignments)
-    fail_on(preflight(cfg) + publishing_problems(cfg))  # S3 and Hub credentials too, where the config publishes
+    fail_on(preflight_errors(cfg) + publishing_errors(cfg))  # S3 and Hub credentials too, where the config publishes
     return {"check": "passed", "model": cfg.model.name, "task": cfg.model.task.value}
 
 
@@ -181,7 +181,7 @@ def _deploy_flows(args) -> dict:
 
     import yaml
 
-    from tasks.destinations import DESTINATIONS
+    from codetune.lifecycle.destinations import DESTINATIONS
 
     deployments = yaml.safe_load(Path("prefect.yaml").read_text())["deployments"]
     # Saved for the endpoint flow runs reach, which boto3 reads from AWS_ENDPOINT_URL_S3 (unset: AWS itself).

@@ -5,8 +5,8 @@ from prefect.artifacts import create_markdown_artifact
 from codetune.core.config import Config
 from codetune.core.evaluation import EvalReport
 from codetune.core.training import TrainedModel
+from codetune.lifecycle.destinations import DESTINATIONS, Release
 from codetune.lifecycle.registry import Registration
-from tasks.destinations import DESTINATIONS, Release
 from tasks.retry import stage_task
 
 

@@ -4,7 +4,7 @@ Config, model (a weights package, a complete directory, or a Hub id that answers
 disk for checkpoints and the export, and a memory floor for the weights and optimizer state.
 
 `codetune check` runs it, `codetune run` runs it before it starts Prefect, and the flow runs it as
-its first task. Every problem is gathered and reported at once.
+its first task. Every error is gathered and reported at once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class PreflightError(CodetuneError):
     pass
 
 
-def _local_model_problems(path: Path) -> list[str]:
+def _local_model_errors(path: Path) -> list[str]:
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -38,7 +38,7 @@ def _local_model_problems(path: Path) -> list[str]:
     return [f"model.name='{path}' is a directory without {', '.join(missing)}"] if missing else []
 
 
-def _hub_model_problems(name: str, revision: str | None) -> list[str]:
+def _hub_model_errors(name: str, revision: str | None) -> list[str]:
     from huggingface_hub import HfApi, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
@@ -59,7 +59,7 @@ def _hub_model_problems(name: str, revision: str | None) -> list[str]:
     return []
 
 
-def model_problems(cfg: Config) -> list[str]:
+def model_errors(cfg: Config) -> list[str]:
     """The pretrained model can be loaded: an installed weights package, a complete directory, or a Hub id."""
     model = cfg.model
     if model.init is ModelInit.scratch:
@@ -71,11 +71,11 @@ def model_problems(cfg: Config) -> list[str]:
             return [str(exc)]
         return []
     if Path(model.name).exists():
-        return _local_model_problems(Path(model.name))
-    return _hub_model_problems(model.name, model.revision)
+        return _local_model_errors(Path(model.name))
+    return _hub_model_errors(model.name, model.revision)
 
 
-def data_problems(cfg: Config) -> list[str]:
+def data_errors(cfg: Config) -> list[str]:
     """The data source is there and readable (a Hub dataset is checked by the data stage itself)."""
     from codetune.core.data.code_tree import default_tree, source_files
     from codetune.core.data.records import data_files
@@ -97,7 +97,7 @@ def data_problems(cfg: Config) -> list[str]:
     return []
 
 
-def disk_problems(cfg: Config, weights_bytes: int | None) -> list[str]:
+def disk_errors(cfg: Config, weights_bytes: int | None) -> list[str]:
     """Room under training.output_dir for checkpoints and the export (needs the model's size, when known)."""
     if weights_bytes is None:
         return []
@@ -131,7 +131,7 @@ def available_memory() -> tuple[int | None, str]:
     return (kib * 1024 if kib else None), "free memory"
 
 
-def memory_problems(cfg: Config, weights_bytes: int | None) -> list[str]:
+def memory_errors(cfg: Config, weights_bytes: int | None) -> list[str]:
     """The weights, and for full fine-tuning their gradients and Adam state, fit in memory.
 
     A floor, not a forecast: activations come on top and grow with the batch and sequence lengths.
@@ -156,7 +156,7 @@ def _weights_bytes(cfg: Config) -> int | None:
     if is_packaged(cfg.model.name):
         try:
             converted = CACHE_DIR / locate(cfg.model.name)[1].sha256[:16] / "model.safetensors"
-        except CodetuneError:  # reported by model_problems
+        except CodetuneError:  # reported by model_errors
             return None
         return converted.stat().st_size if converted.is_file() else None
     path = Path(cfg.model.name)
@@ -165,22 +165,17 @@ def _weights_bytes(cfg: Config) -> int | None:
     return None
 
 
-def preflight(cfg: Config) -> list[str]:
-    """Every problem a run of cfg would hit on this machine, found without loading the model."""
+def preflight_errors(cfg: Config) -> list[str]:
+    """Every error a run of cfg would hit on this machine, found without loading the model."""
     weights_bytes = _weights_bytes(cfg)
-    return (
-        model_problems(cfg)
-        + data_problems(cfg)
-        + disk_problems(cfg, weights_bytes)
-        + memory_problems(cfg, weights_bytes)
-    )
+    return model_errors(cfg) + data_errors(cfg) + disk_errors(cfg, weights_bytes) + memory_errors(cfg, weights_bytes)
 
 
-def fail_on(problems: list[str]) -> None:
-    """Raise one PreflightError listing every problem, or return quietly."""
-    if problems:
-        raise PreflightError("pre-flight check failed:\n  " + "\n  ".join(problems))
+def fail_on(errors: list[str]) -> None:
+    """Raise one PreflightError listing every error, or return quietly."""
+    if errors:
+        raise PreflightError("pre-flight check failed:\n  " + "\n  ".join(errors))
 
 
 def check(cfg: Config) -> None:
-    fail_on(preflight(cfg))
+    fail_on(preflight_errors(cfg))

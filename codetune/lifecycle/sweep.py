@@ -70,7 +70,7 @@ class SweepConfig:
     """The sampler's seed: the same sweep file proposes the same trials."""
 
 
-def _parameter_problems(key: str, spec: Any) -> list[str]:
+def _parameter_errors(key: str, spec: Any) -> list[str]:
     if key not in SCHEMA_KEYS:
         return [unknown_key_message(key, "sweep parameters")]
     if not isinstance(spec, dict):
@@ -99,11 +99,11 @@ def load_sweep(path: str | Path, overrides: typing.Sequence[str] = ()) -> SweepC
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping (config:, parameters:, trials:, ...)")
     fields = {f.name for f in dataclasses.fields(SweepConfig)}
-    problems = [f"unknown key '{k}' in {path}; sweep keys: {', '.join(sorted(fields))}" for k in raw if k not in fields]
+    errors = [f"unknown key '{k}' in {path}; sweep keys: {', '.join(sorted(fields))}" for k in raw if k not in fields]
     for key, spec in (raw.get("parameters") or {}).items():
-        problems += _parameter_problems(key, spec)
-    if problems:
-        raise ConfigError("; ".join(problems))
+        errors += _parameter_errors(key, spec)
+    if errors:
+        raise ConfigError("; ".join(errors))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw, OmegaConf.from_dotlist(list(overrides)))
         sweep = OmegaConf.to_object(merged)

@@ -281,8 +281,8 @@ def test_publishing_credentials_come_from_prefect_blocks(prefect_server, moto_ur
     from prefect_aws.client_parameters import AwsClientParameters
 
     from codetune.core.config import S3Config
+    from codetune.lifecycle.destinations import hub_token, s3_client
     from codetune.lifecycle.publishing import upload_to_s3
-    from tasks.destinations import hub_token, s3_client
 
     credentials = AwsCredentials(
         aws_access_key_id="block-key",

@@ -4,6 +4,7 @@ Every import counts: at module level, inside a function, and under TYPE_CHECKING
 """
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,27 @@ def test_codetune_train_runs_where_no_lifecycle_library_is_installed():
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def readme_layout() -> set[str]:
+    """The paths the README's layout tree names, each line's first word under its parents."""
+    block = re.search(r"## Layout.*?```\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    paths, parents = set(), []
+    for line in block.splitlines():
+        depth = (len(line) - len(line.lstrip())) // 2
+        parents[depth:] = [line.split()[0]]
+        paths.add("".join(parents))
+    return paths
+
+
+def test_the_readme_layout_is_the_package():
+    listed = readme_layout()
+    assert sorted(p for p in listed if not (ROOT / p).exists()) == []
+    layers = [ROOT / "codetune" / "core", ROOT / "codetune" / "lifecycle"]
+    present = {
+        str(p.relative_to(ROOT)) + ("/" if p.is_dir() else "")
+        for layer in layers
+        for p in layer.iterdir()
+        if p.name != "__init__.py" and (p.suffix == ".py" or (p / "__init__.py").exists())
+    }
+    assert sorted(present - listed) == []

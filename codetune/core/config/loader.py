@@ -18,7 +18,7 @@ from codetune.core.validation import validate
 
 
 def key_help() -> dict[str, str]:
-    """Dotted key -> the one-line docstring under its field in this file (litgpt style)."""
+    """Dotted key -> the one-line docstring under its field in schema.py (litgpt style)."""
     import ast
 
     docs: dict[tuple[str, str], str] = {}
@@ -65,30 +65,30 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str
     from omegaconf import OmegaConf
 
     values: dict[str, Any] = {}
-    problems: list[str] = []
+    errors: list[str] = []
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
-            problems.append(f"override '{item}' is not key=value (e.g. training.learning_rate=3e-4)")
+            errors.append(f"override '{item}' is not key=value (e.g. training.learning_rate=3e-4)")
             continue
         try:
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
         except Exception as exc:  # the value is parsed as YAML: yaml.YAMLError and OmegaConf's own
-            problems.append(
+            errors.append(
                 f"override '{item}' is not valid YAML ({str(exc).splitlines()[0]}); quote the value: {key}='...'"
             )
             continue
         values.update(_flatten(parsed))
-    return values, problems
+    return values, errors
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Schema defaults, then the YAML file, then overrides; every problem reported at once."""
+    """Schema defaults, then the YAML file, then overrides; every error reported at once."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     layers: list[tuple[str, dict[str, Any]]] = []
-    problems: list[str] = []
+    errors: list[str] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -103,18 +103,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 f"{path} must hold a mapping of sections (model:, data:, ...), not {type(loaded).__name__}"
             )
         layers.append((str(path), _flatten(loaded)))
-    override_values, override_problems = _parse_overrides(overrides)
-    problems += override_problems
+    override_values, override_errors = _parse_overrides(overrides)
+    errors += override_errors
     layers.append(("override", override_values))
 
     merged = OmegaConf.structured(Config)
     for where, values in layers:
         for key, value in values.items():
             if key not in SCHEMA_KEYS:
-                problems.append(unknown_key_message(key, where))
+                errors.append(unknown_key_message(key, where))
                 continue
             if isinstance(value, str) and "${" in value:
-                problems.append(
+                errors.append(
                     f"'{key}' ({where}) is an interpolation (${{...}}); codetune takes values as written, so a secret "
                     "in the environment is never copied into config.yaml, MLflow, S3 metadata or a model card: "
                     "write the value itself"
@@ -123,9 +123,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             try:
                 OmegaConf.update(merged, key, value, merge=False)
             except OmegaConfBaseException:
-                problems.append(f"'{key}' ({where}) expects {_type_name(SCHEMA_KEYS[key])}, got {value!r}")
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+                errors.append(f"'{key}' ({where}) expects {_type_name(SCHEMA_KEYS[key])}, got {value!r}")
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     cfg: Config = OmegaConf.to_object(merged)
 
     validate(cfg)

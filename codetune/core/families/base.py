@@ -115,7 +115,7 @@ class Family(Protocol):
     decoder_only: bool
     """Loads decoder-only LMs (the packaged GGUF weights hold one)."""
 
-    def problems(self, cfg: Config) -> list[str]:
+    def config_errors(self, cfg: Config) -> list[str]:
         """What this family cannot do with cfg's settings, each with its fix (validation reports them)."""
 
     def gate_metric(self, cfg: Config, benchmarks: bool = True) -> str:
@@ -199,7 +199,7 @@ class FamilyDefaults:
         """The batch without what only the loss reads."""
         return {k: v for k, v in batch.items() if k not in ("labels", "shift_labels", "logits_to_keep")}
 
-    def problems(self, cfg: Config) -> list[str]:
+    def config_errors(self, cfg: Config) -> list[str]:
         if self.examples is Examples.labelled and cfg.data.source is DataSource.code_tree:
             return [
                 f"model.task={self.task.value} needs labelled data: data.source=files (or hub) with data.label_field"

@@ -120,15 +120,15 @@ class CausalLM(DecoderOnly, Generative):
         SUMMARY_SCORING,
     )
 
-    def problems(self, cfg: Config) -> list[str]:
-        problems = super().problems(cfg)
+    def config_errors(self, cfg: Config) -> list[str]:
+        errors = super().config_errors(cfg)
         placeholder = "{" + self.objective.source + "}"
         if cfg.model.prompt.count(placeholder) != 1:
-            problems.append(
+            errors.append(
                 f"model.prompt_template must contain {placeholder} exactly once "
                 f"(model.direction={self.direction.value})"
             )
-        return problems
+        return errors
 
     def tokenize(self, rows, tokenizer, cfg: Config, label2id=None):
         source, target, t = self.objective.source, self.objective.target, cfg.training

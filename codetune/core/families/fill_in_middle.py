@@ -296,20 +296,20 @@ class FillInMiddle(DecoderOnly):
     def __init__(self, direction: Direction = Direction.fill_in_middle):
         super().__init__(direction)
 
-    def problems(self, cfg: Config) -> list[str]:
-        problems = []
+    def config_errors(self, cfg: Config) -> list[str]:
+        errors = []
         if cfg.data.source is not DataSource.code_tree:
-            problems.append(
+            errors.append(
                 "model.direction=fill_in_middle trains on whole source files: data.source=code_tree with data.path "
                 "the repository's directory"
             )
         if cfg.model.prompt_template is not None:
-            problems.append("model.prompt_template is not used by model.direction=fill_in_middle: remove it")
+            errors.append("model.prompt_template is not used by model.direction=fill_in_middle: remove it")
         if not (0 <= cfg.fill_in_middle.rate <= 1 and 0 <= cfg.fill_in_middle.spm_rate <= 1):
-            problems.append("fill_in_middle.rate and fill_in_middle.spm_rate must be between 0 and 1")
+            errors.append("fill_in_middle.rate and fill_in_middle.spm_rate must be between 0 and 1")
         if cfg.training.max_target_length < 2:
-            problems.append("training.max_target_length must be >= 2 (the middle and its end token)")
-        return problems
+            errors.append("training.max_target_length must be >= 2 (the middle and its end token)")
+        return errors
 
     def gate_metric(self, cfg: Config, benchmarks: bool = True) -> str:
         return self.primary_metric

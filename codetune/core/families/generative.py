@@ -152,11 +152,11 @@ class Generative(FamilyDefaults):
         super().__init__(direction)
         self.objective = OBJECTIVES[direction]
 
-    def problems(self, cfg: Config) -> list[str]:
-        problems = super().problems(cfg)
+    def config_errors(self, cfg: Config) -> list[str]:
+        errors = super().config_errors(cfg)
         if self.objective.writes_code and importlib.util.find_spec("codebleu") is None:
-            problems.append("model.direction=text_to_code is scored with CodeBLEU: pip install 'codetune[codegen]'")
-        return problems
+            errors.append("model.direction=text_to_code is scored with CodeBLEU: pip install 'codetune[codegen]'")
+        return errors
 
     summary_card: Card
     """How the model card describes the family's summarisers; code generators share CODE_GENERATION_CARD."""

@@ -2,11 +2,12 @@
 
 A destination says whether a config publishes to it, what it would upload (the dry run's plan), whether its
 credentials work (the pre-flight, before hours of training), how to publish (the publish task), and which of a
-deployer's credentials it keeps as a Prefect block (`codetune deploy-flows`). The uploads themselves are core code
-(codetune/lifecycle/publishing.py); credentials come from blocks here, so the core never imports Prefect.
+deployer's credentials it keeps as a Prefect block (`codetune deploy-flows`). The uploads themselves are in
+publishing.py; credentials come from the Prefect blocks a config names (prefect_aws's S3Bucket, a Secret), else from
+the environment.
 
-Adding a destination: its upload code in the core, a class here with its line in DESTINATIONS, and its section
-of the schema (registry.<name> in codetune/core/config.py).
+Adding a destination: its upload code in publishing.py (or a module of its own), a class here with its line in
+DESTINATIONS, and its section of the schema (registry.<name> in codetune/core/config/schema.py).
 """
 
 from __future__ import annotations
