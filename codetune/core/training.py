@@ -22,6 +22,7 @@ import torch
 from codetune.core.config import Config
 from codetune.core.config.loader import to_yaml
 from codetune.core.data import Examples, PreparedData
+from codetune.core.data.profile import example_text
 from codetune.core.distributed import launch_processes, launched, processes, rank_zero, world_size
 from codetune.core.errors import ModelError
 from codetune.core.families import Family
@@ -268,7 +269,7 @@ def fit(
     from transformers import set_seed
 
     t = cfg.training
-    texts = (r["code"] + "\n" + r.get("summary", "") for r in train_rows)
+    texts = (example_text(r) + "\n" + r.get("summary", "") for r in train_rows)
     base, tokenizer = load_model(cfg.model, texts, t.seed, labels)
     # Seeded after loading, right before the first random draw (LoRA's initial weights): a first load may convert
     # or download weights and draw on the global generator, which once gave the first run on a machine (a cold

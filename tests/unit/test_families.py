@@ -25,7 +25,7 @@ def test_every_task_has_one_family_module_and_every_direction_implements_the_pro
                 assert not missing, f"{task.value}/{direction.value} lacks {missing}"
                 assert family.task is task and family.direction is direction
                 checked.add(cls.__name__)
-    assert checked == {"Seq2Seq", "EncoderDecoder", "CausalLM", "Classification", "CodeSearch", "FillInMiddle"}
+    assert checked == {"Seq2Seq", "EncoderDecoder", "CausalLM", "Classification", "CodeSearch", "FillInMiddle", "Chat"}
 
 
 def test_direction_picks_what_a_generative_family_reads_writes_and_is_gated_on():

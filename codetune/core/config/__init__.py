@@ -1,25 +1,30 @@
-"""The configuration: its schema (schema.py, re-exported here) and how a file and overrides become one
-(loader.py: `from codetune.core.config.loader import load_config`)."""
+"""The configuration: its schema (schema.py, with the choices its keys take in choices.py, re-exported here) and
+how a file and overrides become one (loader.py: `from codetune.core.config.loader import load_config`)."""
 
-from codetune.core.config.schema import (
+from codetune.core.config.choices import (
     DEFAULT_PROMPTS,
-    SCHEMA_KEYS,
     Benchmark,
-    Config,
-    DataConfig,
+    ConversationFormat,
     DataSource,
     Direction,
+    ModelInit,
+    ModelTask,
+    PublishedWeights,
+    TrainedTurns,
+)
+from codetune.core.config.schema import (
+    SCHEMA_KEYS,
+    ChatConfig,
+    Config,
+    DataConfig,
     EvaluationConfig,
     FillInMiddleConfig,
     GenerationConfig,
     HubConfig,
     MlflowConfig,
     ModelConfig,
-    ModelInit,
-    ModelTask,
     MonitorConfig,
     PeftConfig,
-    PublishedWeights,
     RegistryConfig,
     S3Config,
     ScratchArchitecture,
@@ -30,8 +35,10 @@ from codetune.core.config.schema import (
 
 __all__ = [
     "Benchmark",
+    "ChatConfig",
     "Config",
     "content_hash",
+    "ConversationFormat",
     "DataConfig",
     "DataSource",
     "DEFAULT_PROMPTS",
@@ -52,5 +59,6 @@ __all__ = [
     "SCHEMA_KEYS",
     "ScratchArchitecture",
     "to_dict",
+    "TrainedTurns",
     "TrainingConfig",
 ]

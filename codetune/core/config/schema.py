@@ -12,45 +12,19 @@ import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Optional
 
-from codetune.core.families.registry import REGISTERED
-
-
-class ModelInit(str, Enum):
-    pretrained = "pretrained"
-    scratch = "scratch"
-
-
-class PublishedWeights(str, Enum):
-    merged = "merged"
-    adapter = "adapter"
-    both = "both"
-
-
-# One per registered family (codetune/core/families/registry.py); a family added there is a choice here.
-ModelTask = Enum("ModelTask", [(task, task) for task in REGISTERED], type=str, module=__name__)
-
-
-class Direction(str, Enum):
-    code_to_text = "code_to_text"
-    text_to_code = "text_to_code"
-    fill_in_middle = "fill_in_middle"
-
-
-class Benchmark(str, Enum):
-    humaneval = "humaneval"
-
-
-# causal_lm: what the output follows when model.prompt_template is null.
-DEFAULT_PROMPTS = {Direction.code_to_text: "{code}\n# Summary:", Direction.text_to_code: "# {summary}\n"}
-
-
-class DataSource(str, Enum):
-    code_tree = "code_tree"
-    files = "files"
-    hub = "hub"
+from codetune.core.config.choices import (
+    DEFAULT_PROMPTS,
+    Benchmark,
+    ConversationFormat,
+    DataSource,
+    Direction,
+    ModelInit,
+    ModelTask,
+    PublishedWeights,
+    TrainedTurns,
+)
 
 
 @dataclass
@@ -118,6 +92,9 @@ class DataConfig:
     """Field holding the summary (files/hub). A list of tokens is joined with spaces."""
     label_field: str = "label"
     """model.task=classification: field holding each example's label (CodeXGLUE defect detection: target)."""
+    conversation_format: ConversationFormat = ConversationFormat.auto
+    """model.direction=chat, files/hub: how rows hold conversations: messages (OpenAI), sharegpt, alpaca,
+    prompt_completion, or auto (each row recognised by its fields)."""
     tests_field: Optional[str] = None
     """model.direction=text_to_code, files/hub: field holding each row's tests (asserts as text, or a list of them as
     MBPP's test_list). Generated functions then run against them in the sandbox: pass_at_1, which the registry gates
@@ -235,6 +212,17 @@ class FillInMiddleConfig:
     keeps left-to-right skill)."""
     spm_rate: float = 0.5
     """Share of the fill-in-the-middle windows in suffix-prefix-middle order; the rest are prefix-suffix-middle."""
+
+
+@dataclass
+class ChatConfig:
+    """model.direction=chat: conversations through the model's own chat template (docs/chat.md)."""
+
+    system_prompt: Optional[str] = None
+    """The system turn of a conversation that has none; null adds none (the template may add its own)."""
+    trained_turns: TrainedTurns = TrainedTurns.all
+    """Which assistant turns carry loss, their end-of-turn token included: all, or each conversation's last. System
+    and user turns never do."""
 
 
 @dataclass
@@ -361,6 +349,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     fill_in_middle: FillInMiddleConfig = field(default_factory=FillInMiddleConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -52,8 +52,9 @@ def strip_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[st
     return textwrap.dedent("".join(kept)).rstrip() + "\n"
 
 
-def functions_in_source(source: str) -> Iterator[tuple[int, str, str]]:
-    """(line, code without docstring, docstring summary) for each documented function in source.
+def documented_functions(source: str) -> Iterator[tuple[int, str, str, str]]:
+    """(line, code without docstring, docstring summary, the function as written) for each documented function in
+    source.
 
     Raises SyntaxError for source that does not parse.
     """
@@ -67,22 +68,31 @@ def functions_in_source(source: str) -> Iterator[tuple[int, str, str]]:
             continue
         code = strip_docstring(node, lines)
         if code is not None:
-            yield node.lineno, code, first_paragraph(docstring)
+            written = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno])).rstrip() + "\n"
+            yield node.lineno, code, first_paragraph(docstring), written
 
 
-def read_code_tree(root: Path, dropped: Counter) -> Iterator[dict]:
-    """Examples {code, summary, origin} from every documented function under root."""
+def functions_in_source(source: str) -> Iterator[tuple[int, str, str]]:
+    """(line, code without docstring, docstring summary) for each documented function in source."""
+    for line, code, summary, _ in documented_functions(source):
+        yield line, code, summary
+
+
+def read_code_tree(root: Path, dropped: Counter, written: bool = False) -> Iterator[dict]:
+    """Examples {code, summary, origin} from every documented function under root; written: with the function as
+    written, its docstring in place, too."""
     for path in source_files(root):
         try:
             with tokenize.open(path) as f:  # honours PEP 263 encoding declarations
                 source = f.read()
-            found = list(functions_in_source(source))
+            found = list(documented_functions(source))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             dropped["unparsable_file"] += 1
             continue
         rel = path.relative_to(root)
-        for line, code, summary in found:
-            yield {"code": code, "summary": summary, "origin": f"{rel}:{line}"}
+        for line, code, summary, as_written in found:
+            example = {"code": code, "summary": summary, "origin": f"{rel}:{line}"}
+            yield example | {"written": as_written} if written else example
 
 
 # StarCoder's filters of generated or data files: a line this long is not code anyone completes.

@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 
 from codetune.core.config import DataConfig, DataSource, content_hash
 from codetune.core.data.code_tree import default_tree, read_code_tree, read_source_files, source_files
-from codetune.core.data.profile import function_key, profile_splits
+from codetune.core.data.conversations import code_conversations, read_conversations
+from codetune.core.data.profile import example_text, function_key, profile_splits
 from codetune.core.data.records import data_files, file_rows, hub_rows, read_examples
 from codetune.core.errors import DataError
 from codetune.core.files import write_atomic
@@ -41,6 +42,9 @@ class Examples(str, Enum):
     """{code, label}: a source's input and label fields (classification)."""
     whole_files = "whole_files"
     """{code, origin}: a code tree's files, so a split holds whole files and the test split's are unseen code."""
+    conversations = "conversations"
+    """{messages, origin}: system, user and assistant turns (model.direction=chat), from rows in a conversation format
+    or built from a code tree's functions."""
 
 
 @dataclass
@@ -90,9 +94,8 @@ def _source_files(cfg: DataConfig) -> list[Path]:
 def _settings_hash(cfg: DataConfig, examples: Examples) -> str:
     # Written as it was before Examples, so caches and run directories made then keep their names.
     labelled, whole_files = examples is Examples.labelled, examples is Examples.whole_files
-    return content_hash(
-        {"data": dataclasses.asdict(cfg), "labelled": labelled} | ({"whole_files": 1} if whole_files else {})
-    )
+    shape = {"whole_files": 1} if whole_files else {"conversations": 1} if examples is Examples.conversations else {}
+    return content_hash({"data": dataclasses.asdict(cfg), "labelled": labelled} | shape)
 
 
 def source_fingerprint(cfg: DataConfig, examples: Examples) -> str:
@@ -109,8 +112,15 @@ def source_fingerprint(cfg: DataConfig, examples: Examples) -> str:
 def _read(cfg: DataConfig, dropped: Counter, examples: Examples):
     if cfg.source is DataSource.code_tree:
         root = Path(cfg.path) if cfg.path else default_tree()
-        return read_source_files(root, dropped) if examples is Examples.whole_files else read_code_tree(root, dropped)
+        if examples is Examples.whole_files:
+            return read_source_files(root, dropped)
+        if examples is Examples.conversations:  # about the functions the data.* filters keep
+            functions = _filtered(read_code_tree(root, dropped, written=True), cfg, dropped, Counter())
+            return code_conversations(functions)
+        return read_code_tree(root, dropped)
     rows = file_rows(data_files(cfg.path)) if cfg.source is DataSource.files else hub_rows(cfg.path, cfg.hub_subset)
+    if examples is Examples.conversations:
+        return read_conversations(rows, cfg.conversation_format, cfg.skip_invalid, dropped)
     target = cfg.label_field if examples is Examples.labelled else cfg.target_field
     return read_examples(
         rows, cfg.input_field, target, cfg.skip_invalid, dropped, examples is Examples.labelled, cfg.tests_field
@@ -118,6 +128,8 @@ def _read(cfg: DataConfig, dropped: Counter, examples: Examples):
 
 
 def _drop_reason(example: dict, cfg: DataConfig) -> str | None:
+    if "messages" in example:  # a conversation: its turns were checked as it was read
+        return None
     if "summary" not in example and "label" not in example:  # a whole file: data.max_code_lines is for functions
         return None if example["code"].strip() else "empty_code"
     if "summary" in example:
@@ -162,12 +174,12 @@ def select_examples(examples: Iterable[dict], max_examples: int | None, dropped:
     chosen: list[tuple[int, str, dict]] = []  # a max-heap on rank: (-rank, key, example)
     for example in examples:
         target = str(example.get("summary", example.get("label")))
-        same = (function_key(example["code"]), target)
+        same = (function_key(example_text(example)), target)
         if same in seen:
             dropped["duplicate"] += 1
             continue
         seen.add(same)
-        digest = hashlib.sha256(f"{example['code']}\0{target}".encode()).digest()
+        digest = hashlib.sha256(f"{example_text(example)}\0{target}".encode()).digest()
         key = digest.hex()
         entry = (-int(key[16:32], 16), key, example)
         if max_examples is None or len(chosen) < max_examples:
@@ -225,9 +237,9 @@ def split_examples(keyed: dict[str, dict], cfg: DataConfig, dropped: Counter) ->
         else:
             split = published
         splits[split].append({"id": key[:16], **example})
-    train_code = {function_key(ex["code"]) for ex in splits["train"]}
+    train_code = {function_key(example_text(ex)) for ex in splits["train"]}
     for split in ("validation", "test"):
-        kept = [ex for ex in splits[split] if function_key(ex["code"]) not in train_code]
+        kept = [ex for ex in splits[split] if function_key(example_text(ex)) not in train_code]
         dropped[f"{split}_code_in_train"] += len(splits[split]) - len(kept)
         splits[split] = kept
     return splits

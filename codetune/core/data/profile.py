@@ -25,6 +25,13 @@ def function_key(code: str) -> str:
     return hashlib.sha256(" ".join(code.split()).encode()).hexdigest()[:16]
 
 
+def example_text(example: dict) -> str:
+    """What an example is known by: its code, or a conversation's turns."""
+    if "messages" in example:
+        return "\n".join(turn["content"] for turn in example["messages"])
+    return example["code"]
+
+
 def code_tokens(code: str) -> int:
     """Lexical tokens (words and punctuation): a tokenizer-free length that every model family shares."""
     return len(_TOKEN.findall(code))
@@ -32,13 +39,13 @@ def code_tokens(code: str) -> int:
 
 def identifiers(examples: list[dict]) -> Counter:
     """Names in the code; keywords (if, None, ...) say nothing about what a code base is about."""
-    names = (name for ex in examples for name in _IDENTIFIER.findall(ex["code"]))
+    names = (name for ex in examples for name in _IDENTIFIER.findall(example_text(ex)))
     return Counter(name for name in names if not keyword.iskeyword(name))
 
 
 def sample(examples: list[dict], size: int) -> list[dict]:
     """The same functions every time: those whose content hash ranks lowest."""
-    return heapq.nsmallest(size, examples, key=lambda ex: function_key(ex["code"]))
+    return heapq.nsmallest(size, examples, key=lambda ex: function_key(example_text(ex)))
 
 
 def profile_splits(splits: dict[str, list[dict]]) -> dict:
@@ -47,10 +54,10 @@ def profile_splits(splits: dict[str, list[dict]]) -> dict:
     names = identifiers(train)
     return {
         "version": PROFILE_VERSION,
-        "code_hashes": sorted({function_key(ex["code"]) for rows in splits.values() for ex in rows}),
-        "code_tokens": [code_tokens(ex["code"]) for ex in train],
+        "code_hashes": sorted({function_key(example_text(ex)) for rows in splits.values() for ex in rows}),
+        "code_tokens": [code_tokens(example_text(ex)) for ex in train],
         "summary_words": [len(ex["summary"].split()) for ex in train if "summary" in ex],
         "identifiers": dict(names.most_common(IDENTIFIERS_KEPT)),
         "identifier_total": sum(names.values()),
-        "sample": [{"code": ex["code"]} for ex in sample(train, SAMPLE_SIZE)],
+        "sample": [{"code": example_text(ex)} for ex in sample(train, SAMPLE_SIZE)],
     }

@@ -15,6 +15,7 @@ from codetune.core.families.base import (
     sample_completions,
 )
 from codetune.core.families.generative import SUMMARY_SCORING, Generative, encode_prompt
+from codetune.core.families.templates import end_of_turn_ids
 
 
 def causal_example(tokenizer, template: str, source: str, target: str, max_source: int, max_target: int) -> dict:
@@ -107,7 +108,7 @@ class DecoderOnly(FamilyDefaults):
             ]
             for messages in conversations
         ]
-        return sample_completions(model, tokenizer, ids, sampling, tokenizer.eos_token_id, settings.batch_size)
+        return sample_completions(model, tokenizer, ids, sampling, end_of_turn_ids(tokenizer), settings.batch_size)
 
 
 class CausalLM(DecoderOnly, Generative):

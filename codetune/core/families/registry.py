@@ -10,6 +10,9 @@ REGISTERED = {
 }
 """model.task -> the class implementing it."""
 
-BY_DIRECTION = {("causal_lm", "fill_in_middle"): "codetune.core.families.fill_in_middle:FillInMiddle"}
+BY_DIRECTION = {
+    ("causal_lm", "fill_in_middle"): "codetune.core.families.fill_in_middle:FillInMiddle",
+    ("causal_lm", "chat"): "codetune.core.families.chat:Chat",
+}
 """(model.task, model.direction) -> the class, where a direction is built differently from its task's others (a
-completion model trains on whole files, not on pairs)."""
+completion model trains on whole files, a chat model on conversations, not on pairs)."""

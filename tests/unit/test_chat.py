@@ -1,0 +1,76 @@
+"""model.direction=chat: conversations from files in every format and from a code tree, trained through the chat
+template on the assistant's turns, exported to stop where the assistant's turn ends, and scored turn by turn."""
+
+import json
+
+import pytest
+
+from codetune.core.config.loader import load_config
+from codetune.core.data import Examples, prepare_data
+from codetune.core.errors import DataError
+from tests.conftest import write_jsonl
+
+CHAT = "configs/tiny-chat.yaml"
+
+
+def _files_cfg(tiny_overrides, path, *more):
+    return load_config(CHAT, tiny_overrides + ["data.source=files", f"data.path={path}", *more])
+
+
+def test_rows_in_any_format_are_read_as_conversations_and_split(tmp_path, tiny_overrides):
+    rows = []
+    for i in range(60):
+        ask, answer = f"Write f{i}.", f"```python\ndef f{i}(x):\n    return x + {i}\n```"
+        rows += [
+            {"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]},
+            {"conversations": [{"from": "human", "value": ask + " "}, {"from": "gpt", "value": answer + "\n"}]},
+            {"instruction": ask, "input": f"x={i}", "output": answer},
+            {"prompt": ask + "!", "completion": answer},
+        ]
+    path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    data = prepare_data(_files_cfg(tiny_overrides, path).data, Examples.conversations)
+    kept = [r for s in ("train", "validation", "test") for r in data.load(s)]
+    # The ShareGPT rows differ from the messages rows by whitespace only: the same conversation, deduplicated.
+    assert len(kept) + data.counts["dropped"].get("test_code_in_train", 0) == 180
+    assert data.counts["dropped"]["duplicate"] == 60
+    assert all(r["messages"][-1]["role"] == "assistant" for r in kept)
+
+
+def test_a_malformed_conversation_names_its_file_and_line_or_is_skipped_and_counted(tmp_path, tiny_overrides):
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "critic", "content": "b"}]}
+    path = write_jsonl(tmp_path / "chats.jsonl", [good, bad])
+    with pytest.raises(DataError, match=r"chats.jsonl:2: turn 2 has the unknown role 'critic'.*data.skip_invalid"):
+        prepare_data(_files_cfg(tiny_overrides, path).data, Examples.conversations)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(200)] + [bad]  # fmt: skip
+    path = write_jsonl(tmp_path / "more.jsonl", rows)
+    data = prepare_data(_files_cfg(tiny_overrides, path, "data.skip_invalid=true").data, Examples.conversations)
+    assert data.counts["dropped"]["invalid_conversation"] == 1
+
+
+def test_the_stdlib_gives_conversations_about_its_functions(tiny_overrides):
+    data = prepare_data(load_config(CHAT, tiny_overrides).data, Examples.conversations)
+    rows = data.load("train")
+    kinds = {len(r["messages"]) for r in rows}
+    assert kinds == {2, 4}  # asked for a function; shown one, asked what it does, then for its docstring
+    shown = next(r for r in rows if len(r["messages"]) == 4)
+    assert shown["messages"][3]["content"].count('"""') + shown["messages"][3]["content"].count("'''") >= 2
+
+
+def test_a_chat_model_trains_on_the_assistant_and_its_export_stops_at_the_end_of_turn(tiny_overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codetune.core.pipeline import run_pipeline
+
+    outcome = run_pipeline(load_config(CHAT, tiny_overrides))
+    run_dir = outcome.trained.run_dir
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.chat_template and end in model.generation_config.eos_token_id  # ChatML given to a scratch model
+    report = outcome.report
+    assert {"bleu4_smoothed", "code_codebleu", "code_parses"} <= set(report.metrics)
+    predictions = [json.loads(line) for line in open(f"{run_dir}/predictions.jsonl")]
+    assert predictions and all("<|im_end|>" not in p["prediction"] for p in predictions)
+    assert {p["turn"] for p in predictions} <= {1, 3}
