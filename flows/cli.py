@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         "--model", required=True, help="models:/<name>@<alias>, a run directory, or weights model.name would name"
     )
     benchmarking.add_argument("--benchmark", choices=["humaneval"], default="humaneval", help="default: humaneval")
+    benchmarking.add_argument(
+        "--mode",
+        choices=["completion", "instruct"],
+        default="completion",
+        help="completion: the model continues the prompt; instruct: the prompt as a user's message through the chat "
+        "template, the answer's fenced code run (any model with a chat template)",
+    )
     benchmarking.add_argument("--output", help="write each problem's completions and verdicts to this jsonl file")
     _add_config_args(benchmarking)
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
@@ -212,7 +219,7 @@ def _serve(args) -> dict:
 def _bench_eval(args) -> dict:
     from pathlib import Path
 
-    from codetune.core.config import Benchmark
+    from codetune.core.config import Benchmark, BenchmarkMode
     from codetune.core.config.loader import load_config
     from codetune.core.evaluation import load_model_ref, solve_benchmark
 
@@ -223,7 +230,8 @@ def _bench_eval(args) -> dict:
         model, tokenizer = load_registered(cfg, args.model)
     else:
         model, tokenizer = load_model_ref(cfg, args.model)
-    result = {"model": args.model} | solve_benchmark(cfg, model, tokenizer, Benchmark(args.benchmark))
+    solved = solve_benchmark(cfg, model, tokenizer, Benchmark(args.benchmark), BenchmarkMode(args.mode))
+    result = {"model": args.model} | solved
     problems = result.pop("problems")
     if args.output:
         Path(args.output).write_text("".join(json.dumps(p) + "\n" for p in problems))

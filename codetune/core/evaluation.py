@@ -13,10 +13,11 @@ import torch
 
 from codetune.core import execution as execution_module
 from codetune.core import metrics as metrics_module
-from codetune.core.config import Benchmark, Config, GenerationConfig, ModelInit, content_hash
+from codetune.core.config import Benchmark, BenchmarkMode, Config, GenerationConfig, ModelInit, content_hash
 from codetune.core.errors import ModelError
 from codetune.core.execution import Problem, benchmark_problems, functional_correctness, sandbox_warning, time_limits
 from codetune.core.families import Family, InferenceSettings, family_of_model, source_files
+from codetune.core.families.chat import instruct_code
 from codetune.core.families.generative import complete_code
 from codetune.core.files import write_atomic
 from codetune.core.model import base_weights, load_exported, load_pretrained
@@ -132,13 +133,19 @@ class BenchmarkRun:
     """A benchmark's problems and each one's time limits (from its reference solution on this machine)."""
 
     name: Benchmark
+    mode: BenchmarkMode
     problems: list[Problem]
     limits: list[Limits | None]
 
     @classmethod
-    def prepare(cls, cfg: Config, name: Benchmark) -> "BenchmarkRun":
+    def prepare(cls, cfg: Config, name: Benchmark, mode: BenchmarkMode) -> "BenchmarkRun":
         problems = benchmark_problems(name.value)[: cfg.evaluation.max_benchmark_problems]
-        return cls(name, problems, time_limits(problems))
+        return cls(name, mode, problems, time_limits(problems))
+
+    @property
+    def prefix(self) -> str:
+        """Its metrics' prefix: humaneval_pass_at_1 in completion mode, humaneval_instruct_pass_at_1 in instruct."""
+        return f"{self.name.value}_" + ("instruct_" if self.mode is BenchmarkMode.instruct else "")
 
     def solve(self, cfg: Config, model, tokenizer) -> tuple[dict[str, float], list[dict], float]:
         """pass@k of model's completions, one record per problem, and seconds per problem."""
@@ -149,14 +156,20 @@ class BenchmarkRun:
         started = time.perf_counter()
         torch.manual_seed(cfg.training.seed)  # the same samples for the same model
         prompts = [p.prompt for p in self.problems]
-        completions = complete_code(
+        solve = instruct_code if self.mode is BenchmarkMode.instruct else complete_code
+        completions = solve(
             model, tokenizer, prompts, e.batch_size, e.samples_per_problem, e.temperature, e.benchmark_max_new_tokens
         )
-        result = functional_correctness(self.problems, completions, self.limits, prefix=f"{self.name.value}_")
+        result = functional_correctness(self.problems, completions, self.limits, prefix=self.prefix)
         seconds = (time.perf_counter() - started) / max(len(self.problems), 1)
         by_id = {r["task_id"]: r for r in result.records}
         records = [
-            {"benchmark": self.name.value, **by_id.get(p.task_id, {"task_id": p.task_id}), "completions": c}
+            {
+                "benchmark": self.name.value,
+                "mode": self.mode.value,
+                **by_id.get(p.task_id, {"task_id": p.task_id}),
+                "completions": c,
+            }
             for p, c in zip(self.problems, completions)
         ]
         return result.metrics, records, seconds
@@ -164,7 +177,7 @@ class BenchmarkRun:
     def baseline(self) -> dict[str, float]:
         """An empty function body's pass@k (0 unless a test accepts anything)."""
         empty = [["    pass"] for _ in self.problems]
-        return functional_correctness(self.problems, empty, self.limits, prefix=f"{self.name.value}_").metrics
+        return functional_correctness(self.problems, empty, self.limits, prefix=self.prefix).metrics
 
 
 def load_model_ref(cfg: Config, model_ref: str):
@@ -175,13 +188,13 @@ def load_model_ref(cfg: Config, model_ref: str):
     return load_pretrained(dataclasses.replace(cfg.model, name=model_ref))
 
 
-def solve_benchmark(cfg: Config, model, tokenizer, name: Benchmark) -> dict:
+def solve_benchmark(cfg: Config, model, tokenizer, name: Benchmark, mode: BenchmarkMode) -> dict:
     """`codetune bench-eval`: the model solving a benchmark; pass@k, seconds per problem and each problem's
     outcome."""
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     with unconfined_execution(cfg.evaluation.allow_unconfined_execution):
         warning = sandbox_warning()
-        benchmark = BenchmarkRun.prepare(cfg, name)
+        benchmark = BenchmarkRun.prepare(cfg, name, mode)
         metrics, records, seconds = benchmark.solve(cfg, model, tokenizer)
     solved = {"metrics": metrics, "seconds_per_problem": round(seconds, 2), "problems": records}
     return solved | ({"warnings": [warning]} if warning else {})
@@ -263,7 +276,7 @@ def _evaluate(run: RunDir, test_rows: list[dict], cfg: Config) -> EvalReport:
     started = time.perf_counter()
     scored = family.score(model, tokenizer, rows, settings)
     seconds = time.perf_counter() - started
-    benchmarks = [BenchmarkRun.prepare(cfg, name) for name in cfg.evaluation.benchmarks]
+    benchmarks = [BenchmarkRun.prepare(cfg, name, family.benchmark_mode) for name in cfg.evaluation.benchmarks]
     solved, benchmark_records = {}, []
     for benchmark in benchmarks:
         metrics, records, seconds_per_problem = benchmark.solve(cfg, model, tokenizer)

@@ -331,6 +331,8 @@ def _trainer(cfg: Config, family: Family, run: RunDir, model, base, tokenizer, t
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     label2id = base.config.label2id if labels else None
     train_examples = family.tokenize(train_rows, tokenizer, cfg, label2id)
+    if t.packing:
+        train_examples = pack(train_examples, t.max_source_length + t.max_target_length)
     # Every token sequence of an example: a code-search pair holds two (query_input_ids, code_input_ids).
     token_lists = [ids for e in train_examples for key, ids in e.items() if key.endswith("input_ids")]
     tokens_per_step = (
@@ -353,6 +355,31 @@ def _trainer(cfg: Config, family: Family, run: RunDir, model, base, tokenizer, t
         probe = trainer.data_collator(trainer.eval_dataset[:2])
         trainer.model_accepts_loss_kwargs = loss_honours_item_count(trainer.model, probe)
     return trainer
+
+
+def pack(examples: list[dict], budget: int) -> list[dict]:
+    """Examples packed into rows of at most `budget` tokens, longest first into the first row with room (first-fit
+    decreasing: the same packs every run). Each example's positions start at 0, and its first token is never a label:
+    the token before it belongs to another example."""
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        size = len(example["input_ids"])
+        fits = next((i for i, left in enumerate(room) if left >= size), None)
+        if fits is None:
+            rows.append([example])
+            room.append(budget - size)
+        else:
+            rows[fits].append(example)
+            room[fits] -= size
+    return [
+        {
+            "input_ids": [t for e in row for t in e["input_ids"]],
+            "position_ids": [p for e in row for p in range(len(e["input_ids"]))],
+            "labels": [label for e in row for label in [-100, *e["labels"][1:]]],
+        }
+        for row in rows
+    ]
 
 
 def final_train_loss(trainer, outcome) -> float:

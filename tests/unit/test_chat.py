@@ -58,12 +58,13 @@ def test_the_stdlib_gives_conversations_about_its_functions(tiny_overrides):
     assert shown["messages"][3]["content"].count('"""') + shown["messages"][3]["content"].count("'''") >= 2
 
 
-def test_a_chat_model_trains_on_the_assistant_and_its_export_stops_at_the_end_of_turn(tiny_overrides):
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_chat_model_trains_on_the_assistant_and_its_export_stops_at_the_end_of_turn(tiny_overrides, packing):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from codetune.core.pipeline import run_pipeline
 
-    outcome = run_pipeline(load_config(CHAT, tiny_overrides))
+    outcome = run_pipeline(load_config(CHAT, tiny_overrides + [f"training.packing={packing}"]))
     run_dir = outcome.trained.run_dir
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     model = AutoModelForCausalLM.from_pretrained(run_dir)
@@ -74,3 +75,33 @@ def test_a_chat_model_trains_on_the_assistant_and_its_export_stops_at_the_end_of
     predictions = [json.loads(line) for line in open(f"{run_dir}/predictions.jsonl")]
     assert predictions and all("<|im_end|>" not in p["prediction"] for p in predictions)
     assert {p["turn"] for p in predictions} <= {1, 3}
+
+
+def test_an_instruct_answer_is_run_as_the_whole_function_it_fences():
+    """HumanEval in instruct mode (EvalPlus): the answer's fenced function, written after the prompt, is what runs."""
+    from codetune.core.execution import benchmark_problems, functional_correctness, time_limits
+    from codetune.core.families.chat import solution
+
+    problem = benchmark_problems("humaneval")[0]
+    answer = f"Here it is:\n\n```python\n{problem.prompt}{problem.reference}```\n\nIt compares every pair."
+    wrong = f"```python\n{problem.prompt}    return False\n```"
+    unfenced = "Check each pair of numbers against the threshold."
+    answers = [[solution(answer)], [solution(wrong)], [solution(unfenced)]]
+    result = functional_correctness([problem] * 3, answers, time_limits([problem]) * 3)
+    assert [r["passed"] for r in result.records] == [1, 0, 0]
+
+
+def test_a_chat_model_solves_a_benchmark_by_answering_it(tiny_decoder_base, tiny_overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codetune.core.config import Benchmark, BenchmarkMode
+    from codetune.core.evaluation import solve_benchmark
+
+    cfg = load_config(
+        CHAT, tiny_overrides + ["evaluation.max_benchmark_problems=2", "evaluation.benchmark_max_new_tokens=8"]
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder_base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder_base)
+    solved = solve_benchmark(cfg, model, tokenizer, Benchmark.humaneval, BenchmarkMode.instruct)
+    assert set(solved["metrics"]) == {"humaneval_instruct_pass_at_1"} and len(solved["problems"]) == 2
+    assert all(r["mode"] == "instruct" and r["completions"][0].startswith("\n") for r in solved["problems"])

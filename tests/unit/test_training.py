@@ -358,3 +358,36 @@ def test_which_losses_honour_the_trainers_item_count_is_measured(config, honours
     batch = family_of(cfg.model).collator(tokenizer, model, None)(family_of(cfg.model).tokenize(rows, tokenizer, cfg))
     assert loss_honours_item_count(model, batch) is honours
     assert model.training  # restored
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_attend_to_themselves_alone(tiny_decoder_base, attention):
+    """Packed into one row, positions restarting per example: each example's logits are its own, alone, and the loss
+    is the unpacked batch's. The same row with an attention mask of ones (examples attending to each other) is shown
+    to differ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codetune.core.families.causal_lm import CausalLMCollator, causal_example
+    from codetune.core.training import pack
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder_base, attn_implementation=attention).eval()
+    rows = [(f"def f{i}(x):\n    return x * {i} + {i % 3}", f"Multiply x by {i}.") for i in range(12)]
+    examples = [causal_example(tokenizer, "{code}\n# Summary:", code, text, 48, 16) for code, text in rows]
+    collator = CausalLMCollator(tokenizer.pad_token_id)
+    packs = pack(examples, 256)
+    assert len(packs) < len(examples) / 2 and max(len(p["input_ids"]) for p in packs) <= 256
+    first = packs[0]
+    starts = [i for i, position in enumerate(first["position_ids"]) if position == 0] + [len(first["input_ids"])]
+    row = collator([first])
+    row = {"input_ids": row["input_ids"], "position_ids": row["position_ids"], "use_cache": row["use_cache"]}
+    with torch.no_grad():
+        packed = model(**row).logits[0]
+        leaking = model(**row, attention_mask=torch.ones_like(row["input_ids"])).logits[0]
+        for start, end in zip(starts, starts[1:]):
+            alone = model(input_ids=torch.tensor([first["input_ids"][start:end]])).logits[0]
+            assert torch.allclose(packed[start:end], alone, atol=1e-4)
+        assert not torch.allclose(leaking[starts[1] :], packed[starts[1] :], atol=1e-3)
+        apart = model(**collator(examples)).loss.item()
+        together = model(**collator(packs)).loss.item()
+    assert abs(together - apart) / apart < 0.005

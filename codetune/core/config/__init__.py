@@ -4,6 +4,7 @@ how a file and overrides become one (loader.py: `from codetune.core.config.loade
 from codetune.core.config.choices import (
     DEFAULT_PROMPTS,
     Benchmark,
+    BenchmarkMode,
     ConversationFormat,
     DataSource,
     Direction,
@@ -35,6 +36,7 @@ from codetune.core.config.schema import (
 
 __all__ = [
     "Benchmark",
+    "BenchmarkMode",
     "ChatConfig",
     "Config",
     "content_hash",

@@ -31,6 +31,13 @@ class Benchmark(str, Enum):
     humaneval = "humaneval"
 
 
+class BenchmarkMode(str, Enum):
+    completion = "completion"
+    """The model continues the problem's prompt (a signature and docstring)."""
+    instruct = "instruct"
+    """The prompt is a user message through the chat template; the answer's fenced code is the solution (EvalPlus)."""
+
+
 # causal_lm: what the output follows when model.prompt_template is null.
 DEFAULT_PROMPTS = {Direction.code_to_text: "{code}\n# Summary:", Direction.text_to_code: "# {summary}\n"}
 

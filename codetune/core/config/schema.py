@@ -183,6 +183,9 @@ class TrainingConfig:
     activations as most of the memory."""
     group_by_length: bool = True
     """Batch examples of similar length together so little of each batch is padding."""
+    packing: bool = False
+    """Decoder-only families: pack training examples into rows of max_source_length + max_target_length tokens, each
+    example attending to itself alone (positions restart per example); per_device_train_batch_size then counts rows."""
     save_steps: int = 200
     """Write a resumable checkpoint every this many steps."""
     save_total_limit: int = 2

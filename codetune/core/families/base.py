@@ -12,7 +12,15 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 import torch
 from transformers import PreTrainedModel, RobertaConfig
 
-from codetune.core.config import Config, DataSource, Direction, GenerationConfig, ModelTask, ScratchArchitecture
+from codetune.core.config import (
+    BenchmarkMode,
+    Config,
+    DataSource,
+    Direction,
+    GenerationConfig,
+    ModelTask,
+    ScratchArchitecture,
+)
 from codetune.core.data import Examples
 from codetune.core.errors import ModelError
 
@@ -101,6 +109,9 @@ class Family(Protocol):
     """registry.model_name where the config leaves it null."""
     writes_code: bool
     """Its outputs are programs (they may run against tests)."""
+    benchmark_mode: BenchmarkMode | None
+    """How it solves a code benchmark (evaluation.benchmarks): continuing the prompt, or answering it as a user's
+    message; None: it does not."""
     card: Card
     scores_untuned: bool
     """Whether evaluation also scores the pretrained base before tuning (generation: the same prompt works untuned)."""
@@ -191,6 +202,7 @@ class FamilyDefaults:
     directions = (Direction.code_to_text,)
     decoder_only = False
     writes_code = False
+    benchmark_mode = None
 
     def __init__(self, direction: Direction = Direction.code_to_text):
         self.direction = direction

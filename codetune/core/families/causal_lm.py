@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from codetune.core.config import Config, ModelTask
+from codetune.core.config import BenchmarkMode, Config, ModelTask
 from codetune.core.families.base import (
     Card,
     Completion,
@@ -44,6 +44,8 @@ class CausalLMCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if "position_ids" in examples[0]:
+            return self.flattened(examples)
         length = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -60,6 +62,25 @@ class CausalLMCollator:
             "logits_to_keep": keep,
             "labels": next_labels[:, keep],
             "shift_labels": next_labels[:, keep],  # already aligned: the loss must not shift again
+        }
+
+    @staticmethod
+    def flattened(packs: list[dict]) -> dict[str, torch.Tensor]:
+        """Packs (pack()) as one row and no padding: position ids restart with each example, from which transformers
+        builds a block-diagonal causal mask, so no token attends across examples. It does so only without an
+        attention mask and without a cache, which a model creates by default even in training: hence use_cache."""
+        ids = torch.tensor([[t for p in packs for t in p["input_ids"]]])
+        positions = torch.tensor([[t for p in packs for t in p["position_ids"]]])
+        labels = torch.tensor([[t for p in packs for t in p["labels"]]])
+        next_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        keep = (next_labels != -100)[0].nonzero().squeeze(1)
+        return {
+            "input_ids": ids,
+            "position_ids": positions,
+            "use_cache": False,
+            "logits_to_keep": keep,
+            "labels": next_labels[:, keep],
+            "shift_labels": next_labels[:, keep],
         }
 
 
@@ -120,6 +141,10 @@ class CausalLM(DecoderOnly, Generative):
         "Writes a one-sentence summary (a docstring summary) after a function's source code.",
         SUMMARY_SCORING,
     )
+
+    @property
+    def benchmark_mode(self) -> BenchmarkMode | None:
+        return BenchmarkMode.completion if self.writes_code else None
 
     def config_errors(self, cfg: Config) -> list[str]:
         errors = super().config_errors(cfg)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import ast
 import re
 
-from codetune.core.config import Config, Direction
+from codetune.core.config import BenchmarkMode, Config, Direction
 from codetune.core.data import Examples
+from codetune.core.errors import ModelError
 from codetune.core.families.base import Card, InferenceSettings, Sampling, Scored, sample_completions
 from codetune.core.families.causal_lm import DecoderOnly
 from codetune.core.families.templates import CHATML, CHATML_TOKENS, chat_example, end_of_turn_ids
@@ -33,6 +34,38 @@ def parses(code: str) -> bool:
     except (SyntaxError, ValueError):
         return False
     return True
+
+
+INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
+"""How a code benchmark's prompt is asked of a chat model (EvalPlus's wording)."""
+
+
+def instruct_code(
+    model, tokenizer, prompts: list[str], batch_size: int, samples: int, temperature: float, max_new_tokens: int
+) -> list[list[str]]:
+    """`samples` answers to each code prompt asked as a user's message through the chat template, each answer's first
+    fenced block as the completion: written after the prompt (a function whose body is its docstring), the whole
+    function redefines it."""
+    if not tokenizer.chat_template:
+        raise ModelError("the model's tokenizer has no chat template: solve the benchmark in completion mode")
+    ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": INSTRUCTION.format(prompt=p)}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+        for p in prompts
+    ]
+    sampling = Sampling(max_new_tokens, temperature if samples > 1 else 0.0, samples)
+    done = sample_completions(model, tokenizer, ids, sampling, end_of_turn_ids(tokenizer), batch_size)
+    return [[solution(c.text) for c in row] for row in done]
+
+
+def solution(answer: str) -> str:
+    """What follows a benchmark's prompt: the answer's first fenced block (or the answer, where it has none) on lines
+    of its own, the whole function redefining the prompt's."""
+    return "\n" + (fenced_code(answer) or answer)
 
 
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
@@ -61,6 +94,7 @@ class Chat(DecoderOnly):
     directions = (Direction.chat,)
     examples = Examples.conversations
     writes_code = False  # answers are prose and fenced code: scored turn by turn, not run as a program
+    benchmark_mode = BenchmarkMode.instruct
     primary_metric = "bleu4_smoothed"
     registered_name = "codetune-code-assistant"
     card = Card(
