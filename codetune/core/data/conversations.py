@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any, Iterable, Iterator
 
 from codetune.core.config import ConversationFormat
-from codetune.core.errors import DataError
+from codetune.core.data.records import read_rows
 
 # The fields that name each format, checked in this order by auto.
 SIGNATURES = {
@@ -132,22 +132,9 @@ def read_conversations(
 ) -> Iterator[dict]:
     """Examples {messages, origin} from (origin, published split, raw row) triples; a malformed row fails the run
     with its origin (file:line) and the reason or, with skip_invalid, is counted."""
-    for origin, split, row in rows:
-        try:
-            if isinstance(row, Exception):
-                raise row
-            example = {"messages": to_messages(row, fmt)}
-        except ValueError as exc:
-            if not skip_invalid:
-                raise DataError(
-                    f"{origin}: {exc}. Fix the row, or set data.skip_invalid=true to skip and count such rows"
-                ) from None
-            dropped["invalid_conversation"] += 1
-            continue
-        example["origin"] = origin
-        if split:
-            example["published_split"] = split
-        yield example
+    return read_rows(
+        rows, lambda row: {"messages": to_messages(row, fmt)}, skip_invalid, dropped, "invalid_conversation"
+    )
 
 
 def signature(code: str) -> str:

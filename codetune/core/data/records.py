@@ -14,7 +14,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from codetune.core.data.code_tree import first_paragraph, strip_docstring
 from codetune.core.errors import DataError
@@ -177,17 +177,30 @@ def read_examples(
 ) -> Iterator[dict]:
     """Examples from (origin, published split, raw row) triples; a bad row fails the run or, with skip_invalid, is
     counted."""
+    return read_rows(rows, lambda row: to_example(row, input_field, target_field, labelled, tests_field),
+                     skip_invalid, dropped, "invalid_row")  # fmt: skip
+
+
+def read_rows(
+    rows: Iterable[tuple[str, str | None, Any]],
+    convert: Callable[[Any], dict],
+    skip_invalid: bool,
+    dropped: Counter,
+    invalid: str,
+) -> Iterator[dict]:
+    """convert(row) for each (origin, published split, raw row); a row it refuses (ValueError) fails the run with its
+    origin (file:line) and the reason or, with skip_invalid, is counted as `invalid`."""
     for origin, split, row in rows:
         try:
             if isinstance(row, Exception):
                 raise row
-            example = to_example(row, input_field, target_field, labelled, tests_field)
+            example = convert(row)
         except ValueError as exc:
             if not skip_invalid:
                 raise DataError(
                     f"{origin}: {exc}. Fix the row, or set data.skip_invalid=true to skip and count such rows"
                 ) from None
-            dropped["invalid_row"] += 1
+            dropped[invalid] += 1
             continue
         example["origin"] = origin
         if split:

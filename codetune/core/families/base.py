@@ -182,6 +182,18 @@ LORA_LAYERS = {
 }
 
 
+def add_special_tokens(model: PreTrainedModel, tokenizer, tokens: Sequence[str]) -> list[int]:
+    """tokens added to the tokenizer as special tokens and to the model as embedding rows; their ids, whose rows train.
+
+    The rows are drawn around the mean embedding (transformers' mean_resizing), after set_seed: the same every run.
+    """
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
+    model.resize_token_embeddings(len(tokenizer))
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
 def lora_layers(model_type: str) -> list[str]:
     """The layers LoRA adapts by default in an architecture (config.model_type)."""
     if model_type not in LORA_LAYERS:

@@ -14,7 +14,14 @@ import re
 from codetune.core.config import BenchmarkMode, Config, Direction
 from codetune.core.data import Examples
 from codetune.core.errors import ModelError
-from codetune.core.families.base import Card, InferenceSettings, Sampling, Scored, sample_completions
+from codetune.core.families.base import (
+    Card,
+    InferenceSettings,
+    Sampling,
+    Scored,
+    add_special_tokens,
+    sample_completions,
+)
 from codetune.core.families.causal_lm import DecoderOnly
 from codetune.core.families.templates import CHATML, CHATML_TOKENS, chat_example, end_of_turn_ids
 from codetune.core.metrics import code_metrics, summary_metrics
@@ -123,13 +130,8 @@ class Chat(DecoderOnly):
         vocabulary lacks them; the export stops generating at the end of the assistant's turn."""
         added = []
         if not tokenizer.chat_template:
-            from tokenizers import AddedToken
-
             missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
-            if missing:
-                tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], True)
-                model.resize_token_embeddings(len(tokenizer))
-                added = tokenizer.convert_tokens_to_ids(missing)
+            added = add_special_tokens(model, tokenizer, missing) if missing else []
             tokenizer.chat_template = CHATML
         model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
         return added

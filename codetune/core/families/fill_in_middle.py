@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 from codetune.core.config import Config, DataSource, Direction
 from codetune.core.data import Examples
-from codetune.core.families.base import Card, Completion, InferenceSettings, Sampling, Scored, sample_completions
+from codetune.core.families.base import (
+    Card,
+    Completion,
+    InferenceSettings,
+    Sampling,
+    Scored,
+    add_special_tokens,
+    sample_completions,
+)
 from codetune.core.families.causal_lm import DecoderOnly
 from codetune.core.metrics import block_completion_metrics, line_completion_metrics
 
@@ -84,15 +92,11 @@ def add_fim_tokens(model, tokenizer) -> list[int]:
     The end of a middle is <|endoftext|> where the vocabulary has it (a document end the model already knows), else
     eos. A tokenizer with its own FIM tokens is left as it is.
     """
-    from tokenizers import AddedToken
-
     if fim_tokens(tokenizer) is not None:
         return []
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ADDED_FIM_TOKENS], special_tokens=True)
-    # Rows drawn around the mean embedding (transformers' mean_resizing), after set_seed: the same rows every run.
-    model.resize_token_embeddings(len(tokenizer))
+    added = add_special_tokens(model, tokenizer, ADDED_FIM_TOKENS)
     setattr(model.config, ORDER_KEY, "spm")
-    return tokenizer.convert_tokens_to_ids(list(ADDED_FIM_TOKENS))
+    return added
 
 
 def end_token_id(tokenizer) -> int:
