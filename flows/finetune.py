@@ -48,8 +48,8 @@ def finetune(
     lora_r: Optional[int] = None,
     trial: Optional[dict] = None,
 ) -> dict:
-    """Fine-tune, evaluate, track, register and publish a code model: a summariser, code generator, classifier or
-    code-search encoder, per model.task and model.direction.
+    """Fine-tune, evaluate, track, register and publish a code model: a summariser, code writer, completion or chat
+    model, classifier or code-search encoder, per model.task and model.direction.
 
     Args:
         config: YAML file in configs/; empty runs the embedded offline default. `codetune run` hands in the config
