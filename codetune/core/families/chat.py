@@ -145,13 +145,9 @@ class Chat(DecoderOnly):
         ]
 
     def answer(self, model, tokenizer, conversations: list[list[dict]], settings: InferenceSettings) -> list[str]:
-        """The assistant's next message in each conversation, greedy, up to generation.max_new_tokens."""
-        ids = [
-            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-            for c in conversations
-        ]
-        sampling = Sampling(settings.generation.max_new_tokens)
-        done = sample_completions(model, tokenizer, ids, sampling, end_of_turn_ids(tokenizer), settings.batch_size)
+        """The assistant's next message in each conversation, greedy, up to generation.max_new_tokens: what the
+        OpenAI chat route answers (DecoderOnly.chat)."""
+        done = self.chat(model, tokenizer, conversations, settings, Sampling(settings.generation.max_new_tokens))
         return [row[0].text for row in done]
 
     def predict(self, model, tokenizer, model_input, settings: InferenceSettings) -> list[str]:
