@@ -156,10 +156,11 @@ class BenchmarkRun:
         started = time.perf_counter()
         torch.manual_seed(cfg.training.seed)  # the same samples for the same model
         prompts = [p.prompt for p in self.problems]
-        solve = instruct_code if self.mode is BenchmarkMode.instruct else complete_code
-        completions = solve(
-            model, tokenizer, prompts, e.batch_size, e.samples_per_problem, e.temperature, e.benchmark_max_new_tokens
-        )
+        solving = (prompts, e.batch_size, e.samples_per_problem, e.temperature, e.benchmark_max_new_tokens)
+        if self.mode is BenchmarkMode.instruct:  # asked as the model was trained: after chat.system_prompt
+            completions = instruct_code(model, tokenizer, *solving, system_prompt=cfg.chat.system_prompt)
+        else:
+            completions = complete_code(model, tokenizer, *solving)
         result = functional_correctness(self.problems, completions, self.limits, prefix=self.prefix)
         seconds = (time.perf_counter() - started) / max(len(self.problems), 1)
         by_id = {r["task_id"]: r for r in result.records}

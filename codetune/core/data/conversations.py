@@ -14,6 +14,7 @@ raises ValueError naming what is wrong, which the data stage reports with the ro
 
 from __future__ import annotations
 
+import ast
 import hashlib
 from collections import Counter
 from typing import Any, Iterable, Iterator
@@ -146,14 +147,37 @@ def fenced(code: str) -> str:
     return f"```python\n{code.rstrip()}\n```"
 
 
+COMPLETE_FUNCTION = "Complete the following Python function:\n```python\n{prompt}```"
+"""How a function is asked for by its signature and docstring: a code benchmark's prompt put to a chat model, in
+EvalPlus's words (HumanEval in instruct mode asks so too)."""
+
+
+def stub(written: str) -> str | None:
+    """A documented function up to the end of its docstring (its signature and docstring, as HumanEval's prompts
+    are); None where it does not parse as one."""
+    try:
+        doc = ast.parse(written).body[0].body[0]
+    except (SyntaxError, IndexError, AttributeError):
+        return None
+    return "\n".join(written.splitlines()[: doc.end_lineno]) + "\n"
+
+
 def code_conversations(functions: Iterable[dict]) -> Iterator[dict]:
     """Conversations about real functions ({code, summary, written, origin}, as read_code_tree gives them), one per
-    function, of one of two kinds chosen by its content hash: a user asks for a function by its signature and what it
-    does and the assistant writes it; or a user shows a function and asks what it does, then asks for its docstring,
-    answered with the function as its authors documented it."""
+    function, of a kind chosen by its content hash. Half: a user shows a function and asks what it does, then asks for
+    its docstring, answered with the function as its authors documented it. A quarter: a user asks for a function by
+    its signature and what it does. A quarter: a user gives the function's signature and docstring to complete, as a
+    benchmark's prompt is asked; those two are answered with the function in a fenced block."""
     for f in functions:
         code, summary, written = f["code"], f["summary"], f["written"]
-        if hashlib.sha256(code.encode()).digest()[0] % 2:
+        kind = hashlib.sha256(code.encode()).digest()[0] % 4
+        given = stub(written)
+        if kind == 3 and given:
+            messages = [
+                {"role": "user", "content": COMPLETE_FUNCTION.format(prompt=given)},
+                {"role": "assistant", "content": fenced(written)},
+            ]
+        elif kind >= 2:
             messages = [
                 {"role": "user", "content": f"Write a Python function `{signature(code)}` that does this: {summary}"},
                 {"role": "assistant", "content": fenced(code)},

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from codetune.core.config import DataConfig, DataSource, content_hash
+from codetune.core.data import conversations
 from codetune.core.data.code_tree import default_tree, read_code_tree, read_source_files, source_files
 from codetune.core.data.conversations import code_conversations, read_conversations
 from codetune.core.data.profile import example_text, function_key, profile_splits
@@ -94,7 +95,9 @@ def _source_files(cfg: DataConfig) -> list[Path]:
 def _settings_hash(cfg: DataConfig, examples: Examples) -> str:
     # Written as it was before Examples, so caches and run directories made then keep their names.
     labelled, whole_files = examples is Examples.labelled, examples is Examples.whole_files
-    shape = {"whole_files": 1} if whole_files else {"conversations": 1} if examples is Examples.conversations else {}
+    shape = {"whole_files": 1} if whole_files else {}
+    if examples is Examples.conversations:  # how rows become conversations is part of what the data is
+        shape = {"conversations": content_hash(Path(conversations.__file__).read_text())}
     return content_hash({"data": dataclasses.asdict(cfg), "labelled": labelled} | shape)
 
 

@@ -41,6 +41,8 @@ class InferenceSettings:
     """causal_lm: the template the output follows."""
     batch_size: int = 16
     """Inputs predicted together (generated, classified or embedded): evaluation.batch_size."""
+    system_prompt: str | None = None
+    """chat: the system message a conversation without one gets (chat.system_prompt)."""
 
     @classmethod
     def of(cls, cfg: Config) -> "InferenceSettings":
@@ -51,6 +53,7 @@ class InferenceSettings:
             t.max_target_length,
             cfg.model.prompt,
             cfg.evaluation.batch_size,
+            cfg.chat.system_prompt,
         )
 
     def save(self, path: Path) -> None:

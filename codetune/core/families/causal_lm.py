@@ -15,7 +15,7 @@ from codetune.core.families.base import (
     sample_completions,
 )
 from codetune.core.families.generative import SUMMARY_SCORING, Generative, encode_prompt
-from codetune.core.families.templates import end_of_turn_ids
+from codetune.core.families.templates import end_of_turn_ids, with_system
 
 
 def causal_example(tokenizer, template: str, source: str, target: str, max_source: int, max_target: int) -> dict:
@@ -44,8 +44,7 @@ class CausalLMCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if "position_ids" in examples[0]:
-            return self.flattened(examples)
+        packed = "position_ids" in examples[0]
         length = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -56,32 +55,29 @@ class CausalLMCollator:
         labels = padded("labels", -100)
         next_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
         keep = (next_labels != -100).any(dim=0).nonzero().squeeze(1)
-        return {
-            "input_ids": padded("input_ids", self.pad_token_id),
-            "attention_mask": padded("attention_mask", 0),
+        batch = {"input_ids": padded("input_ids", self.pad_token_id)}
+        if packed:
+            batch |= self.packed_attention(examples, length)
+        else:
+            batch["attention_mask"] = padded("attention_mask", 0)
+        return batch | {
             "logits_to_keep": keep,
             "labels": next_labels[:, keep],
             "shift_labels": next_labels[:, keep],  # already aligned: the loss must not shift again
         }
 
     @staticmethod
-    def flattened(packs: list[dict]) -> dict[str, torch.Tensor]:
-        """Packs (pack()) as one row and no padding: position ids restart with each example, from which transformers
-        builds a block-diagonal causal mask, so no token attends across examples. It does so only without an
-        attention mask and without a cache, which a model creates by default even in training: hence use_cache."""
-        ids = torch.tensor([[t for p in packs for t in p["input_ids"]]])
-        positions = torch.tensor([[t for p in packs for t in p["position_ids"]]])
-        labels = torch.tensor([[t for p in packs for t in p["labels"]]])
-        next_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-        keep = (next_labels != -100)[0].nonzero().squeeze(1)
-        return {
-            "input_ids": ids,
-            "position_ids": positions,
-            "use_cache": False,
-            "logits_to_keep": keep,
-            "labels": next_labels[:, keep],
-            "shift_labels": next_labels[:, keep],
-        }
+    def packed_attention(packs: list[dict], length: int) -> dict:
+        """Packs (pack()) one to a row: position ids restart with each example, and transformers builds from them a
+        block-diagonal causal mask, so no token attends across examples. It does so only without an attention mask
+        and without a cache, which a model creates by default even in training: hence use_cache. A row's padding
+        continues its last example's positions, after every real token, which therefore never sees it."""
+
+        def positions(p: dict) -> list[int]:
+            last = p["position_ids"][-1]
+            return p["position_ids"] + list(range(last + 1, last + 1 + length - len(p["position_ids"])))
+
+        return {"position_ids": torch.tensor([positions(p) for p in packs]), "use_cache": False}
 
 
 class DecoderOnly(FamilyDefaults):
@@ -120,9 +116,11 @@ class DecoderOnly(FamilyDefaults):
     def chat(
         self, model, tokenizer, conversations: list[list[dict]], settings: InferenceSettings, sampling: Sampling
     ) -> list[list[Completion]]:
-        """The assistant's next message in each conversation, through the tokenizer's chat template."""
+        """The assistant's next message in each conversation, through the tokenizer's chat template, after the system
+        prompt it was trained with where the conversation has none."""
         if not tokenizer.chat_template:
             raise ValueError("the model's tokenizer has no chat template: use /v1/completions")
+        conversations = [with_system(messages, settings.system_prompt) for messages in conversations]
         ids = [
             tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
                 "input_ids"

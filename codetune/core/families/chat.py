@@ -13,6 +13,7 @@ import re
 
 from codetune.core.config import BenchmarkMode, Config, Direction
 from codetune.core.data import Examples
+from codetune.core.data.conversations import COMPLETE_FUNCTION
 from codetune.core.errors import ModelError
 from codetune.core.families.base import (
     Card,
@@ -23,7 +24,7 @@ from codetune.core.families.base import (
     sample_completions,
 )
 from codetune.core.families.causal_lm import DecoderOnly
-from codetune.core.families.templates import CHATML, CHATML_TOKENS, chat_example, end_of_turn_ids
+from codetune.core.families.templates import CHATML, CHATML_TOKENS, chat_example, end_of_turn_ids, with_system
 from codetune.core.metrics import code_metrics, summary_metrics
 
 FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)```", re.S)
@@ -43,21 +44,24 @@ def parses(code: str) -> bool:
     return True
 
 
-INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
-"""How a code benchmark's prompt is asked of a chat model (EvalPlus's wording)."""
-
-
 def instruct_code(
-    model, tokenizer, prompts: list[str], batch_size: int, samples: int, temperature: float, max_new_tokens: int
+    model,
+    tokenizer,
+    prompts: list[str],
+    batch_size: int,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    system_prompt: str | None = None,
 ) -> list[list[str]]:
-    """`samples` answers to each code prompt asked as a user's message through the chat template, each answer's first
-    fenced block as the completion: written after the prompt (a function whose body is its docstring), the whole
-    function redefines it."""
+    """`samples` answers to each code prompt asked as a user's message (after system_prompt, where given) through the
+    chat template, each answer's first fenced block as the completion: written after the prompt (a function whose
+    body is its docstring), the whole function redefines it."""
     if not tokenizer.chat_template:
         raise ModelError("the model's tokenizer has no chat template: solve the benchmark in completion mode")
     ids = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": INSTRUCTION.format(prompt=p)}],
+            with_system([{"role": "user", "content": COMPLETE_FUNCTION.format(prompt=p)}], system_prompt),
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
@@ -75,16 +79,14 @@ def solution(answer: str) -> str:
     return "\n" + (fenced_code(answer) or answer)
 
 
-def with_system(messages: list[dict], system: str | None) -> list[dict]:
-    if system and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system}, *messages]
-    return messages
-
-
 def turn_metrics(references: list[str], predictions: list[str]) -> dict[str, float]:
-    """Smoothed BLEU-4 and the rest over every assistant turn; over the turns whose reference is fenced code, CodeBLEU
-    of the fenced code and the share of answers whose fenced code parses (x100)."""
+    """Smoothed BLEU-4 and the rest over every assistant turn, and prose_* over the turns whose reference is prose
+    (no fenced code); over the turns whose reference is fenced code, CodeBLEU of the fenced code and the share of
+    answers whose fenced code parses (x100)."""
     metrics = summary_metrics(references, predictions)
+    prose = [(r, p) for r, p in zip(references, predictions) if not fenced_code(r)]
+    if prose:
+        metrics |= {f"prose_{k}": v for k, v in summary_metrics(*map(list, zip(*prose))).items()}
     code = [(fenced_code(r), fenced_code(p) or p) for r, p in zip(references, predictions) if fenced_code(r)]
     if code:
         metrics |= {f"code_{k}": v for k, v in code_metrics([r for r, _ in code], [p for _, p in code]).items()}
@@ -107,8 +109,9 @@ class Chat(DecoderOnly):
     card = Card(
         "text-generation",
         "Answers conversations about code (system, user and assistant turns) through its chat template.",
-        "per assistant turn of held-out conversations: smoothed BLEU-4 as CodeXGLUE computes it; on the turns that "
-        "answer with code, CodeBLEU of the fenced code and the share that parses; x100",
+        "per assistant turn of held-out conversations: smoothed BLEU-4 as CodeXGLUE computes it, over every turn and "
+        "over the turns that answer in prose; on the turns that answer with code, CodeBLEU of the fenced code and the "
+        "share that parses; x100",
     )
 
     def __init__(self, direction: Direction = Direction.chat):

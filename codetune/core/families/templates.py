@@ -25,6 +25,14 @@ class TemplateError(ValueError):
     """The chat template cannot be split into the assistant's tokens and the rest."""
 
 
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """The conversation with the system message chat.system_prompt gives one that has none: in training, in
+    evaluation and where the model is served alike."""
+    if system and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
