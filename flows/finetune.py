@@ -20,7 +20,7 @@ from tasks.evaluate import evaluate
 from tasks.preflight import preflight
 from tasks.publish import publication_plan, publish
 from tasks.register import register
-from tasks.track import lineage, track, track_pruned
+from tasks.track import end_tracking, lineage, open_tracking, track, track_pruned
 from tasks.train import train
 
 # The most changed settings get their own typed fields in the Prefect UI form; each maps to its
@@ -82,8 +82,25 @@ def finetune(
     train_task = train.with_options(timeout_seconds=timeout * 60 if timeout else None)
     if trial:
         return train_trial(cfg, train_task, trial)
-    outcome = run_pipeline(cfg, Stages(prepare=load_data, train=train_task, evaluate=evaluate))
-    return release(cfg, outcome.data, outcome.trained, outcome.report)
+    if not cfg.mlflow.enabled or cfg.registry.dry_run:
+        outcome = run_pipeline(cfg, Stages(prepare=load_data, train=train_task, evaluate=evaluate))
+        return release(cfg, outcome.data, outcome.trained, outcome.report)
+
+    opened: list[str] = []
+
+    def train_tracked(cfg: Config, family, data):
+        """Training with its MLflow run open, so that the run shows its curve as it is drawn."""
+        opened.append(open_tracking(cfg, data, lineage(cfg, data)))
+        return train_task(cfg, family, data, mlflow_run_id=opened[0])
+
+    try:
+        outcome = run_pipeline(cfg, Stages(prepare=load_data, train=train_tracked, evaluate=evaluate))
+        return release(cfg, outcome.data, outcome.trained, outcome.report)
+    except BaseException as exc:
+        if opened:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            end_tracking(cfg, opened[0], status, f"{type(exc).__name__}: {exc}", return_state=True)
+        raise
 
 
 def train_trial(cfg, train_task, trial: dict) -> dict:

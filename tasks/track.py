@@ -6,8 +6,10 @@ from prefect.runtime import flow_run
 from codetune.core.config import Config, ModelInit, content_hash
 from codetune.core.data import PreparedData
 from codetune.core.evaluation import EvalReport
+from codetune.core.model import base_weights
+from codetune.core.rundir import RunDir
 from codetune.core.training import TrainedModel
-from codetune.lifecycle.tracking import log_pruned_run, log_run
+from codetune.lifecycle.tracking import end_run, log_pruned_run, log_run, open_run
 from tasks.retry import stage_task
 
 
@@ -28,6 +30,18 @@ def lineage(cfg: Config, data: PreparedData) -> dict[str, str]:
         "config_hash": content_hash(cfg),
         "base_model": cfg.model.name if cfg.model.init is ModelInit.pretrained else f"scratch:{cfg.model.name}",
     }
+
+
+@stage_task("open-tracking", retry_delays=[5, 20, 60])
+def open_tracking(cfg: Config, data: PreparedData, lineage: dict[str, str]) -> str:
+    """The run's MLflow run, open from before training (params and tags first) to the end of track; its id."""
+    return open_run(cfg, RunDir.of(cfg, data).path.name, lineage, base_weights(cfg.model))
+
+
+@stage_task("end-tracking", retry_delays=[5, 20])
+def end_tracking(cfg: Config, mlflow_run_id: str, status: str, why: str) -> None:
+    """A run whose stage failed ends FAILED in MLflow, one that was stopped KILLED, with the reason."""
+    end_run(cfg, mlflow_run_id, status, why)
 
 
 @stage_task("track", retry_delays=[5, 20, 60])
