@@ -245,7 +245,7 @@ def same_as_codetune(tokenized, cfg, tokenizer, own_template: str) -> None:
     ours = family_of(cfg.model).tokenize(rows, tokenizer, cfg)
     tokenizer.chat_template = marked
     for mine, theirs in zip(ours, tokenized):
-        masked = [t if m else -100 for t, m in zip(theirs["input_ids"], theirs["assistant_masks"])]
+        masked = theirs["labels"]  # TRL 1.16 turns the assistant mask into labels, -100 elsewhere
         if (
             theirs["input_ids"][: len(mine["input_ids"])] != mine["input_ids"]
             or masked[: len(mine["labels"])] != mine["labels"]
@@ -329,12 +329,16 @@ def main() -> None:
         "held_out_conversations": HELD_OUT,
         "variants": {},
     }
+    output = ROOT / "bench" / "results" / f"sft-{results['machine']}.json"
+    if args.variants != list(VARIANTS) and output.exists():  # measuring some variants again: keep the others' figures
+        earlier = json.loads(output.read_text())
+        if (earlier["cpu"], earlier["date"], earlier["steps"]) == (results["cpu"], results["date"], STEPS):
+            results["variants"] = earlier["variants"]
     with tempfile.TemporaryDirectory(prefix="codetune-sft-") as tmp:
         for variant in args.variants:
             results["variants"][variant] = run_worker(variant, Path(tmp))
             print(variant, results["variants"][variant], flush=True)
-    output = ROOT / "bench" / "results" / f"sft-{results['machine']}.json"
-    output.write_text(json.dumps(results, indent=2) + "\n")
+            output.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"\nwritten to {output}")
 

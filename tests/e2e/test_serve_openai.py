@@ -1,6 +1,7 @@
 """`codetune serve` speaking the OpenAI API, through the official `openai` client: a fill-in-the-middle model's
 completions with a suffix, streamed and not, chat through the tokenizer's template, and OpenAI-shaped errors."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,24 @@ PREFIX = "import json\n\n\ndef load(path):\n    with open(path) as f:\n        r
 SUFFIX = "\n\n\ndef dump(obj, path):\n    with open(path, 'w') as f:\n        json.dump(obj, f)\n"
 
 
+@contextlib.contextmanager
+def served(tracking: str, model: str):
+    """`codetune serve` of a registered model (models:/<name>@<alias>) on a free port; the official client for it."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--model", model, "--port", str(port)],
+        cwd=REPO,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(f"{url}/ping", server, "codetune serve", seconds=300)
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 @pytest.mark.timeout(900)
 def test_openai_client_completes_with_a_suffix_streams_and_chats(tiny_decoder_base, tiny_overrides, tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -43,16 +62,7 @@ def test_openai_client_completes_with_a_suffix_streams_and_chats(tiny_decoder_ba
     assert templated.endswith("<|im_start|>assistant\n")  # what the model was asked: the template applied
     mlflow.set_tracking_uri(None)
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--model", "models:/completer@champion", "--port", str(port)],
-        cwd=REPO,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(f"{url}/ping", server, "codetune serve", seconds=300)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with served(tracking, "models:/completer@champion") as client:
         assert [m.id for m in client.models.list()] == ["completer"]
 
         answer = client.completions.create(
@@ -94,9 +104,6 @@ def test_openai_client_completes_with_a_suffix_streams_and_chats(tiny_decoder_ba
         assert too_big.value.status_code == 413
         # Still serving after the refusals.
         assert client.completions.create(model="completer", prompt=PREFIX, max_tokens=2).choices[0].text is not None
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 QUESTIONS = [
@@ -134,16 +141,7 @@ def test_an_instruct_fine_tune_is_served_and_its_chat_answers_stop_by_themselves
     mlflow.MlflowClient().set_registered_model_alias("assistant", "champion", version)
     mlflow.set_tracking_uri(None)
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--model", "models:/assistant@champion", "--port", str(port)],
-        cwd=REPO,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(f"{url}/ping", server, "codetune serve", seconds=300)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with served(tracking, "models:/assistant@champion") as client:
         for question in QUESTIONS:
             reply = client.chat.completions.create(
                 model="assistant", messages=[{"role": "user", "content": question}], max_tokens=400, temperature=0
@@ -152,6 +150,3 @@ def test_an_instruct_fine_tune_is_served_and_its_chat_answers_stop_by_themselves
             assert choice.finish_reason == "stop", (question, choice.message.content)
             assert choice.message.content.strip() and "<|im_end|>" not in choice.message.content
             assert reply.usage.completion_tokens < 400
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
