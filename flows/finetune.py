@@ -82,10 +82,7 @@ def finetune(
     train_task = train.with_options(timeout_seconds=timeout * 60 if timeout else None)
     if trial:
         return train_trial(cfg, train_task, trial)
-    if not cfg.mlflow.enabled or cfg.registry.dry_run:
-        outcome = run_pipeline(cfg, Stages(prepare=load_data, train=train_task, evaluate=evaluate))
-        return release(cfg, outcome.data, outcome.trained, outcome.report)
-
+    tracked = cfg.mlflow.enabled and not cfg.registry.dry_run
     opened: list[str] = []
 
     def train_tracked(cfg: Config, family, data):
@@ -94,7 +91,8 @@ def finetune(
         return train_task(cfg, family, data, mlflow_run_id=opened[0])
 
     try:
-        outcome = run_pipeline(cfg, Stages(prepare=load_data, train=train_tracked, evaluate=evaluate))
+        stages = Stages(prepare=load_data, train=train_tracked if tracked else train_task, evaluate=evaluate)
+        outcome = run_pipeline(cfg, stages)
         return release(cfg, outcome.data, outcome.trained, outcome.report)
     except BaseException as exc:
         if opened:
