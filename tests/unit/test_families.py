@@ -69,7 +69,7 @@ def test_inference_settings_hold_what_inference_needs_and_load_as_registered_bef
     settings = InferenceSettings.of(load_config(None))
     settings.save(tmp_path / "inference.json")
     assert set(json.loads((tmp_path / "inference.json").read_text())) == {
-        "generation", "max_source_length", "max_target_length", "prompt", "batch_size"
+        "generation", "max_source_length", "max_target_length", "prompt", "batch_size", "system_prompt"
     }  # fmt: skip
     # As a model registered on 2026-12-06 kept them: training's values beside, the batch size in generation.
     earlier = {
@@ -80,3 +80,4 @@ def test_inference_settings_hold_what_inference_needs_and_load_as_registered_bef
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     loaded = InferenceSettings.load(tmp_path / "earlier.json")
     assert loaded.batch_size == 8 and loaded.max_source_length == 256 and loaded.generation.max_new_tokens == 32
+    assert loaded.system_prompt is None  # registered before system prompts travelled with the model
