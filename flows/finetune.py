@@ -6,15 +6,18 @@ Run it with `codetune run`, or as the deployment finetune/main.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Union
+from pathlib import Path
+from typing import Any, Optional
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from codetune.core.config import Config
-from codetune.core.config.loader import load_config
+from codetune.core.config.loader import key_help, load_config
 from codetune.core.pipeline import Stages, run_pipeline
 from codetune.core.training import TrainingStopped
+from codetune.lifecycle.tracking import run_link
 from tasks.data import load_data
 from tasks.evaluate import evaluate
 from tasks.preflight import preflight
@@ -23,15 +26,51 @@ from tasks.register import register
 from tasks.track import end_tracking, lineage, open_tracking, track, track_pruned
 from tasks.train import train
 
-# The most changed settings get their own typed fields in the Prefect UI form; each maps to its
-# schema key, and tests/unit/test_deployments.py checks names and types against the schema.
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIGS = sorted(f"configs/{p.name}" for p in (REPO / "configs").glob("*.yaml"))
+
+# The most changed settings get their own typed fields in the Prefect UI form; each maps to its schema key, and
+# tests/unit/test_deployments.py checks names and types against the schema. Each deployment fills them with its
+# config's values (prefect.yaml), so the form opens showing what a run would use. A field left as the form opened
+# follows the config picked (the deployment's value is another config's, where the user picked another); a changed
+# one overrides it; an empty one keeps the config's.
 FORM_FIELDS = {
     "model_name": "model.name",
+    "max_steps": "training.max_steps",
     "num_train_epochs": "training.num_train_epochs",
     "learning_rate": "training.learning_rate",
     "use_lora": "peft.use_peft",
     "lora_r": "peft.r",
 }
+_HELP = key_help()
+
+
+def _described(name: str) -> Any:
+    """A form field's default (empty) and its description: the schema's docstring of the key it sets."""
+    key = FORM_FIELDS[name]
+    return Field(None, description=f"{_HELP[key]} Empty: the config's value. (`{key}`)")
+
+
+def _config_path(config: str) -> Path:
+    """config as given, or as named from the repository (a deployment's worker may start elsewhere)."""
+    return Path(config) if Path(config).is_file() or not (REPO / config).is_file() else REPO / config
+
+
+def _opened_with() -> dict[str, Any]:
+    """The form's values as it opened: the deployment's parameters, in a run of a deployment."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        return {}
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(deployment.id).parameters
+
+
+def _load(config: str, overrides: list[str], form: dict[str, Any]) -> Config:
+    opened = _opened_with()
+    form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None and v != opened.get(k)]
+    return load_config(_config_path(config), [*overrides, *form_overrides])
 
 
 # Not retried as a whole: each task retries its own transient failures, and what is left fails the
@@ -39,49 +78,35 @@ FORM_FIELDS = {
 # results of the tasks that finished; the others find their partial work on disk and go on from it.
 @flow(name="finetune", log_prints=True)
 def finetune(
-    config: Union[str, Config, None] = None,
-    overrides: Optional[list[str]] = None,
-    model_name: Optional[str] = None,
-    num_train_epochs: Optional[float] = None,
-    learning_rate: Optional[float] = None,
-    use_lora: Optional[bool] = None,
-    lora_r: Optional[int] = None,
-    trial: Optional[dict] = None,
+    config: str = Field(
+        "configs/default.yaml",
+        description="The recipe: one of the shipped configs (the README's Configuration section says what each does).",
+        json_schema_extra={"enum": SHIPPED_CONFIGS},
+    ),
+    model_name: Optional[str] = _described("model_name"),
+    max_steps: Optional[int] = _described("max_steps"),
+    num_train_epochs: Optional[PositiveFloat] = _described("num_train_epochs"),
+    learning_rate: Optional[PositiveFloat] = _described("learning_rate"),
+    use_lora: Optional[bool] = _described("use_lora"),
+    lora_r: Optional[PositiveInt] = _described("lora_r"),
+    overrides: list[str] = Field(
+        [],  # never mutated: the flow reads it
+        description='Any other setting, as key=value: e.g. "data.max_examples=2000"; `codetune keys` lists them.',
+    ),
 ) -> dict:
     """Fine-tune, evaluate, track, register and publish a code model: a summariser, code writer, completion or chat
-    model, classifier or code-search encoder, per model.task and model.direction.
-
-    Args:
-        config: YAML file in configs/; empty runs the embedded offline default. `codetune run` hands in the config
-            it has read and validated already, so it is read once.
-        overrides: dot-list settings, e.g. ["training.num_train_epochs=3", "peft.use_peft=true"].
-        model_name: Hub id or local directory of the model (model.name); empty keeps the config's.
-        num_train_epochs: passes over the train split (training.num_train_epochs).
-        learning_rate: peak learning rate (training.learning_rate).
-        use_lora: train LoRA adapters instead of all weights (peft.use_peft).
-        lora_r: LoRA rank (peft.r).
-        trial: set by the sweep flow: the Optuna trial this run is (TrialRef's fields) and the sweep's MLflow run.
-            The run reports its validation losses and result to the study and is tracked, not registered.
-    """
+    model, classifier or code-search encoder, per model.task and model.direction."""
     form = {
         "model_name": model_name,
+        "max_steps": max_steps,
         "num_train_epochs": num_train_epochs,
         "learning_rate": learning_rate,
         "use_lora": use_lora,
         "lora_r": lora_r,
     }
-    form_overrides = [f"{FORM_FIELDS[k]}={v}" for k, v in form.items() if v is not None]
-    if isinstance(config, Config):
-        if overrides or form_overrides:
-            raise ValueError("a Config is handed in resolved: apply overrides before, not beside it")
-        cfg = config
-    else:
-        cfg = load_config(config, [*(overrides or []), *form_overrides])
+    cfg = _load(config, overrides, form)
     preflight(cfg)
-    timeout = cfg.training.timeout_minutes
-    train_task = train.with_options(timeout_seconds=timeout * 60 if timeout else None)
-    if trial:
-        return train_trial(cfg, train_task, trial)
+    train_task = _train_task(cfg)
     tracked = cfg.mlflow.enabled and not cfg.registry.dry_run
     opened: list[str] = []
 
@@ -101,11 +126,31 @@ def finetune(
         raise
 
 
+def _train_task(cfg: Config):
+    timeout = cfg.training.timeout_minutes
+    return train.with_options(timeout_seconds=timeout * 60 if timeout else None)
+
+
+@flow(name="finetune", log_prints=True)
+def trial(config: str, overrides: list[str], trial: dict) -> dict:
+    """One trial of a sweep (the sweep flow starts these, as the deployment finetune/trial or as subflows).
+
+    Args:
+        config: the sweep's finetune config.
+        overrides: the sweep's overrides and this trial's values.
+        trial: the Optuna trial this run is (TrialRef's fields; its storage as the sweep file names it, a Prefect
+            Secret block where it holds a password) and the sweep's MLflow run.
+    """
+    cfg = _load(config, overrides, {})
+    preflight(cfg)
+    return train_trial(cfg, _train_task(cfg), trial)
+
+
 def train_trial(cfg, train_task, trial: dict) -> dict:
     """A sweep's trial: train (pruned or not), evaluate, track under the sweep's MLflow run, tell the study."""
     from codetune.lifecycle.sweep import TrialRef, tell_study
 
-    ref = TrialRef(**{k: trial[k] for k in ("storage", "study_name", "number", "pruning")})
+    ref = TrialRef(**{k: trial[k] for k in ("storage", "storage_block", "study_name", "number", "pruning")})
     try:
         outcome = run_pipeline(cfg, Stages(prepare=load_data, train=partial(train_task, trial=ref), evaluate=evaluate))
     except TrainingStopped as exc:
@@ -154,7 +199,7 @@ def register_and_publish(cfg, data, trained, report, mlflow_run_id: str, origin:
         or "- not published (no registry.s3.bucket or registry.huggingface.repo_id)"
     )
     create_markdown_artifact(
-        f"- MLflow run: `{mlflow_run_id}`\n"
+        f"- MLflow run: {run_link(mlflow_run_id)}\n"
         f"- model version: `{registration.model_uri}` → **{registration.alias}** ({registration.reason})\n{links}\n\n"
         f"{report.to_markdown()}",
         key="finetune-summary",

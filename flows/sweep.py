@@ -17,7 +17,8 @@ from codetune.core.families import family_of
 from codetune.core.training import TrainedModel
 from codetune.lifecycle.sweep import Pruner, SweepConfig, load_sweep, open_study, suggest
 from codetune.lifecycle.tracking import use_tracking_server
-from flows.finetune import finetune, register_and_publish
+from flows.finetune import register_and_publish
+from flows.finetune import trial as run_trial
 from tasks.data import load_data
 from tasks.track import lineage
 
@@ -27,6 +28,7 @@ def launch_trial(spec: SweepConfig, number: int, overrides: list[str], parent_ru
     """One trial as a finetune run: a subflow here, or a run of the finetune deployment on its work pool."""
     trial = {
         "storage": spec.storage,
+        "storage_block": spec.storage_block,  # the block's name: the URL and its password stay in it
         "study_name": spec.study_name,
         "number": number,
         "pruning": spec.pruner is Pruner.median,
@@ -40,7 +42,7 @@ def launch_trial(spec: SweepConfig, number: int, overrides: list[str], parent_ru
         parameters = {"config": spec.config, "overrides": trial_overrides, "trial": trial}
         run_deployment(deployment, parameters=parameters, timeout=None)
     else:
-        finetune(config=spec.config, overrides=trial_overrides, trial=trial)
+        run_trial(config=spec.config, overrides=trial_overrides, trial=trial)
 
 
 def _abandoned_to_retry(study) -> None:

@@ -1,9 +1,13 @@
-"""What a training run shows while it runs: one progress bar, an estimate of the time left, throughput in the logs."""
+"""What a run shows while it runs: training's progress bar, estimate of the time left and throughput in the logs;
+evaluation's batches done, told to whoever listens (the Prefect task's progress artifact)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator, Optional
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
@@ -12,6 +16,27 @@ log = logging.getLogger(__name__)
 
 ESTIMATE_AFTER_STEPS = 5
 """Steps timed before the run says how long training will take."""
+
+Listener = Callable[[str, int, int, Optional[float]], None]
+"""(what is being done, items done, items in all, seconds left at the rate so far)."""
+_listener: ContextVar[Optional[Listener]] = ContextVar("progress_listener", default=None)
+
+
+@contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Within the block, report() tells listener: the orchestration layer hears the core without the core
+    importing it."""
+    token = _listener.set(listener)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+def report(what: str, done: int, total: int, seconds_left: Optional[float]) -> None:
+    """A long loop's progress, told to the listener of this context, if any."""
+    if listener := _listener.get():
+        listener(what, done, total, seconds_left)
 
 
 class TrainingProgress(TrainerCallback):

@@ -62,6 +62,10 @@ class SweepConfig:
     """Trials at once: on a work pool, one per worker; locally, on this machine's cores."""
     storage: str = "sqlite:///optuna.db"
     """Optuna's RDB storage; the team stack's Postgres for sweeps on several workers."""
+    storage_block: Optional[str] = None
+    """A Prefect Secret block holding the storage URL, used in place of storage: a URL with a password in it then
+    never travels as a flow parameter, where the Prefect UI and database show it (`codetune deploy-flows` saves
+    OPTUNA_STORAGE as the block codetune-optuna-storage)."""
     study_name: Optional[str] = None
     """null: the sweep file's name."""
     pruner: Pruner = Pruner.median
@@ -164,11 +168,36 @@ def open_study(sweep: SweepConfig) -> optuna.Study:
 
     # No pruner here: the trials decide whether to stop (pruning_callback), this side only asks and tells.
     study = optuna.create_study(
-        study_name=sweep.study_name, storage=sweep.storage, direction=sweep.direction.value, load_if_exists=True
+        study_name=sweep.study_name,
+        storage=storage_url(sweep.storage, sweep.storage_block),
+        direction=sweep.direction.value,
+        load_if_exists=True,
     )
     # Seeded by the trials so far: a resumed sweep reseeded alike would propose its first trials again.
     study.sampler = optuna.samplers.TPESampler(seed=sweep.seed + len(study.trials))
     return study
+
+
+STORAGE_BLOCK = "codetune-optuna-storage"
+
+
+def storage_url(storage: str, block: str | None) -> str:
+    """The study's storage URL: from the Secret block where one is named."""
+    if block:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(block).get()
+    return storage
+
+
+def save_storage_block(env: typing.Mapping[str, str]) -> str | None:
+    """OPTUNA_STORAGE as the Secret block a sweep file names in storage_block (`codetune deploy-flows`)."""
+    if not env.get("OPTUNA_STORAGE"):
+        return None
+    from prefect.blocks.system import Secret
+
+    Secret(value=env["OPTUNA_STORAGE"]).save(STORAGE_BLOCK, overwrite=True)
+    return STORAGE_BLOCK
 
 
 @dataclass(frozen=True)
@@ -179,13 +208,14 @@ class TrialRef:
     study_name: str
     number: int
     pruning: bool
+    storage_block: Optional[str] = None
 
 
 def _trial_in_storage(ref: TrialRef, pruner=None):
     """(study, storage, trial id) of the trial ref names, through Optuna's public storage API."""
     import optuna
 
-    storage = optuna.storages.RDBStorage(ref.storage)
+    storage = optuna.storages.RDBStorage(storage_url(ref.storage, ref.storage_block))
     study = optuna.load_study(study_name=ref.study_name, storage=storage, pruner=pruner)
     study_id = storage.get_study_id_from_name(ref.study_name)
     return study, storage, storage.get_trial_id_from_study_id_trial_number(study_id, ref.number)

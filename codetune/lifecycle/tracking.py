@@ -74,6 +74,17 @@ def use_tracking_server(tracking_uri: str | None) -> str:
     return mlflow.get_tracking_uri()
 
 
+def run_link(run_id: str) -> str:
+    """The run as markdown: a link to its page where the tracking server has one (http), else its id."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return f"`{run_id}` ({uri})"
+    experiment = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id})"
+
+
 def _curve_metrics(trainer_state: dict, timestamp_ms: int):
     from mlflow.entities import Metric
 

@@ -50,23 +50,11 @@ def prefect_server():
         yield
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process: SQLite backend, artifacts proxied to a local directory."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` process on port: SQLite backend, artifacts proxied to a directory, both under root."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        + [
             "--backend-store-uri",
             f"sqlite:///{root / 'mlflow.db'}",
             "--artifacts-destination",
@@ -75,9 +63,15 @@ def mlflow_server(tmp_path_factory):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(f"{url}/health", proc, "mlflow server")
-    yield url
+    wait_until_healthy(f"http://127.0.0.1:{port}/health", proc, "mlflow server")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
 

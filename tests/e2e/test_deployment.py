@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import boto3
+import httpx
 import mlflow
 import pytest
 
@@ -104,9 +105,14 @@ def test_a_sweep_spreads_its_trials_over_process_workers(prefect_api, tmp_path, 
         )
         for _ in range(2)
     ]
+    # The study's storage as a team keeps a password-bearing URL: a Secret block, named, never passed.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    saving = "from codetune.lifecycle.sweep import save_storage_block as s; import os; print(s(os.environ))"
+    block = _run(env | {"OPTUNA_STORAGE": storage}, sys.executable, "-c", saving).strip()
+    overrides = [o for o in sweep_overrides(tmp_path, stdlib_cache) if not o.startswith("storage=")]
     try:
         command = [sys.executable, "-m", "flows.cli", "sweep", "--config", SWEEP, "--deployment", "finetune/trial"]
-        out = _run(env, *command, "parallelism=2", "pruner=none", *sweep_overrides(tmp_path, stdlib_cache), timeout=800)
+        out = _run(env, *command, "parallelism=2", "pruner=none", f"storage_block={block}", *overrides, timeout=800)
     finally:
         for worker in workers:
             worker.terminate()  # a worker drains before it exits; the trials are over, so it may be killed
@@ -118,6 +124,37 @@ def test_a_sweep_spreads_its_trials_over_process_workers(prefect_api, tmp_path, 
     result = json.loads(out[out.index("{") :])
     assert list(result["trials"].values()) == ["COMPLETE"] * 4
     assert result["registration"]["alias"] == "champion"
-    study = optuna.load_study(study_name="tiny-seq2seq", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.load_study(study_name="tiny-seq2seq", storage=storage)
+    runs = httpx.post(f"{prefect_api['PREFECT_API_URL']}/flow_runs/filter", json={}).json()
+    assert len(runs) >= 5 and not any(str(tmp_path / "optuna.db") in json.dumps(r["parameters"]) for r in runs)
     spans = sorted((t.datetime_start, t.datetime_complete) for t in study.trials)
     assert spans[0][1] > spans[1][0] and spans[2][1] > spans[3][0]  # run two at a time
+
+
+@pytest.mark.timeout(300)
+def test_the_run_form_offers_the_shipped_configs_shows_their_values_and_refuses_bad_ones(prefect_api):
+    """Each deployment's parameter schema and defaults, as the Prefect UI reads them from the API."""
+    from flows.finetune import FORM_FIELDS, SHIPPED_CONFIGS
+
+    env = {**os.environ, **prefect_api, "CODETUNE_WORKDIR": str(REPO)}
+    _run(env, sys.executable, "-m", "flows.cli", "deploy-flows")
+    api = prefect_api["PREFECT_API_URL"]
+    main = httpx.get(f"{api}/deployments/name/finetune/main").json()
+    form = main["parameter_openapi_schema"]["properties"]
+    assert set(form) == {"config", *FORM_FIELDS, "overrides"}  # no sweep hand-off
+    assert form["config"]["enum"] == SHIPPED_CONFIGS
+    assert all(field["description"] for field in form.values())
+    assert "LoRA rank" in form["lora_r"]["description"]  # the schema's own words
+    assert main["parameters"]["config"] == "configs/codet5-base.yaml" and main["parameters"]["learning_rate"] == 5e-4
+    assert main["enforce_parameter_schema"]
+    trial = httpx.get(f"{api}/deployments/name/finetune/trial").json()
+    assert set(trial["parameter_openapi_schema"]["properties"]) == {"config", "overrides", "trial"}
+
+    def start(**parameters) -> httpx.Response:
+        return httpx.post(f"{api}/deployments/{main['id']}/create_flow_run", json={"parameters": parameters})
+
+    for bad in ({"config": "configs/codet5-bass.yaml"}, {"learning_rate": -1e-4}, {"lora_r": 0}, {"use_lora": "yes"}):
+        refused = start(**bad)
+        assert refused.status_code == 409, (bad, refused.text)
+    accepted = start(learning_rate=1e-4, config="configs/instruct.yaml")
+    assert accepted.status_code == 201, accepted.text

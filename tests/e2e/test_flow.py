@@ -144,7 +144,7 @@ def test_flow_reports_a_config_typo_without_training(prefect_server):
     from codetune.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'training.learning_rate'"):
-        finetune.with_options(retries=0)(config=None, overrides=["training.lerning_rate=1"])
+        finetune.with_options(retries=0)(overrides=["training.lerning_rate=1"])
 
 
 @pytest.mark.timeout(600)

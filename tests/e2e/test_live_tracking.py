@@ -64,6 +64,8 @@ def test_mlflow_and_prefect_show_the_run_while_training_goes_on(mlflow_server, p
     assert progress, "the Prefect progress artifact was never read between 0 and 100% while training ran"
     [done] = _artifacts(prefect_api["PREFECT_API_URL"], "training")
     assert done["data"] == 100 and done["description"] == "step 400 of 400"
+    [evaluated] = _artifacts(prefect_api["PREFECT_API_URL"], "evaluation")
+    assert evaluated["data"] == 100 and evaluated["description"].startswith("generated ")
     during, curve = seen
     assert len({point.timestamp for point in curve}) == len(curve)  # logged as they came, not copied in at the end
 
@@ -78,6 +80,9 @@ def test_mlflow_and_prefect_show_the_run_while_training_goes_on(mlflow_server, p
     assert any(key.startswith("system/cpu_utilization") for key in finished.data.metrics)
     assert finished.data.params["training.max_steps"] == "400"
     assert not any(str(tmp_path) in value for value in finished.data.tags.values())  # no host path in a shared server
+    [summary] = _artifacts(prefect_api["PREFECT_API_URL"], "finetune-summary")
+    experiment_id = finished.info.experiment_id
+    assert f"({mlflow_server}/#/experiments/{experiment_id}/runs/{finished.info.run_id})" in summary["data"]
 
 
 @pytest.mark.timeout(600)
@@ -100,3 +105,56 @@ def test_a_failed_stage_leaves_the_mlflow_run_failed_with_the_reason(
     assert failed.info.status == "FAILED"
     assert failed.data.tags["codetune.ended_because"] == "RuntimeError: the evaluation ran out of disk"
     assert "train_loss" in failed.data.metrics  # what training logged stays
+
+
+@pytest.mark.timeout(300)
+def test_metrics_logged_while_the_tracking_server_is_down_arrive_when_it_is_back(tmp_path, monkeypatch):
+    """A real `mlflow server` stopped in the middle of training and started again on its port and database: the
+    points logged while it was away reach the run, each once, without training waiting for it."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from codetune.lifecycle.tracking import RESEND_SECONDS, LiveMetrics
+    from tests.e2e.conftest import free_port, start_mlflow_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    live = LiveMetrics(uri, run_id)
+    args, state, control = TrainingArguments("unused", use_cpu=True), TrainerState(), TrainerControl()
+    live.on_train_begin(args, state, control)
+
+    def train(steps: range) -> None:
+        for step in steps:
+            state.global_step = step
+            started = time.perf_counter()
+            live.on_log(args, state, control, logs={"loss": 1.0 / step, "learning_rate": 1e-3})
+            assert time.perf_counter() - started < 0.1  # training never waits for the server
+
+    def curve() -> list[int]:
+        return [point.step for point in client.get_metric_history(run_id, "train_loss")]
+
+    try:
+        train(range(1, 11))
+        deadline = time.time() + 30
+        while curve() != list(range(1, 11)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert curve() == list(range(1, 11))
+        server.terminate()
+        server.wait(timeout=30)
+        train(range(11, 21))  # logged while the server is away
+        time.sleep(3)
+        server = start_mlflow_server(tmp_path, port)
+        deadline = time.time() + RESEND_SECONDS + 20
+        while len(curve()) < 20 and time.time() < deadline:
+            time.sleep(0.5)
+        assert curve() == list(range(1, 21))  # offered again once it answered, before training ended
+        train(range(21, 31))
+        live.on_train_end(args, state, control)
+        assert curve() == list(range(1, 31))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

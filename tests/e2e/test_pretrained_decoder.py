@@ -163,7 +163,7 @@ def test_the_registered_champion_reproduces_the_evaluated_predictions_and_deploy
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = few_steps + [f"mlflow.tracking_uri={uri}", "registry.model_name=smollm2"]
-    result = finetune(config=None, overrides=overrides)
+    result = finetune(overrides=overrides)
     assert result["registration"]["alias"] == "champion"
 
     run_dir = Path(result["run_dir"])

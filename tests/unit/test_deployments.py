@@ -13,10 +13,11 @@ import yaml
 
 from codetune.core.config import SCHEMA_KEYS, DataConfig, TrainingConfig
 from codetune.core.config.loader import load_config
-from flows.finetune import FORM_FIELDS, finetune
+from flows.finetune import FORM_FIELDS, SHIPPED_CONFIGS, finetune
 
 PREFECT_YAML = yaml.safe_load(Path("prefect.yaml").read_text())
 DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/finetune.py:finetune"}
+[TRIALS] = [d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/finetune.py:trial"]
 SWEEPS = [d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/sweep.py:sweep"]
 FLOW_PARAMS = inspect.signature(finetune.fn).parameters
 FLOW_TYPES = typing.get_type_hints(finetune.fn)
@@ -26,13 +27,20 @@ TEMPLATES = {
 
 
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
-def test_deployment_parameters_are_flow_parameters_and_valid_config(name):
-    deployment = DEPLOYMENTS[name]
-    assert deployment["entrypoint"] == "flows/finetune.py:finetune"
-    params = deployment.get("parameters", {})
-    assert set(params) <= set(FLOW_PARAMS)
-    form = [f"{FORM_FIELDS[k]}={v}" for k, v in params.items() if k in FORM_FIELDS]
-    load_config(params.get("config"), [*params.get("overrides", []), *form])
+def test_each_user_deployment_opens_its_form_with_its_configs_own_values(name):
+    params = DEPLOYMENTS[name]["parameters"]
+    assert set(params) == {"config", *FORM_FIELDS}  # every field filled, nothing the form does not show
+    assert params["config"] in SHIPPED_CONFIGS
+    cfg = load_config(params["config"])
+    for field, key in FORM_FIELDS.items():
+        section, name = key.split(".")
+        assert params[field] == getattr(getattr(cfg, section), name), (field, key)
+
+
+def test_shipped_configs_are_the_forms_choices_and_a_sweeps_trial_is_its_own_flow():
+    assert SHIPPED_CONFIGS == sorted(f"configs/{p.name}" for p in Path("configs").glob("*.yaml"))
+    assert "trial" not in FLOW_PARAMS
+    assert TRIALS["name"] == "trial" and "parameters" not in TRIALS  # the sweep hands every value in
 
 
 def test_the_sweep_deployment_names_a_valid_sweep_and_the_trial_deployment():
@@ -43,9 +51,8 @@ def test_the_sweep_deployment_names_a_valid_sweep_and_the_trial_deployment():
     params = deployment["parameters"]
     assert set(params) <= set(inspect.signature(sweep.fn).parameters)
     load_sweep(params["sweep_config"])
-    flow_name, name = params["deployment"].split("/")
-    assert flow_name == "finetune" and name in DEPLOYMENTS
-    assert "concurrency_limit" not in DEPLOYMENTS[name]  # trials run side by side, one per worker
+    assert params["deployment"] == f"finetune/{TRIALS['name']}"
+    assert "concurrency_limit" not in TRIALS  # trials run side by side, one per worker
 
 
 def test_the_monitor_watches_mains_model_on_an_inactive_schedule_and_main_retrains_on_its_event():
@@ -68,7 +75,7 @@ def test_the_monitor_watches_mains_model_on_an_inactive_schedule_and_main_retrai
 def test_ui_form_fields_match_the_schema_keys_and_types():
     for param, key in FORM_FIELDS.items():
         assert key in SCHEMA_KEYS, key
-        (flow_type,) = [a for a in typing.get_args(FLOW_TYPES[param]) if a is not type(None)]
+        (flow_type,) = [a for a in typing.get_args(FLOW_TYPES[param]) if a is not type(None)]  # Annotated stripped
         assert flow_type is SCHEMA_KEYS[key], (param, flow_type, SCHEMA_KEYS[key])
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 import torch
 from transformers import PreTrainedModel, RobertaConfig
 
+from codetune.core import progress
 from codetune.core.config import (
     BenchmarkMode,
     Config,
@@ -328,10 +329,12 @@ def in_length_order(
         for i, output in zip(index, outputs):
             results[i] = output
         start += len(index)
-        if done and time.perf_counter() - reported > PROGRESS_EVERY_S and start < len(order):
-            reported = time.perf_counter()
-            rate = start / (reported - started)
-            log.info("%s %d of %d, about %.0f s to go", done, start, len(order), (len(order) - start) / rate)
+        if done:
+            left = (len(order) - start) * (time.perf_counter() - started) / start
+            progress.report(done, start, len(order), left)
+            if time.perf_counter() - reported > PROGRESS_EVERY_S and start < len(order):
+                reported = time.perf_counter()
+                log.info("%s %d of %d, about %.0f s to go", done, start, len(order), left)
     return results
 
 
