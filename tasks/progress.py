@@ -46,10 +46,9 @@ class TrainingProgressArtifact(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.started = (time.monotonic(), state.global_step)
-            self._show(state)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.started:
+        if self.started:  # from the first step: a rate to estimate the time left from
             self._show(state)
 
     def _show(self, state) -> None:

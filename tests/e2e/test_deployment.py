@@ -94,7 +94,9 @@ def test_a_sweep_spreads_its_trials_over_process_workers(prefect_api, tmp_path, 
     env = {**os.environ, **prefect_api, "CODETUNE_WORKDIR": str(REPO), "PYTHONPATH": str(REPO)}
     prefect = [sys.executable, "-m", "prefect"]
     _run(env, *prefect, "work-pool", "create", "trial-pool", "--type", "process", "--overwrite")
-    _run(env, *prefect, "--no-prompt", "deploy", "-n", "finetune/trial", "--pool", "trial-pool")
+    # By the deployment's name alone: prefect.yaml's flow/name matching reads the entrypoint's function name
+    # (flows/finetune.py:trial), not the flow's name (finetune).
+    _run(env, *prefect, "--no-prompt", "deploy", "-n", "trial", "--pool", "trial-pool")
     workers = [
         subprocess.Popen(
             [*prefect, "worker", "start", "--pool", "trial-pool", "--limit", "1"],

@@ -1,0 +1,142 @@
+"""What live MLflow logging costs training: the default recipe trained without it and with it, to a real `mlflow
+server` on this machine, each in a fresh process, alternated.
+
+    python bench/live_tracking.py    # writes bench/results/live-tracking-<machine>.json and prints the table
+
+Live logging is LiveMetrics (codetune/lifecycle/tracking.py): the Trainer's logs queued on the training thread and
+sent by a thread of its own, with MLflow's system-metrics sampler beside it. Both threads share the CPU with
+training, so the cost is measured end to end, as training seconds (the Trainer's own clock, from the first step to
+the last). The runs log every step (training.logging_steps=1), fifty times as often as the default, for an upper
+bound. Target: under 2% of training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.run import bench_config, cpu_model, machine_name  # noqa: E402
+
+STEPS = 24
+ROUNDS = 3
+TARGET = 0.02
+
+
+def train(workdir: Path, variant: str, uri: str, round_: int) -> dict:
+    """One training of the default recipe; with variant "live", its logs go to a run on the server at uri."""
+    from codetune.core import pipeline
+    from codetune.core.families import family_of
+    from codetune.core.training import train_model
+
+    cfg = bench_config(workdir, STEPS, "training.logging_steps=1", f"training.run_name={variant}-{round_}")
+    family = family_of(cfg.model)
+    data = pipeline.prepare(cfg, family)
+    callbacks = []
+    if variant == "live":
+        import mlflow
+
+        from codetune.lifecycle.tracking import LiveMetrics
+
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
+        run_id = client.create_run(experiment.experiment_id, run_name=f"live-{round_}").info.run_id
+        callbacks.append(LiveMetrics(uri, run_id))
+    trained = train_model(cfg, data, family, callbacks)  # as the train task calls it
+    sent = 0
+    if variant == "live":
+        sent = len(mlflow.MlflowClient(uri).get_metric_history(run_id, "train_loss"))
+    return {"train_seconds": trained.train_seconds, "steps": trained.global_step, "loss_points_sent": sent}
+
+
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        + ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", choices=["untracked", "live"])
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--uri", default="")
+    parser.add_argument("--round", type=int, default=0)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(train(args.workdir, args.worker, args.uri, args.round)))
+        return
+
+    import socket
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs: dict[str, list[dict]] = {"untracked": [], "live": []}
+    with tempfile.TemporaryDirectory(prefix="codetune-bench-") as tmp:
+        workdir = Path(tmp)
+        server = start_server(workdir, port)
+        try:
+            for round_ in range(ROUNDS):  # alternated: a machine that slows down slows both alike
+                for variant in runs:
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--worker", variant, "--workdir", tmp]
+                        + ["--uri", f"http://127.0.0.1:{port}", "--round", str(round_)],
+                        capture_output=True,
+                        text=True,
+                        env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"},
+                    )
+                    if done.returncode:
+                        raise RuntimeError(f"{variant} training failed:\n{done.stderr[-3000:]}")
+                    runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    print(variant, runs[variant][-1], flush=True)
+        finally:
+            server.terminate()
+    median = {v: statistics.median(r["train_seconds"] for r in rs) for v, rs in runs.items()}
+    overhead = median["live"] / median["untracked"] - 1
+    results = {
+        "machine": machine_name(),
+        "cpu": cpu_model(),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "steps": STEPS,
+        "logging_steps": 1,
+        "runs": runs,
+        "median_train_seconds": median,
+        "live_logging_overhead": round(overhead, 4),
+        "target": TARGET,
+        "met": overhead < TARGET,
+    }
+    output = ROOT / "bench" / "results" / f"live-tracking-{results['machine']}.json"
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n| training, {STEPS} steps of the default | median seconds ({ROUNDS} runs) |\n|---|---|")
+    for variant, seconds in median.items():
+        print(f"| {variant} | {seconds:.1f} |")
+    print(f"\nlive logging costs {overhead:+.1%} of training time (target < {TARGET:.0%}); written to {output}")
+
+
+if __name__ == "__main__":
+    main()
