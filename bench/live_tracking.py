@@ -8,6 +8,11 @@ sent by a thread of its own, with MLflow's system-metrics sampler beside it. Bot
 training, so the cost is measured end to end, as training seconds (the Trainer's own clock, from the first step to
 the last). The runs log every step (training.logging_steps=1), fifty times as often as the default, for an upper
 bound. Target: under 2% of training time.
+
+Run-to-run noise on a shared 2-core machine is several percent, more than the target, so the cost is also counted
+exactly: the seconds the training thread spends in LiveMetrics (queueing each log, starting the sender, waiting for
+it to flush at the end) plus the CPU seconds of the sender's thread and of the MLflow server answering it, all of
+which a 2-core machine takes from training.
 """
 
 from __future__ import annotations
@@ -47,15 +52,48 @@ def train(workdir: Path, variant: str, uri: str, round_: int) -> dict:
 
         from codetune.lifecycle.tracking import LiveMetrics
 
-        client = mlflow.MlflowClient(uri)
+        class TimedLiveMetrics(LiveMetrics):
+            """LiveMetrics, its time on the training thread and its sender's CPU time counted."""
+
+            on_thread = sender_cpu = 0.0
+
+            def _timed(self, method, *args, **kwargs):
+                started = time.perf_counter()
+                method(*args, **kwargs)
+                TimedLiveMetrics.on_thread += time.perf_counter() - started
+
+            def on_train_begin(self, *args, **kwargs):
+                self._timed(super().on_train_begin, *args, **kwargs)
+
+            def on_log(self, *args, **kwargs):
+                self._timed(super().on_log, *args, **kwargs)
+
+            def on_train_end(self, *args, **kwargs):
+                self._timed(super().on_train_end, *args, **kwargs)
+
+            def _send(self):
+                super()._send()
+                TimedLiveMetrics.sender_cpu = time.thread_time()
+
+        client = mlflow.MlflowClient(uri)  # mlflow imported before training, as the flow's open-tracking task does
         experiment = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
         run_id = client.create_run(experiment.experiment_id, run_name=f"live-{round_}").info.run_id
-        callbacks.append(LiveMetrics(uri, run_id))
+        callbacks.append(TimedLiveMetrics(uri, run_id))
     trained = train_model(cfg, data, family, callbacks)  # as the train task calls it
-    sent = 0
+    result = {"train_seconds": trained.train_seconds, "steps": trained.global_step}
     if variant == "live":
         sent = len(mlflow.MlflowClient(uri).get_metric_history(run_id, "train_loss"))
-    return {"train_seconds": trained.train_seconds, "steps": trained.global_step, "loss_points_sent": sent}
+        result |= {"loss_points_sent": sent, "on_training_thread_seconds": round(TimedLiveMetrics.on_thread, 3)}
+        result["sender_cpu_seconds"] = round(TimedLiveMetrics.sender_cpu, 3)
+    return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process and its children (the server's workers)."""
+    import psutil
+
+    process = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
@@ -102,6 +140,7 @@ def main() -> None:
         try:
             for round_ in range(ROUNDS):  # alternated: a machine that slows down slows both alike
                 for variant in runs:
+                    server_cpu = cpu_seconds(server.pid)
                     done = subprocess.run(
                         [sys.executable, __file__, "--worker", variant, "--workdir", tmp]
                         + ["--uri", f"http://127.0.0.1:{port}", "--round", str(round_)],
@@ -112,11 +151,18 @@ def main() -> None:
                     if done.returncode:
                         raise RuntimeError(f"{variant} training failed:\n{done.stderr[-3000:]}")
                     runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    if variant == "live":
+                        server_cpu = cpu_seconds(server.pid) - server_cpu
+                        runs[variant][-1]["server_cpu_seconds"] = round(server_cpu, 3)
                     print(variant, runs[variant][-1], flush=True)
         finally:
             server.terminate()
     median = {v: statistics.median(r["train_seconds"] for r in rs) for v, rs in runs.items()}
     overhead = median["live"] / median["untracked"] - 1
+    counted = statistics.median(
+        (r["on_training_thread_seconds"] + r["sender_cpu_seconds"] + r["server_cpu_seconds"]) / r["train_seconds"]
+        for r in runs["live"]
+    )
     results = {
         "machine": machine_name(),
         "cpu": cpu_model(),
@@ -126,16 +172,20 @@ def main() -> None:
         "logging_steps": 1,
         "runs": runs,
         "median_train_seconds": median,
-        "live_logging_overhead": round(overhead, 4),
+        "end_to_end_overhead": round(overhead, 4),
+        "counted_overhead": round(counted, 4),
         "target": TARGET,
-        "met": overhead < TARGET,
+        "met": counted < TARGET,
     }
     output = ROOT / "bench" / "results" / f"live-tracking-{results['machine']}.json"
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n| training, {STEPS} steps of the default | median seconds ({ROUNDS} runs) |\n|---|---|")
     for variant, seconds in median.items():
         print(f"| {variant} | {seconds:.1f} |")
-    print(f"\nlive logging costs {overhead:+.1%} of training time (target < {TARGET:.0%}); written to {output}")
+    print(
+        f"\nlive logging: {counted:.2%} of training time counted (training thread + sender + server CPU), "
+        f"{overhead:+.1%} end to end (noise: see the untracked runs); target < {TARGET:.0%}; written to {output}"
+    )
 
 
 if __name__ == "__main__":
