@@ -5,7 +5,6 @@ Run it with `codetune run`, or as the deployment finetune/main.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +22,7 @@ from tasks.evaluate import evaluate
 from tasks.preflight import preflight
 from tasks.publish import publication_plan, publish
 from tasks.register import register
-from tasks.track import end_tracking, lineage, open_tracking, track, track_pruned
+from tasks.track import end_tracking, lineage, open_tracking, track
 from tasks.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,29 +105,32 @@ def finetune(
     }
     cfg = _load(config, overrides, form)
     preflight(cfg)
-    train_task = _train_task(cfg)
-    tracked = cfg.mlflow.enabled and not cfg.registry.dry_run
-    opened: list[str] = []
-
-    def train_tracked(cfg: Config, family, data):
-        """Training with its MLflow run open, so that the run shows its curve as it is drawn."""
-        opened.append(open_tracking(cfg, data, lineage(cfg, data)))
-        return train_task(cfg, family, data, mlflow_run_id=opened[0])
-
+    tracking = TrackedTraining(cfg, enabled=cfg.mlflow.enabled and not cfg.registry.dry_run)
     try:
-        stages = Stages(prepare=load_data, train=train_tracked if tracked else train_task, evaluate=evaluate)
-        outcome = run_pipeline(cfg, stages)
+        outcome = run_pipeline(cfg, Stages(prepare=load_data, train=tracking.train, evaluate=evaluate))
         return release(cfg, outcome.data, outcome.trained, outcome.report)
     except BaseException as exc:
-        if opened:
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            end_tracking(cfg, opened[0], status, f"{type(exc).__name__}: {exc}", return_state=True)
+        tracking.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise
 
 
-def _train_task(cfg: Config):
-    timeout = cfg.training.timeout_minutes
-    return train.with_options(timeout_seconds=timeout * 60 if timeout else None)
+class TrackedTraining:
+    """The train stage with its MLflow run opened first, so that the run shows its curve as it is drawn; ended
+    FAILED or KILLED when the run does not get as far as tracking its results."""
+
+    def __init__(self, cfg: Config, enabled: bool, trial=None, tags: dict[str, str] | None = None):
+        self.cfg, self.enabled, self.trial, self.tags, self.run_id = cfg, enabled, trial, tags or {}, None
+        timeout = cfg.training.timeout_minutes
+        self.task = train.with_options(timeout_seconds=timeout * 60 if timeout else None)
+
+    def train(self, cfg: Config, family, data):
+        if self.enabled:
+            self.run_id = open_tracking(cfg, data, {**lineage(cfg, data), **self.tags})
+        return self.task(cfg, family, data, trial=self.trial, mlflow_run_id=self.run_id)
+
+    def end(self, status: str, why: str, tags: dict[str, str] | None = None) -> None:
+        if self.run_id:
+            end_tracking(self.cfg, self.run_id, status, why, tags or {}, return_state=True)
 
 
 @flow(name="finetune", log_prints=True)
@@ -141,26 +143,24 @@ def trial(config: str, overrides: list[str], trial: dict) -> dict:
         trial: the Optuna trial this run is (TrialRef's fields; its storage as the sweep file names it, a Prefect
             Secret block where it holds a password) and the sweep's MLflow run.
     """
-    cfg = _load(config, overrides, {})
-    preflight(cfg)
-    return train_trial(cfg, _train_task(cfg), trial)
-
-
-def train_trial(cfg, train_task, trial: dict) -> dict:
-    """A sweep's trial: train (pruned or not), evaluate, track under the sweep's MLflow run, tell the study."""
     from codetune.lifecycle.sweep import TrialRef, tell_study
 
+    cfg = _load(config, overrides, {})
+    preflight(cfg)
     ref = TrialRef(**{k: trial[k] for k in ("storage", "storage_block", "study_name", "number", "pruning")})
+    tags = {"mlflow.parentRunId": trial["parent_run_id"], "codetune.sweep": ref.study_name}
+    tracking = TrackedTraining(cfg, cfg.mlflow.enabled, ref, tags)
     try:
-        outcome = run_pipeline(cfg, Stages(prepare=load_data, train=partial(train_task, trial=ref), evaluate=evaluate))
+        outcome = run_pipeline(cfg, Stages(prepare=load_data, train=tracking.train, evaluate=evaluate))
     except TrainingStopped as exc:
         tell_study(ref, pruned=True)
-        if cfg.mlflow.enabled:
-            track_pruned(cfg, ref.number, str(exc), {"mlflow.parentRunId": trial["parent_run_id"]})
+        tracking.end("KILLED", str(exc), {"codetune.trial_state": "PRUNED"})
         return {"trial": ref.number, "pruned": str(exc)}
+    except BaseException as exc:
+        tracking.end("FAILED", f"{type(exc).__name__}: {exc}")
+        raise
     data, trained, report = outcome.data, outcome.trained, outcome.report
     summary = {"trial": ref.number, "run_dir": trained.run_dir, "metrics": report.metrics}
-    tags = {"mlflow.parentRunId": trial["parent_run_id"], "codetune.sweep": ref.study_name}
     if cfg.mlflow.enabled:
         summary["mlflow_run_id"] = track(cfg, trained, report, {**lineage(cfg, data), **tags})
     value = trained.validation_loss if trial["metric"] == "validation_loss" else report.metrics[trial["metric"]]

@@ -9,7 +9,7 @@ from codetune.core.evaluation import EvalReport
 from codetune.core.model import base_weights
 from codetune.core.rundir import RunDir
 from codetune.core.training import TrainedModel
-from codetune.lifecycle.tracking import end_run, log_pruned_run, log_run, open_run
+from codetune.lifecycle.tracking import end_run, log_run, open_run
 from tasks.retry import stage_task
 
 
@@ -39,9 +39,9 @@ def open_tracking(cfg: Config, data: PreparedData, lineage: dict[str, str]) -> s
 
 
 @stage_task("end-tracking", retry_delays=[5, 20])
-def end_tracking(cfg: Config, mlflow_run_id: str, status: str, why: str) -> None:
-    """A run whose stage failed ends FAILED in MLflow, one that was stopped KILLED, with the reason."""
-    end_run(cfg, mlflow_run_id, status, why)
+def end_tracking(cfg: Config, mlflow_run_id: str, status: str, why: str, tags: dict[str, str]) -> None:
+    """A run whose stage failed ends FAILED in MLflow, one that was stopped (or pruned) KILLED, with the reason."""
+    end_run(cfg, mlflow_run_id, status, why, tags)
 
 
 @stage_task("track", retry_delays=[5, 20, 60])
@@ -58,9 +58,3 @@ def track(cfg: Config, trained: TrainedModel, report: EvalReport, lineage: dict[
     if trained.micro_batch_size:  # halved after an out-of-memory
         summary["micro_batch_size"] = trained.micro_batch_size
     return log_run(cfg, trained.run_dir, summary, lineage, trained.base_weights)
-
-
-@stage_task("track-pruned", retry_delays=[5, 20])
-def track_pruned(cfg: Config, number: int, why: str, tags: dict[str, str]) -> str:
-    """A pruned trial's MLflow run: its settings, marked KILLED and tagged pruned; nothing was exported to log."""
-    return log_pruned_run(cfg, f"trial-{number}", why, tags)

@@ -141,14 +141,14 @@ def open_run(cfg: Config, run_name: str, tags: dict[str, str], base_weights: dic
     return run_id
 
 
-def end_run(cfg: Config, run_id: str, status: str, why: str = "") -> None:
+def end_run(cfg: Config, run_id: str, status: str, why: str = "", tags: dict[str, str] | None = None) -> None:
     """A run whose stage failed (FAILED) or was stopped (KILLED) ends so, with the reason as a tag."""
     import mlflow
 
     use_tracking_server(cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient()
-    if why:
-        client.set_tag(run_id, "codetune.ended_because", why[:5000])
+    for key, value in {**(tags or {}), **({"codetune.ended_because": why[:5000]} if why else {})}.items():
+        client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status=status)
 
 
@@ -249,23 +249,6 @@ class LiveMetrics(TrainerCallback):
                     log.warning("MLflow did not take the training metrics (%s); they are offered again", exc)
                     warned = True
         system.finish()
-
-
-def log_pruned_run(cfg: Config, run_name: str, why: str, tags: dict[str, str]) -> str:
-    """An MLflow run for a sweep trial its pruner stopped: the config, the reason, status KILLED."""
-    import mlflow
-    from mlflow.entities import Param
-
-    use_tracking_server(cfg.mlflow.tracking_uri)
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
-    client = mlflow.MlflowClient()
-    run = client.create_run(
-        experiment.experiment_id, run_name=run_name, tags={**tags, "codetune.trial_state": "PRUNED", "pruned": why}
-    )
-    params = [Param(key, str("null" if value is None else value)) for key, value in flatten(cfg).items()]
-    client.log_batch(run.info.run_id, params=params)
-    client.set_terminated(run.info.run_id, status="KILLED")
-    return run.info.run_id
 
 
 def log_monitor_run(
