@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     exporting = commands.add_parser(
         "export", help="a trained decoder-only run as a GGUF file and Ollama Modelfile (llama.cpp, Ollama, LM Studio)"
     )
-    exporting.add_argument("--model", required=True, help="run directory, e.g. runs/<run name>")
+    exporting.add_argument("--model", required=True, help="a run directory (runs/<run name>) or models:/<name>@<alias>")
+    exporting.add_argument("--output", help="for models:/: the folder the GGUF goes to (default: gguf/)")
     exporting.add_argument("--format", choices=["gguf"], default="gguf")
     exporting.add_argument(
         "--precision",
@@ -102,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         default="f16",
         help="f16: decodes as the export does; q8_0: about half the size",
     )
+    _add_config_args(exporting)  # for models:/, mlflow.tracking_uri
     _add_config_args(commands.add_parser("config", help="validate and print the resolved config"))
     _add_config_args(
         commands.add_parser("check", help="pre-flight: config, model, data and disk, every mistake at once (no server)")
@@ -252,22 +254,34 @@ def _bench_eval(args) -> dict:
 
 
 def _export(args) -> dict:
+    import tempfile
     from dataclasses import asdict
 
     from codetune.core.config.loader import load_config
     from codetune.core.families import InferenceSettings
     from codetune.core.gguf_export import GGUFPrecision, export_gguf
 
-    run_dir = Path(args.model)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): give runs/<run name>")
-    settings = InferenceSettings.of(load_config(run_dir / "config.yaml"))
-    exported = export_gguf(
-        run_dir, GGUFPrecision(args.precision), settings.system_prompt, settings.generation.max_new_tokens
-    )
+    precision = GGUFPrecision(args.precision)
+    if args.model.startswith("models:/"):
+        from codetune.lifecycle.registry import download_registered
+
+        cfg = load_config(args.config, args.overrides + args.assignments)
+        name = args.model.removeprefix("models:/").replace("@", "-").replace("/", "-")
+        out_dir = Path(args.output or "gguf") / name
+        with tempfile.TemporaryDirectory() as downloaded:
+            model_dir, settings = download_registered(cfg, args.model, Path(downloaded))
+            exported = export_gguf(
+                model_dir, precision, settings.system_prompt, settings.generation.max_new_tokens, out_dir, name
+            )
+    else:
+        run_dir = Path(args.model)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml): give runs/<run name> or models:/")
+        settings = InferenceSettings.of(load_config(run_dir / "config.yaml"))
+        exported = export_gguf(run_dir, precision, settings.system_prompt, settings.generation.max_new_tokens)
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(exported).items()} | {
         "precision": args.precision,
-        "ollama": f"cd {exported.path.parent} && ollama create {run_dir.name} -f Modelfile",
+        "ollama": f"cd {exported.path.parent} && ollama create {exported.path.stem} -f Modelfile",
     }
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from codetune.core.errors import ModelError
+from codetune.core.families.fill_in_middle import FimIds
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def end_of_turn(run_dir: Path) -> int:
     return eos[0] if isinstance(eos, list) else eos
 
 
-def write_gguf(run_dir: Path, out: Path, precision: GGUFPrecision) -> None:
+def write_gguf(run_dir: Path, out: Path, precision: GGUFPrecision, name: str) -> None:
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,13 +123,15 @@ def write_gguf(run_dir: Path, out: Path, precision: GGUFPrecision) -> None:
     config = model.config
     if config.model_type not in ARCHITECTURES:
         raise ModelError(
-            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} decoders; this run is a {config.model_type}"
+            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} decoders; this run is a {config.model_type}, "
+            f"whose formats are the safetensors export in {run_dir} (transformers' from_pretrained) and the "
+            "registered MLflow model"
         )
     arch = ARCHITECTURES[config.model_type]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer = gguf.GGUFWriter(out, arch.gguf_name)
-    writer.add_name(run_dir.name)
+    writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -153,6 +156,11 @@ def write_gguf(run_dir: Path, out: Path, precision: GGUFPrecision) -> None:
     # otherwise never stop in llama.cpp (the eos token id is what it stops at; eot marks the turn's end too).
     special.special_token_ids["eos"] = special.special_token_ids["eot"] = end_of_turn(run_dir)
     special.add_to_gguf(writer, quiet=True)
+    fim = FimIds.of(tokenizer)
+    if fim:  # a completion model's fill-in-the-middle tokens: llama.cpp's infill endpoint reads them from here
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, fim.prefix)
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, fim.suffix)
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, fim.middle)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], config.num_hidden_layers)
     quantized = {GGUFPrecision.f16: gguf.GGMLQuantizationType.F16, GGUFPrecision.q8_0: gguf.GGMLQuantizationType.Q8_0}
@@ -212,19 +220,27 @@ def reload_check(run_dir: Path, gguf_file: Path) -> dict:
     }
 
 
-def export_gguf(run_dir: Path, precision: GGUFPrecision, system_prompt: str | None, max_new_tokens: int) -> GGUFExport:
-    """runs/<run>/gguf/<run>-<precision>.gguf and its Modelfile, written and loaded back."""
+def export_gguf(
+    model_dir: Path,
+    precision: GGUFPrecision,
+    system_prompt: str | None,
+    max_new_tokens: int,
+    out_dir: Path | None = None,
+    name: str | None = None,
+) -> GGUFExport:
+    """<out_dir>/<name>-<precision>.gguf and its Modelfile, written and loaded back; a run directory's go to
+    runs/<run>/gguf/, under the run's name."""
     from transformers import AutoTokenizer
 
-    out_dir = run_dir / "gguf"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"{run_dir.name}-{precision.value}.gguf"
+    out_dir, name = out_dir or model_dir / "gguf", name or model_dir.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{precision.value}.gguf"
     partial = path.with_suffix(".gguf.partial")
-    write_gguf(run_dir, partial, precision)
+    write_gguf(model_dir, partial, precision, name)
     partial.replace(path)  # a file llama.cpp finds is a whole one
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     modelfile_path = out_dir / "Modelfile"
-    modelfile_path.write_text(modelfile(path, tokenizer, system_prompt, max_new_tokens, end_of_turn(run_dir)))
-    reload = reload_check(run_dir, path)
+    modelfile_path.write_text(modelfile(path, tokenizer, system_prompt, max_new_tokens, end_of_turn(model_dir)))
+    reload = reload_check(model_dir, path)
     log.info("wrote %s (%.0f MB); loaded back: %s", path, path.stat().st_size / 1e6, reload)
     return GGUFExport(path, modelfile_path, precision, round(path.stat().st_size / 1e6, 1), reload)

@@ -108,6 +108,16 @@ def _champion_score(cfg: Config, champion, test_split: str, test_rows: list[dict
         return score_registered(uri, test_rows).metrics[metric]
 
 
+def download_registered(cfg: Config, model_uri: str, dest: Path) -> tuple[Path, InferenceSettings]:
+    """A registered version's model folder (merged weights, tokenizer, template, generation config) and the
+    inference settings it was registered with, downloaded under dest."""
+    import mlflow
+
+    use_tracking_server(cfg.mlflow.tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}", dst_path=str(dest)))
+    return local / "artifacts" / "model", InferenceSettings.load(local / "artifacts" / "inference.json")
+
+
 def load_registered(cfg: Config, model_uri: str):
     """(model, tokenizer) of a registered version (models:/<name>@<alias>), as a consumer's pyfunc loads them."""
     import mlflow

@@ -117,5 +117,26 @@ def test_an_architecture_llama_cpp_export_does_not_cover_is_refused_by_name(tmp_
     run = tmp_path / "gpt2-run"
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     save_run(run, GPT2LMHeadModel(config), tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    with pytest.raises(ModelError, match="GGUF export supports llama, qwen2 decoders; this run is a gpt2"):
+    with pytest.raises(
+        ModelError, match="GGUF export supports llama, qwen2 decoders; this run is a gpt2, whose formats"
+    ):
         export_gguf(run, GGUFPrecision.f16, None, 160)
+
+
+def test_a_completion_models_fill_in_the_middle_tokens_are_named_for_llama_cpps_infill(tiny_run, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codetune.core.families.fill_in_middle import ADDED_FIM_TOKENS
+
+    run, _ = tiny_run
+    tokenizer, model = AutoTokenizer.from_pretrained(run), AutoModelForCausalLM.from_pretrained(run)
+    tokenizer.add_tokens(list(ADDED_FIM_TOKENS), special_tokens=True)  # as a completion fine-tune adds them
+    model.resize_token_embeddings(len(tokenizer))
+    completion = tmp_path / "completion-run"
+    save_run(completion, model, tokenizer, tokenizer.eos_token_id)
+    fields = gguf.GGUFReader(export_gguf(completion, GGUFPrecision.f16, None, 64).path).fields
+    prefix, suffix, middle = tokenizer.convert_tokens_to_ids(list(ADDED_FIM_TOKENS))
+    assert fields[gguf.Keys.Tokenizer.FIM_PRE_ID].contents() == prefix
+    assert fields[gguf.Keys.Tokenizer.FIM_SUF_ID].contents() == suffix
+    assert fields[gguf.Keys.Tokenizer.FIM_MID_ID].contents() == middle
