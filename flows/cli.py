@@ -257,9 +257,10 @@ def _export(args) -> dict:
     import tempfile
     from dataclasses import asdict
 
+    from codetune.core.config import GGUFPrecision
     from codetune.core.config.loader import load_config
     from codetune.core.families import InferenceSettings
-    from codetune.core.gguf_export import GGUFPrecision, export_gguf
+    from codetune.core.gguf_export import export_gguf
 
     precision = GGUFPrecision(args.precision)
     if args.model.startswith("models:/"):

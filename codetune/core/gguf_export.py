@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import Enum
 from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from codetune.core.config import GGUFPrecision
 from codetune.core.errors import ModelError
 from codetune.core.families.fill_in_middle import FimIds
 
 log = logging.getLogger(__name__)
-
-
-class GGUFPrecision(str, Enum):
-    f16 = "f16"
-    q8_0 = "q8_0"
 
 
 # llama.cpp's check of which pre-tokenizer (the regex split before BPE) a tokenizer uses: the sha256 of its ids for
@@ -220,6 +215,11 @@ def reload_check(run_dir: Path, gguf_file: Path) -> dict:
     }
 
 
+def gguf_path(run_dir: Path, precision: GGUFPrecision) -> Path:
+    """Where a run directory's GGUF export is: runs/<run>/gguf/<run>-<precision>.gguf."""
+    return run_dir / "gguf" / f"{run_dir.name}-{precision.value}.gguf"
+
+
 def export_gguf(
     model_dir: Path,
     precision: GGUFPrecision,
@@ -234,7 +234,7 @@ def export_gguf(
 
     out_dir, name = out_dir or model_dir / "gguf", name or model_dir.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-{precision.value}.gguf"
+    path = out_dir / f"{name}-{precision.value}.gguf"  # gguf_path's, for a run directory
     partial = path.with_suffix(".gguf.partial")
     write_gguf(model_dir, partial, precision, name)
     partial.replace(path)  # a file llama.cpp finds is a whole one

@@ -96,6 +96,11 @@ def _model(cfg: Config, family) -> list[str]:
         if not family.decoder_only:
             errors.append(f"model.name={m.name} holds GGUF weights of a decoder-only LM: set model.task=causal_lm")
         errors += filter(None, [reference_problem(m.name)])
+    if cfg.registry.gguf and not family.decoder_only:
+        errors.append(
+            f"registry.gguf publishes a GGUF of a decoder-only model (model.task=causal_lm), not {m.task.value}: "
+            "set registry.gguf=null"
+        )
     if cfg.training.packing and not family.decoder_only:
         errors.append(f"training.packing is for decoder-only models (model.task=causal_lm), not {m.task.value}")
     if cfg.peft.use_peft and m.init is ModelInit.scratch:

@@ -119,7 +119,7 @@ class S3:
 
     def plan(self, cfg: Config, run_dir: Path) -> str:
         s3 = cfg.registry.s3
-        names = [n for _, n in publish_files(run_dir, PublishedWeights.merged)] + ["metadata.json"]
+        names = [n for _, n in publish_files(run_dir, PublishedWeights.merged, cfg.registry.gguf)] + ["metadata.json"]
         names += ["model.tar.gz", "model.tar.gz.sha256"] if s3.archive else []
         return f"- upload to s3://{s3.bucket}/{s3_prefix(cfg, '<version>')}/: {', '.join(names)}"
 
@@ -178,7 +178,7 @@ class Hub:
 
     def plan(self, cfg: Config, run_dir: Path) -> str:
         hub = cfg.registry.huggingface
-        names = [n for _, n in publish_files(run_dir, hub.weights)] + ["README.md"]
+        names = [n for _, n in publish_files(run_dir, hub.weights, cfg.registry.gguf)] + ["README.md"]
         return f"- push to the Hub repo {hub.repo_id} ({'private' if hub.private else 'public'}): {', '.join(names)}"
 
     def probe(self, cfg: Config) -> list[str]:
@@ -210,7 +210,7 @@ class Hub:
             hub.repo_id,
             hub_token(hub.token_block),
             hub.private,
-            publish_files(release.run_dir, hub.weights),
+            publish_files(release.run_dir, hub.weights, cfg.registry.gguf),
             model_card(cfg, release.report, data_description(cfg), release.base_weights),
             f"{registration.model_name} v{registration.version} ({registration.alias})",
             hub.endpoint,

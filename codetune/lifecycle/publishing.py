@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from codetune.core.config import Config, ModelInit, PublishedWeights, to_dict
+from codetune.core.config import Config, GGUFPrecision, ModelInit, PublishedWeights, to_dict
 from codetune.core.errors import CodetuneError, is_transient
 from codetune.core.evaluation import EvalReport
 from codetune.core.families import family_of
+from codetune.core.gguf_export import gguf_path
 from codetune.core.rundir import ADAPTER_DIR, RunDir
 from codetune.core.weights import sha256_file
 
@@ -53,13 +54,18 @@ class UploadedObject:
     """False when an identical object was already there."""
 
 
-def publish_files(run_dir: Path, weights: PublishedWeights) -> list[tuple[Path, str]]:
-    """(local path, name in the destination) for the chosen weights."""
+def publish_files(
+    run_dir: Path, weights: PublishedWeights, gguf: GGUFPrecision | None = None
+) -> list[tuple[Path, str]]:
+    """(local path, name in the destination) for the chosen weights, and the GGUF export (registry.gguf)."""
     files = []
     if weights in (PublishedWeights.merged, PublishedWeights.both):
         files += [(p, p.name) for p in RunDir(run_dir).model_files()]
     if weights in (PublishedWeights.adapter, PublishedWeights.both):
         files += [(p, f"{ADAPTER_DIR}/{p.name}") for p in sorted((run_dir / ADAPTER_DIR).iterdir())]
+    if gguf:
+        exported = gguf_path(run_dir, gguf)
+        files += [(exported, f"gguf/{exported.name}"), (exported.with_name("Modelfile"), "gguf/Modelfile")]
     return files
 
 
@@ -150,7 +156,7 @@ def publish_to_s3(
     client, cfg: Config, run_dir: Path, metadata: dict, version: str, workdir: Path
 ) -> list[UploadedObject]:
     """Model files, metadata.json and (registry.s3.archive) model.tar.gz + .sha256 under s3://bucket/prefix/<model>/<version>/."""
-    files = publish_files(run_dir, PublishedWeights.merged)
+    files = publish_files(run_dir, PublishedWeights.merged, cfg.registry.gguf)
     metadata_file = workdir / "metadata.json"
     metadata_file.write_text(json.dumps(metadata, indent=2, sort_keys=True))
     files.append((metadata_file, "metadata.json"))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.core.gguf_export import GGUFPrecision, export_gguf
+from codetune.core.config import GGUFPrecision
+from codetune.core.gguf_export import export_gguf
 from tests.e2e.conftest import REPO
 from tests.unit.test_gguf_export import tiny_run  # noqa: F401  (the fixture)
 

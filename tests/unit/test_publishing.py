@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -13,6 +14,7 @@ from botocore.config import Config as BotoConfig
 
 from codetune.core.config import PublishedWeights
 from codetune.core.config.loader import load_config
+from codetune.core.errors import ConfigError
 from codetune.core.evaluation import EvalReport
 from codetune.lifecycle.publishing import (
     PublishError,
@@ -204,3 +206,22 @@ def test_a_hub_repo_whose_visibility_differs_is_refused(run_dir):
         with pytest.raises(PublishError, match="'org/summ' is public, but registry.huggingface.private=true"):
             push_to_hub("org/summ", hub.state.valid_token, True, [], "card", "v1", hub.url)
         assert hub.state.commits == []
+
+
+def test_a_gguf_export_is_published_beside_the_weights(s3, run_dir, tmp_path):
+    """registry.gguf: the publish task's GGUF and Modelfile go under gguf/ wherever the weights go."""
+    client, _ = s3
+    (run_dir / "gguf").mkdir()
+    (run_dir / "gguf" / "run-q8_0.gguf").write_bytes(b"GGUF" + bytes(1000))
+    (run_dir / "gguf" / "Modelfile").write_text("FROM ./run-q8_0.gguf\n")
+    causal = str(Path(TWIN).with_name("tiny-causal-lm.yaml"))
+    cfg = load_config(causal, ["registry.s3.bucket=models", "registry.model_name=coder", "registry.gguf=q8_0"])
+    keys = {u.key for u in publish_to_s3(client, cfg, run_dir, {}, "1", tmp_path)}
+    assert {"models/coder/1/gguf/run-q8_0.gguf", "models/coder/1/gguf/Modelfile"} <= keys
+    names = [name for _, name in publish_files(run_dir, PublishedWeights.adapter, cfg.registry.gguf)]
+    assert names == ["adapter/adapter_model.safetensors", "gguf/run-q8_0.gguf", "gguf/Modelfile"]  # the Hub's
+
+
+def test_a_gguf_of_a_model_without_a_decoder_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match="registry.gguf publishes a GGUF of a decoder-only model"):
+        load_config(TWIN, ["registry.gguf=f16"])

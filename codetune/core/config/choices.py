@@ -16,6 +16,11 @@ class PublishedWeights(str, Enum):
     both = "both"
 
 
+class GGUFPrecision(str, Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
 # One per registered family (codetune/core/families/registry.py); a family added there is a choice here.
 ModelTask = Enum("ModelTask", [(task, task) for task in REGISTERED], type=str, module=__name__)
 

@@ -20,6 +20,7 @@ from codetune.core.config.choices import (
     ConversationFormat,
     DataSource,
     Direction,
+    GGUFPrecision,
     ModelInit,
     ModelTask,
     PublishedWeights,
@@ -313,6 +314,9 @@ class RegistryConfig:
     classification; MRR x100 for code_search), and only if it beats the champion."""
     dry_run: bool = False
     """Print what would be registered and uploaded, and do none of it."""
+    gguf: Optional[GGUFPrecision] = None
+    """Publish a GGUF file of this precision (f16 or q8_0) and its Ollama Modelfile beside the weights, under gguf/,
+    to S3 and the Hub: for llama.cpp, Ollama and LM Studio (decoder-only models; docs/gguf.md). null publishes none."""
     s3: S3Config = field(default_factory=S3Config)
     huggingface: HubConfig = field(default_factory=HubConfig)
 
