@@ -139,9 +139,9 @@ def _run(args) -> dict:
     overrides = args.overrides + args.assignments
     load_config(args.config, overrides)
     prepare_temporary_server()
-    from flows.finetune import finetune
+    from flows.finetune import DEFAULT_CONFIG, finetune
 
-    return finetune(config=args.config or "configs/default.yaml", overrides=overrides)
+    return finetune(config=args.config or DEFAULT_CONFIG, overrides=overrides)
 
 
 def _sweep(args) -> dict:

@@ -50,9 +50,17 @@ def _described(name: str) -> Any:
     return Field(None, description=f"{_HELP[key]} Empty: the config's value. (`{key}`)")
 
 
-def _config_path(config: str) -> Path:
-    """config as given, or as named from the repository (a deployment's worker may start elsewhere)."""
-    return Path(config) if Path(config).is_file() or not (REPO / config).is_file() else REPO / config
+DEFAULT_CONFIG = "configs/default.yaml"
+"""The embedded default as a file (tests/unit/test_config.py keeps them equal)."""
+
+
+def _config_path(config: str) -> Path | None:
+    """config as given, or as named from the repository (a deployment's worker may start elsewhere); None (the
+    embedded default) for the default's file where no configs/ folder came with the installed package."""
+    for path in (Path(config), REPO / config):
+        if path.is_file():
+            return path
+    return None if config == DEFAULT_CONFIG else Path(config)  # load_config names the missing file
 
 
 def _opened_with() -> dict[str, Any]:
@@ -78,7 +86,7 @@ def _load(config: str, overrides: list[str], form: dict[str, Any]) -> Config:
 @flow(name="finetune", log_prints=True)
 def finetune(
     config: str = Field(
-        "configs/default.yaml",
+        DEFAULT_CONFIG,
         description="The recipe: one of the shipped configs (the README's Configuration section says what each does).",
         json_schema_extra={"enum": SHIPPED_CONFIGS},
     ),

