@@ -53,7 +53,9 @@ def test_drift_from_the_training_source_emits_the_event_that_starts_a_retraining
     same_report = (Path(same["report"]) / "report.md").read_text()
     assert "| new functions | share unseen | 0.000 |" in same_report and "**No drift**" in same_report
 
-    # Another package's source, through the deployment and a process worker, as the schedule would run it.
+    # Another package's source, through the deployment and a process worker, as the schedule would run it. Its config
+    # as a deployment names one, from the repository: the retraining's form takes only the shipped configs.
+    shipped = "configs/tiny-seq2seq.yaml"
     other = str(Path(omegaconf.__file__).parent)
     out = _run(
         env,
@@ -62,7 +64,7 @@ def test_drift_from_the_training_source_emits_the_event_that_starts_a_retraining
         "run",
         "monitor/main",
         "--param",
-        f"config={TWIN}",
+        f"config={shipped}",
         "--param",
         f"overrides={json.dumps(overrides)}",
         "--param",
@@ -76,7 +78,7 @@ def test_drift_from_the_training_source_emits_the_event_that_starts_a_retraining
     [event] = _api(api, "events/filter", {"filter": {"event": {"name": [DRIFT_EVENT]}}, "limit": 10})["events"]
     assert event["resource"]["prefect.resource.id"] == "codetune.model.watched"
     assert {"new functions", "code embedding", "identifier vocabulary"} <= set(event["payload"]["drifted"])
-    retraining_parameters = {"config": TWIN, "overrides": [*overrides, f"data.path={other}"]}
+    retraining_parameters = {"config": shipped, "overrides": [*overrides, f"data.path={other}"]}
     assert {k: event["payload"][k] for k in retraining_parameters} == retraining_parameters
 
     # The automation prefect.yaml declares turns the event into a finetune/main run on the drifted source.
@@ -90,7 +92,9 @@ def test_drift_from_the_training_source_emits_the_event_that_starts_a_retraining
         time.sleep(1)
         runs = _api(api, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [main["id"]]}}})
     [retraining] = runs
-    assert retraining["parameters"] == retraining_parameters
+    # The event's parameters over the deployment's form values (its own config's: left as they are, they follow the
+    # event's config).
+    assert {k: retraining["parameters"][k] for k in retraining_parameters} == retraining_parameters
     assert retraining["created_by"]["type"] == "AUTOMATION"
 
     # The report, in Prefect and in MLflow.
