@@ -281,7 +281,6 @@ def _export(args) -> dict:
         settings = InferenceSettings.of(load_config(run_dir / "config.yaml"))
         exported = export_gguf(run_dir, precision, settings.system_prompt, settings.generation.max_new_tokens)
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(exported).items()} | {
-        "precision": args.precision,
         "ollama": f"cd {exported.path.parent} && ollama create {exported.path.stem} -f Modelfile",
     }
 

@@ -114,7 +114,7 @@ def download_registered(cfg: Config, model_uri: str, dest: Path) -> tuple[Path, 
     import mlflow
 
     use_tracking_server(cfg.mlflow.tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}", dst_path=str(dest)))
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dest)))
     return local / "artifacts" / "model", InferenceSettings.load(local / "artifacts" / "inference.json")
 
 
