@@ -113,7 +113,7 @@ def train_codetune(workdir: Path, steps: int, *overrides: str) -> dict:
     data = pipeline.prepare(cfg, family)
     trained = pipeline.train(cfg, family, data)
     model, tokenizer = load_exported(trained.run_dir)
-    figures = _training_figures(
+    figures = training_figures(
         trained.train_seconds,
         trained.global_step,
         cfg,
@@ -126,7 +126,7 @@ def train_codetune(workdir: Path, steps: int, *overrides: str) -> dict:
     return figures | {"run_dir": trained.run_dir, "dtype": "bfloat16" if resolve_precision(cfg)[0] else "float32"}
 
 
-def train_baseline(workdir: Path, steps: int) -> dict:
+def train_baseline(workdir: Path, steps: int, *overrides: str) -> dict:
     """The plain recipe on the same model, data, LoRA and optimiser settings."""
     import torch
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
@@ -136,7 +136,7 @@ def train_baseline(workdir: Path, steps: int) -> dict:
     from codetune.core.model import add_lora, load_pretrained
     from codetune.core.training import final_train_loss
 
-    cfg = bench_config(workdir, steps)
+    cfg = bench_config(workdir, steps, *overrides)
     t = cfg.training
     data = prepare_data(cfg.data, Examples.pairs)
     rows, validation = data.load("train"), data.load("validation")
@@ -180,13 +180,13 @@ def train_baseline(workdir: Path, steps: int) -> dict:
     outcome = trainer.train()
     seconds = time.perf_counter() - started
     train_loss = final_train_loss(trainer, outcome)
-    figures = _training_figures(
+    figures = training_figures(
         seconds, trainer.state.global_step, cfg, rows, base, tokenizer, train_loss, trainer.evaluate()["eval_loss"]
     )
     return figures | {"dtype": "float32"}
 
 
-def _training_figures(seconds, steps, cfg, rows, model, tokenizer, train_loss, validation_loss) -> dict:
+def training_figures(seconds, steps, cfg, rows, model, tokenizer, train_loss, validation_loss) -> dict:
     # Both recipes see as many examples: the FLOPs of the average example times the examples seen.
     samples = steps * cfg.training.per_device_train_batch_size
     flops, prompts, targets = useful_flops(model, rows, tokenizer, cfg)
