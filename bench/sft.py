@@ -175,15 +175,13 @@ def train_codetune(workdir: Path, packed: bool) -> dict:
 
 def train_trl(workdir: Path, variant: str) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from codetune.core.families import family_of
     from codetune.core.model import load_pretrained
     from codetune.core.precision import resolve_precision
 
     cfg = bench_config(workdir)
-    t, p = cfg.training, cfg.peft
     family = family_of(cfg.model)
     model, tokenizer = load_pretrained(cfg.model)
     family.add_tokens(model, tokenizer)
@@ -191,37 +189,19 @@ def train_trl(workdir: Path, variant: str) -> dict:
     own_template, tokenizer.chat_template = tokenizer.chat_template, MARKED_CHATML
     bf16 = resolve_precision(cfg)[0]
     fast = variant != "trl-documented"
-    args = SFTConfig(
-        output_dir=str(workdir / "trl"),
-        max_steps=STEPS,
-        learning_rate=t.learning_rate,
-        per_device_train_batch_size=packed_rows(cfg, tokenizer)
-        if variant == "trl-packed"
-        else t.per_device_train_batch_size,
-        warmup_steps=t.warmup_ratio,
-        lr_scheduler_type=t.lr_scheduler_type,
-        weight_decay=t.weight_decay,
-        max_length=t.max_source_length + t.max_target_length,
+    args = trl_arguments(
+        cfg,
+        workdir / "trl",
+        STEPS,
         assistant_only_loss=True,
         bf16=bf16,
         use_cpu=True,
-        seed=t.seed,
-        data_seed=t.seed,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=10,
+        **({"per_device_train_batch_size": packed_rows(cfg, tokenizer)} if variant == "trl-packed" else {}),
         **({"gradient_checkpointing": False} if fast else {}),
         **({"train_sampling_strategy": "group_by_length"} if variant == "trl-padded" else {}),
         **({"packing": True} if variant == "trl-packed" else {}),
     )
-    lora = LoraConfig(
-        task_type=family.peft_task_type,
-        r=p.r,
-        lora_alpha=p.alpha,
-        lora_dropout=p.dropout,
-        target_modules=family.lora_targets(model),
-    )
+    lora = trl_lora(cfg, family, model)
     train = Dataset.from_list([{"messages": m} for m in conversations(cfg, "train")])
     meter = Meter()
     trainer = SFTTrainer(
@@ -233,6 +213,45 @@ def train_trl(workdir: Path, variant: str) -> dict:
     return figures(meter, held_out_loss(trainer.model, tokenizer, held_out, bf16), bf16) | {
         "batch": args.per_device_train_batch_size
     }
+
+
+def trl_arguments(cfg, output_dir: Path, steps: int, **variant):
+    """SFTConfig sharing codetune's optimiser, schedule, batch, length and seed, with a variant's own settings."""
+    from trl import SFTConfig
+
+    t = cfg.training
+    shared = {
+        "output_dir": str(output_dir),
+        "max_steps": steps,
+        "learning_rate": t.learning_rate,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "warmup_steps": t.warmup_ratio,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "weight_decay": t.weight_decay,
+        "max_length": t.max_source_length + t.max_target_length,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_steps": 10,
+    }
+    return SFTConfig(**(shared | variant))
+
+
+def trl_lora(cfg, family, model):
+    """codetune's LoRA (rank, alpha, dropout, target modules) as TRL takes it."""
+    from peft import LoraConfig
+
+    p = cfg.peft
+    return LoraConfig(
+        task_type=family.peft_task_type,
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=family.lora_targets(model),
+    )
 
 
 def same_as_codetune(tokenized, cfg, tokenizer, own_template: str) -> None:
