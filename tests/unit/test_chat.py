@@ -57,10 +57,12 @@ def test_the_stdlib_gives_conversations_about_its_functions(tiny_overrides):
     assert asked == {"What", "Write", "Complete"}  # shown one, asked what it does; asked for one by two prompts
     shown = next(r for r in rows if len(r["messages"]) == 4)
     assert shown["messages"][3]["content"].count('"""') + shown["messages"][3]["content"].count("'''") >= 2
-    # Completing a signature and docstring, as HumanEval asks a chat model: answered with the documented function.
+    # Completing a signature and docstring, as HumanEval asks a chat model: answered with the function, its
+    # docstring (which the user gave) not repeated.
     stub = next(r["messages"] for r in rows if r["messages"][0]["content"].startswith("Complete"))
-    given = fenced_code(stub[0]["content"])
-    assert given.rstrip().endswith(('"""', "'''")) and fenced_code(stub[1]["content"]).startswith(given)
+    given, answer = fenced_code(stub[0]["content"]), fenced_code(stub[1]["content"])
+    assert given.rstrip().endswith(('"""', "'''")) and '"""' not in answer and "'''" not in answer
+    assert answer.startswith(given.partition(":\n")[0]) and len(answer.splitlines()) > 1
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -167,7 +167,8 @@ def code_conversations(functions: Iterable[dict]) -> Iterator[dict]:
     function, of a kind chosen by its content hash. Half: a user shows a function and asks what it does, then asks for
     its docstring, answered with the function as its authors documented it. A quarter: a user asks for a function by
     its signature and what it does. A quarter: a user gives the function's signature and docstring to complete, as a
-    benchmark's prompt is asked; those two are answered with the function in a fenced block."""
+    benchmark's prompt is asked; those two are answered with the function in a fenced block, without the docstring
+    the user already has (copying it back, doctests and all, is where a small model's answer derails)."""
     for f in functions:
         code, summary, written = f["code"], f["summary"], f["written"]
         kind = hashlib.sha256(code.encode()).digest()[0] % 4
@@ -175,7 +176,7 @@ def code_conversations(functions: Iterable[dict]) -> Iterator[dict]:
         if kind == 3 and given:
             messages = [
                 {"role": "user", "content": COMPLETE_FUNCTION.format(prompt=given)},
-                {"role": "assistant", "content": fenced(written)},
+                {"role": "assistant", "content": fenced(code)},
             ]
         elif kind >= 2:
             messages = [
