@@ -69,7 +69,13 @@ def worker_image() -> str:
         "EXTRAS=orchestration,stack,local-s3,codegen",
         str(REPO),
     ]
+    image_id = ["image", "inspect", "-f", "{{.Id}}", IMAGE]
+    previous = subprocess.run(["docker", *image_id], capture_output=True, text=True).stdout.strip()
     docker(*build, timeout=1500)
+    if previous and previous != docker(*image_id).strip():
+        # The image the tag named before is left dangling (2.7 GB): a machine running the suite from fresh clones
+        # would fill its disk. Removing it fails harmlessly where a container still uses it.
+        subprocess.run(["docker", "image", "rm", previous], capture_output=True)
     return IMAGE
 
 
