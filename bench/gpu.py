@@ -252,12 +252,8 @@ def labelled_functions(workdir: Path) -> Path:
     with path.open("w") as f:
         for row in (r for split in ("train", "validation", "test") for r in data.load(split)):
             first = row["code"].split("\n", 1)[0].split("(", 1)[-1]
-            f.write(
-                json.dumps(
-                    {"code": row["code"], "label": "method" if first.startswith(("self", "cls")) else "function"}
-                )
-                + "\n"
-            )
+            label = "method" if first.startswith(("self", "cls")) else "function"
+            f.write(json.dumps({"code": row["code"], "label": label}) + "\n")
     return path
 
 
@@ -332,6 +328,18 @@ def fp16_codetune(workdir: Path, steps: int, model: str) -> dict:
     return result | {"dtype": "float16", "losses_finite": all(loss == loss and abs(loss) < 1e4 for loss in losses)}
 
 
+class Halvings(logging.Handler):
+    """in_length_order's warnings, one per halving of the batch after an out-of-memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "out of memory" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
 def generation_oom(workdir: Path, run_dir: str) -> dict:
     """Evaluation's generation with a first batch far too large for a memory cap of what the model holds plus
     512 MiB: it must halve until a batch fits and still predict every example."""
@@ -353,18 +361,15 @@ def generation_oom(workdir: Path, run_dir: str) -> dict:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction((held + 512 * 2**20) / total)
 
-    halvings: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: halvings.append(record.getMessage()) if "out of memory" in record.getMessage() else 0
-    logging.getLogger("codetune").addHandler(handler)
+    halvings = Halvings()
+    logging.getLogger("codetune").addHandler(halvings)
     settings = dataclasses.replace(InferenceSettings.of(cfg), batch_size=len(codes))
     started = time.perf_counter()
     predictions = generate(model, tokenizer, codes, settings)
     return {
         "examples": len(codes),
-        "first_batch": len(codes),
-        "halvings": len(halvings),
-        "last_message": halvings[-1] if halvings else None,
+        "halvings": len(halvings.messages),
+        "last_message": halvings.messages[-1] if halvings.messages else None,
         "all_predicted": len(predictions) == len(codes) and all(isinstance(p, str) for p in predictions),
         "seconds": round(time.perf_counter() - started, 1),
         "cap_mb": round((held + 512 * 2**20) / 2**20),
@@ -631,7 +636,7 @@ def table(r: dict) -> str:
         oom = r["generation_oom"]
         lines.append(
             f"out-of-memory halving: {verdict(s['oom_halving'])}"
-            + ("" if "error" in oom else f" (a batch of {oom['first_batch']} under {oom['cap_mb']} MB: "
+            + ("" if "error" in oom else f" (a batch of {oom['examples']} under {oom['cap_mb']} MB: "
                f"halved {oom['halvings']} times, every example predicted: {oom['all_predicted']})")
         )  # fmt: skip
     resume = r["resume"]

@@ -7,8 +7,9 @@ one run.
 The plain recipe is what most fine-tuning scripts do: every example padded to max_length, random
 batches, fp32, the LM head over every position, one example at a time in generation. Every
 measurement runs in a process of its own, so its peak memory (RSS on CPU, max_memory_allocated on
-GPU) is its own. Training and evaluation need only torch, transformers and peft (a GPU image has no
-more); the flow-overhead row needs prefect and mlflow and is skipped, with the reason, where they are missing.
+GPU) is its own. Training and evaluation need codetune's core (torch, transformers, peft, omegaconf; bench/gpu.py
+carries what a GPU image lacks); the flow-overhead row needs prefect and mlflow and is skipped, with the reason,
+where they are missing.
 
 --avx2 measures the path of a CPU without AVX-512 (most laptops, many cloud CPUs) on this one: it
 restarts itself with ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS set (read
